@@ -1,0 +1,37 @@
+"""File names and column contracts shared by every stage (DESIGN.md §4). Change them here, and only here.
+
+tokens.parquet (one row per training example, written by `lancet_core.tokenize`):
+    example_id string, input_ids list<int32>, loss_mask list<int8> (1 = response token), n_tokens int32,
+    n_response_tokens int32, truncated bool, prompt string, response string, messages_json string,
+    plus any label columns of the corpus carried through unchanged (e.g. is_unsafe, category) — never read by recall
+    or IBO, only by evaluation.
+
+gradient store (directory, written by `lancet_core.gradient_store`):
+    shard-NNNNN.parquet: example_id string, grad fixed_size_list<float16|float32|int8>[D], grad_norm float32
+        (norm of the unquantised vector), grad_scale float32 (int8 only: value = int8 * grad_scale)
+    manifest.json, curvature/ beside the shards.
+
+queries.parquet (flagged undesirable outputs): query_id string, prompt string, response string, judge string.
+
+influence.parquet (one row per training example): example_id string, score float64, rank int64 (1 = the row that
+    most promotes the undesirable outputs), prompt, response, and the carried label columns.
+    Sign convention: score > 0 means training on the row RAISES the likelihood of the undesirable outputs.
+"""
+
+TOKENS_FILE = "tokens.parquet"
+QUERIES_FILE = "queries.parquet"
+INFLUENCE_FILE = "influence.parquet"
+SHARD_PATTERN = "shard-{:05d}.parquet"
+
+# Columns of tokens.parquet that lancet itself writes; every other column is a carried label column.
+TOKEN_COLUMNS = (
+    "example_id",
+    "input_ids",
+    "loss_mask",
+    "n_tokens",
+    "n_response_tokens",
+    "truncated",
+    "prompt",
+    "response",
+    "messages_json",
+)

@@ -1,0 +1,151 @@
+"""Provenance and atomic writes for every artifact lancet produces.
+
+An artifact is a directory holding `manifest.json` (what it was built from: input digests, config, versions) plus its
+files. Files are written to a temporary name and renamed into place, so a reader never sees half a file and an
+interrupted build leaves no artifact that looks finished. Reusing a directory built from different inputs is refused
+with both manifests shown.
+
+This module knows about files and hashes only; it knows nothing about models, tokens or gradients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import ManifestMismatch
+
+MANIFEST_NAME = "manifest.json"
+_CHUNK = 1 << 20
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes, as 'sha256:<hex>'."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def tree_digest(path: str | Path, exclude: Iterable[str] = (MANIFEST_NAME,)) -> str:
+    """sha256 over a file or a directory tree: relative paths and contents, in sorted order.
+
+    `manifest.json` is excluded by default so that a directory's digest is about its content, not its provenance.
+    """
+    p = Path(path)
+    if p.is_file():
+        return file_digest(p)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: no such file or directory")
+    excluded = set(exclude)
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        rel = f.relative_to(p).as_posix()
+        if f.name in excluded or any(part.startswith(".tmp-") for part in f.relative_to(p).parts):
+            continue
+        h.update(rel.encode() + b"\0")
+        h.update(file_digest(f).encode() + b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def json_digest(obj: Any) -> str:
+    """Digest of a JSON-serialisable object (keys sorted): used for configs."""
+    data = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` via a temporary file in the same directory and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_write_parquet(table, path: str | Path, **kwargs) -> Path:
+    """Write a pyarrow Table to Parquet atomically (temp file + rename)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, **kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    """The manifest of an artifact directory, or None when it has none (not built, or interrupted)."""
+    f = Path(directory) / MANIFEST_NAME
+    if not f.exists():
+        return None
+    return json.loads(f.read_text())
+
+
+def write_manifest(directory: str | Path, manifest: Mapping[str, Any]) -> Path:
+    return atomic_write_json(Path(directory) / MANIFEST_NAME, dict(manifest))
+
+
+def check_manifest(directory: str | Path, expected: Mapping[str, Any], keys: Iterable[str] | None = None) -> dict | None:
+    """Refuse to reuse `directory` when its manifest disagrees with `expected` on `keys` (default: all of expected).
+
+    Returns the existing manifest (None when there is none). Raises ManifestMismatch naming every differing key with
+    both values.
+    """
+    existing = read_manifest(directory)
+    if existing is None:
+        return None
+    keys = list(expected) if keys is None else list(keys)
+    diffs = []
+    for k in keys:
+        a, b = existing.get(k), expected.get(k)
+        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            diffs.append(f"  {k}:\n    existing: {a!r}\n    requested: {b!r}")
+    if diffs:
+        raise ManifestMismatch(
+            f"{Path(directory) / MANIFEST_NAME} was built with other settings; refusing to mix them.\n"
+            + "\n".join(diffs)
+            + "\nUse a new output directory, or delete this one to rebuild it."
+        )
+    return existing
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour shapes lancet's artifacts."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("lancet", "torch", "transformers", "tokenizers", "datasets", "pyarrow", "duckdb"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
