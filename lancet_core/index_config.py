@@ -1,0 +1,75 @@
+"""IndexConfig: every setting of the influence index (projected per-example gradients + curvature), frozen.
+
+The config is dumped into the gradient store's manifest and into task cache keys. `store_identity()` is the part that
+determines the stored vectors (a store is refused when it differs); the batch size and the curvature settings are not
+part of it, because they do not change the stored gradients.
+
+Knows nothing about models, files or tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CurvatureKind = Literal["linfac", "kfac", "ekfac", "identity"]
+
+
+class IndexConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    target_modules: tuple[str, ...] | None = Field(
+        None,
+        description="fnmatch patterns on module names (e.g. '*.mlp.c_fc'); None = every nn.Linear / GPT-2 Conv1D "
+        "inside the transformer blocks (lm_head and embeddings are never targets).",
+    )
+    proj_in_dim: int | None = Field(
+        16, ge=1, description="k_in: projected size of each module's input activations; None = no projection (full d_in)."
+    )
+    proj_out_dim: int | None = Field(
+        16, ge=1, description="k_out: projected size of each module's output gradients; None = no projection (full d_out)."
+    )
+    projection_seed: int = Field(0, ge=0, description="Seed of the Gaussian projection matrices (per module and side).")
+    dtype: Literal["float16", "float32", "int8"] = Field(
+        "float16", description="Storage type of the gradient vectors; int8 stores a per-row scale = absmax/127."
+    )
+    reduction: Literal["mean", "sum"] = Field(
+        "mean", description="log π(y|x) as the mean (default) or the sum of the response tokens' log-probabilities."
+    )
+    batch_size: int = Field(8, ge=1, description="Examples per batched forward/backward pass.")
+    max_seq_len_tokens: int = Field(
+        1024, ge=2, description="Longer token rows are refused (tokenize with the same or a smaller limit)."
+    )
+    rows_per_shard: int = Field(4096, ge=1, description="Rows per shard-NNNNN.parquet file (the last may be shorter).")
+    compute_dtype: Literal["float32", "float64"] = Field(
+        "float32", description="Dtype of the model and projections during extraction (float64 for oracle tests)."
+    )
+    curvature: tuple[CurvatureKind, ...] = Field(
+        ("linfac",),
+        description="Curvature kinds built with the store. kfac/ekfac need per-token factors collected during the "
+        "build, so they must be listed here; linfac and identity can also be built later from the store.",
+    )
+    damping_ratio: float = Field(
+        0.1, gt=0, description="Damping λ = damping_ratio × mean eigenvalue of each curvature block."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> IndexConfig:
+        if self.target_modules is not None and len(self.target_modules) == 0:
+            raise ValueError("target_modules must be None (default selection) or a non-empty tuple of patterns")
+        if len(set(self.curvature)) != len(self.curvature):
+            raise ValueError(f"curvature lists a kind twice: {self.curvature}")
+        return self
+
+    @property
+    def collect_kronecker_factors(self) -> bool:
+        return "kfac" in self.curvature or "ekfac" in self.curvature
+
+    def store_identity(self) -> dict:
+        """The settings that determine the stored vectors; a store built with other values is refused."""
+        d = self.model_dump(mode="json")
+        for k in ("batch_size", "curvature", "damping_ratio"):
+            d.pop(k)
+        d["collect_kronecker_factors"] = self.collect_kronecker_factors
+        return d
