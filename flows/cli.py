@@ -1,0 +1,85 @@
+"""`lancet` command line: a thin face over the flows (and the demo builder). Configures logging; nothing else does.
+
+Subcommands import what they need lazily so `lancet --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+_OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+}
+
+
+def _cmd_demo(args) -> int:
+    from lancet_core.demo.build import build_demo
+    from lancet_core.demo.config import DemoConfig
+
+    cfg = DemoConfig(seed=args.seed, model_family=args.model_family)
+    paths = build_demo(Path(args.out), cfg)
+    print(json.dumps(paths.summary() if hasattr(paths, "summary") else paths, indent=2, default=str))
+    return 0
+
+
+def _cmd_tokenize(args) -> int:
+    from flows.tokenize import tokenize_flow
+    from lancet_core.tokenize import TokenizeConfig
+
+    cfg = TokenizeConfig(max_seq_len_tokens=args.max_seq_len_tokens, overlong=args.overlong)
+    out = tokenize_flow(args.corpus, args.model, args.work_dir, cfg)
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lancet", description="Correct a fine-tuned LM from its own training data.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="build the built-in demo scenario (corpus, held-out prompts, impure model)")
+    d.add_argument("--out", default=".lancet/demo", help="output directory (default: .lancet/demo)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--model-family", choices=["gpt2", "llama"], default="llama")
+    d.set_defaults(func=_cmd_demo)
+
+    t = sub.add_parser("tokenize", help="tokenize a corpus with a model's chat template (cached Prefect flow)")
+    t.add_argument("corpus", help="jsonl / parquet / csv file, or a saved HF dataset directory")
+    t.add_argument("model", help="HF model directory whose tokenizer to use")
+    t.add_argument("--work-dir", default=None, help="artifact root (default: ./.lancet)")
+    t.add_argument("--max-seq-len-tokens", type=int, default=256)
+    t.add_argument("--overlong", choices=["truncate", "refuse"], default="truncate")
+    t.set_defaults(func=_cmd_tokenize)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    for k, v in _OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except Exception as e:  # errors raised on purpose at the edges are shown plainly, without a traceback
+        from lancet_core.errors import LancetError
+
+        if isinstance(e, LancetError | FileNotFoundError):
+            print(f"lancet: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
