@@ -1,0 +1,161 @@
+"""Curvature F for influence, built beside a gradient store, and query-side preconditioning v_q = (F + λI)⁻¹ g_q.
+
+Kinds (DESIGN.md §5):
+- `linfac` (default): F_b = (1/N) Σ_i g_i,b g_i,bᵀ per block b of the WHOLE-SEQUENCE projected per-example gradients
+  (one pass over the store). blocks="module" (one block per target module) or "single" (one D × D block).
+- `kfac`: per-token Kronecker factors in the projected space, A = E_tok[ã ãᵀ], S = E_tok[δ̃ δ̃ᵀ] (collected during the
+  store build), F_b ≈ T̄ · (S ⊗ A) with T̄ the mean number of non-padding tokens per example (the order matches the
+  stored block vec(P_outᵀ G P_in), index o·k_in + i).
+- `ekfac`: the kfac eigenbasis Q_S ⊗ Q_A with eigenvalues replaced by (1/N) Σ_i (Q_Sᵀ G̃_i Q_A)² from the stored
+  per-example gradients (George et al. 2018).
+- `identity`: F = 0, λ = 1: plain gradient dot product (TracIn-like baseline).
+Each block is damped with λ_b = damping_ratio × (mean eigenvalue of the block). Stored as eigendecompositions in
+`store_dir/curvature/<kind>_<blocks>_damp<ratio>.npz` (atomic), listed under "curvature" in the store's manifest.
+Influence: I(i, q) = v_qᵀ g_i, positive = training on i raises log π(q's output).
+
+Knows about a gradient store's vectors and manifest; knows nothing about models, queries' text or ranking.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from .errors import LancetError
+from .manifest import atomic_write_bytes, file_digest, read_manifest, write_manifest
+
+Kind = Literal["linfac", "kfac", "ekfac", "identity"]
+Blocks = Literal["module", "single"]
+KINDS = ("linfac", "kfac", "ekfac", "identity")
+
+
+def curvature_file(kind: str, blocks: str, damping_ratio: float) -> str:
+    return f"curvature/{kind}_{blocks}_damp{damping_ratio:g}.npz"
+
+
+def _blocks(store, blocks: str) -> list[tuple[str, int, int]]:
+    if blocks == "single":
+        return [("all", 0, store.dim)]
+    if blocks != "module":
+        raise ValueError(f"blocks must be 'module' or 'single', got {blocks!r}")
+    return [(ml.name, ml.offset, ml.offset + ml.size) for ml in store.layout]
+
+
+def _damping(eigs: np.ndarray, ratio: float) -> float:
+    mean = float(np.mean(eigs)) if eigs.size else 0.0
+    return ratio * mean if mean > 0 else 1.0
+
+
+def _default_ratio(manifest: dict, damping_ratio: float | None) -> float:
+    if damping_ratio is not None:
+        return float(damping_ratio)
+    return float((manifest.get("build_settings") or {}).get("damping_ratio", 0.1))
+
+
+def build_curvature(
+    store_dir: str | Path, kind: Kind = "linfac", *, blocks: Blocks = "module", damping_ratio: float | None = None
+) -> Path:
+    """Build one curvature from a finished store; returns the .npz path (reused when already built)."""
+    from .gradient_store import GradientStore
+
+    if kind not in KINDS:
+        raise ValueError(f"curvature kind must be one of {KINDS}, got {kind!r}")
+    store = GradientStore.open(store_dir)
+    ratio = _default_ratio(store.manifest, damping_ratio)
+    if kind in ("kfac", "ekfac") and blocks != "module":
+        raise ValueError(f"{kind} is per module; blocks='single' applies to linfac only")
+    rel = curvature_file(kind, blocks, ratio)
+    path = store.root / rel
+    entry = (store.manifest.get("curvature") or {}).get(rel)
+    if entry and path.is_file() and file_digest(path) == entry["digest"]:
+        return path
+    bl = _blocks(store, blocks)
+    arrays: dict[str, np.ndarray] = {"kind": np.array(kind), "damping_ratio": np.array(ratio)}
+    n = store.n_rows
+    if kind == "linfac":
+        sums = {name: np.zeros((hi - lo, hi - lo)) for name, lo, hi in bl}
+        for _, g in store.iter_batches(dtype=np.float64):
+            for name, lo, hi in bl:
+                sums[name] += g[:, lo:hi].T @ g[:, lo:hi]
+        for name, _, _ in bl:
+            w, q = np.linalg.eigh(sums[name] / n)
+            w = np.clip(w, 0.0, None)
+            arrays[f"Q:{name}"], arrays[f"w:{name}"] = q, w
+            arrays[f"lambda:{name}"] = np.array(_damping(w, ratio))
+    elif kind in ("kfac", "ekfac"):
+        factors, tokens = store.read_kronecker_factors()
+        tbar = tokens / n
+        ekfac_sums = {}
+        for ml in store.layout:
+            a, s = factors[ml.name]
+            wa, qa = np.linalg.eigh(a / tokens)
+            ws, qs = np.linalg.eigh(s / tokens)
+            arrays[f"QA:{ml.name}"], arrays[f"QS:{ml.name}"] = qa, qs
+            arrays[f"w:{ml.name}"] = tbar * np.outer(np.clip(ws, 0, None), np.clip(wa, 0, None))  # [k_out, k_in]
+            ekfac_sums[ml.name] = np.zeros((ml.eff_out, ml.eff_in))
+        if kind == "ekfac":
+            for _, g in store.iter_batches(dtype=np.float64):
+                for ml in store.layout:
+                    G = g[:, ml.offset : ml.offset + ml.size].reshape(-1, ml.eff_out, ml.eff_in)
+                    rot = np.einsum("po,npi,ij->noj", arrays[f"QS:{ml.name}"], G, arrays[f"QA:{ml.name}"])
+                    ekfac_sums[ml.name] += (rot**2).sum(0)
+            for ml in store.layout:
+                arrays[f"w:{ml.name}"] = ekfac_sums[ml.name] / n
+        for ml in store.layout:
+            arrays[f"lambda:{ml.name}"] = np.array(_damping(arrays[f"w:{ml.name}"], ratio))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+    m = read_manifest(store.root)
+    m.setdefault("curvature", {})[rel] = {
+        "kind": kind,
+        "blocks": blocks,
+        "damping_ratio": ratio,
+        "n_rows": n,
+        "digest": file_digest(path),
+    }
+    write_manifest(store.root, m)
+    return path
+
+
+def precondition(
+    store_dir: str | Path,
+    query_grads: np.ndarray,
+    kind: Kind = "linfac",
+    *,
+    blocks: Blocks = "module",
+    damping_ratio: float | None = None,
+) -> np.ndarray:
+    """v_q = (F + λI)⁻¹ g_q for every query row [Q, D] → [Q, D] float64. Builds linfac on demand."""
+    from .gradient_store import GradientStore
+
+    store = GradientStore.open(store_dir)
+    g = np.asarray(query_grads, dtype=np.float64)
+    if g.ndim != 2 or g.shape[1] != store.dim:
+        raise ValueError(f"query gradients must be [Q, {store.dim}] for store {store.root}, got {list(g.shape)}")
+    if kind == "identity":
+        return g.copy()
+    rel = curvature_file(kind, blocks, _default_ratio(store.manifest, damping_ratio))
+    path = store.root / rel
+    if not path.is_file():
+        if kind in ("kfac", "ekfac") and not all(s.get("factors_file") for s in store.manifest["shards"]):
+            raise LancetError(f"{store.root}: no {kind} curvature; rebuild the store with '{kind}' in IndexConfig.curvature")
+        path = build_curvature(store.root, kind, blocks=blocks, damping_ratio=damping_ratio)
+    out = np.empty_like(g)
+    with np.load(path) as z:
+        if kind == "linfac":
+            for name, lo, hi in _blocks(store, blocks):
+                q, w, lam = z[f"Q:{name}"], z[f"w:{name}"], float(z[f"lambda:{name}"])
+                out[:, lo:hi] = ((g[:, lo:hi] @ q) / (w + lam)) @ q.T
+        else:
+            for ml in store.layout:
+                qa, qs, w, lam = z[f"QA:{ml.name}"], z[f"QS:{ml.name}"], z[f"w:{ml.name}"], float(z[f"lambda:{ml.name}"])
+                G = g[:, ml.offset : ml.offset + ml.size].reshape(-1, ml.eff_out, ml.eff_in)
+                rot = np.einsum("so,nsi,ij->noj", qs, G, qa)  # Q_Sᵀ G Q_A
+                rot /= w + lam
+                back = np.einsum("os,nsj,ij->noi", qs, rot, qa)  # Q_S (·) Q_Aᵀ
+                out[:, ml.offset : ml.offset + ml.size] = back.reshape(len(g), -1)
+    return out
