@@ -105,6 +105,8 @@ def open_store(store_dir: str | Path) -> StoreInfo:
         raise InfluenceQueryError(f"{mf}: not valid JSON ({e})") from e
     if not isinstance(manifest, dict):
         raise InfluenceQueryError(f"{mf}: expected a JSON object")
+    if manifest.get("complete") is False:
+        raise InfluenceQueryError(f"{mf}: the gradient store is unfinished (complete=false); finish building it first")
     dim = manifest.get("dim")
     if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
         raise InfluenceQueryError(f"{mf}: 'dim' must be a positive integer, got {dim!r}")

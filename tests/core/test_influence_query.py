@@ -267,6 +267,11 @@ def test_error_bad_manifest_contents(tmp_path, store):
     with_manifest(shards=[{"file": "shard-00000.parquet", "rows": 99}])
     with pytest.raises(InfluenceQueryError, match="99 rows"):
         open_store(store)
+    with_manifest(complete=False)
+    with pytest.raises(InfluenceQueryError, match="unfinished"):
+        open_store(store)
+    with_manifest(complete=True)
+    assert open_store(store).n_rows == 10
     (store / "manifest.json").write_text("{not json")
     with pytest.raises(InfluenceQueryError, match="not valid JSON"):
         open_store(store)
@@ -285,3 +290,26 @@ def test_nonfinite_train_row_is_named(tmp_path):
     make_store(tmp_path / "s", x, ids=["a", "b", "c", "d"], n_shards=1)
     with pytest.raises(InfluenceQueryError, match="example_id='c'"):
         score_store(tmp_path / "s", np.ones(3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reads_shards_written_by_the_gradient_store_encoder(tmp_path, dtype):
+    """Format cross-check with the real store writer's encoder/decoder (lancet_core.gradient_store)."""
+    gs = pytest.importorskip("lancet_core.gradient_store")
+    if not hasattr(gs, "_encode_shard") or not hasattr(gs, "_decode_grads"):
+        pytest.skip("gradient_store encoder not available")
+    rng = np.random.default_rng(11)
+    d = 9
+    shards, ids_all, deq = [], [], []
+    for s in range(2):
+        ids = [f"s{s}-{i}" for i in range(25)]
+        table = gs._encode_shard(ids, rng.standard_normal((25, d)), dtype)
+        pq.write_table(table, tmp_path / f"shard-{s:05d}.parquet", use_dictionary=False)
+        shards.append({"index": s, "file": f"shard-{s:05d}.parquet", "rows": 25})
+        ids_all += ids
+        deq.append(gs._decode_grads(table, d, np.float64))
+    (tmp_path / "manifest.json").write_text(json.dumps({"dim": d, "dtype": dtype, "shards": shards,
+                                                         "complete": True}))
+    v = rng.standard_normal(d)
+    got = score_store(tmp_path, v).column("score").to_numpy()
+    np.testing.assert_allclose(got, np.concatenate(deq) @ (v / np.linalg.norm(v)), rtol=1e-12, atol=1e-12)
