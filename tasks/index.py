@@ -1,0 +1,18 @@
+"""Prefect task: model dir + tokens -> gradient store directory (projected per-example gradients + curvature)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from lancet_core.gradient_store import build_gradient_store
+from lancet_core.index_config import IndexConfig
+from tasks.cache import LANCET_CACHE
+
+
+@task(name="build_index", cache_policy=LANCET_CACHE, persist_result=True)
+def build_index(model_dir: str, tokens_path: str, out_store_dir: str, cfg: IndexConfig) -> str:
+    """Build (or finish) the gradient store in `out_store_dir` (an output location: `out_` keeps it out of the cache
+    key); returns its path."""
+    return str(build_gradient_store(Path(model_dir), Path(tokens_path), Path(out_store_dir), cfg))
