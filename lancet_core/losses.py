@@ -275,7 +275,9 @@ def token_kl_per_row_from_logits(policy_logits: Tensor, ref_logits: Tensor, loss
     return (kl_tok * mask.to(kl_tok.dtype)).sum(-1) / n.to(kl_tok.dtype)
 
 
-def retain_kl_from_models(policy_model, ref_model, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tensor:
+def retain_kl_from_models(
+    policy_model, ref_model, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor
+) -> Tensor:
     """[B]: token-mean KL(π_ref ‖ π_θ) on each retain row; the reference forward runs without gradients.
 
     `ref_model` is anything called like a HF model (a frozen copy, or a wrapper that runs the PEFT model with its

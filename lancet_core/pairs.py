@@ -164,9 +164,7 @@ def build_pairs(influence: pa.Table, cfg: PairConfig, source: str = INFLUENCE_FI
         same = [j for j in by_prompt.get(norm[i], []) if responses[j].strip() != responses[i].strip()]
         chosen = [(j, MATCH_SAME, 1.0) for j in same[: cfg.pairs_per_positive]]
         if len(chosen) < cfg.pairs_per_positive and cfg.match_nearest:
-            others = [
-                (b, j) for b, j in enumerate(neg) if norm[j] != norm[i] and sim[a, b] >= cfg.min_prompt_cosine
-            ]
+            others = [(b, j) for b, j in enumerate(neg) if norm[j] != norm[i] and sim[a, b] >= cfg.min_prompt_cosine]
             others.sort(key=lambda bj: (-sim[a, bj[0]], scores[bj[1]], ids[bj[1]]))
             for b, j in others[: cfg.pairs_per_positive - len(chosen)]:
                 chosen.append((j, MATCH_NEAREST, float(sim[a, b])))
