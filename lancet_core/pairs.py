@@ -310,7 +310,8 @@ def write_pair_files(influence_path: str | Path, out_dir: str | Path, cfg: PairC
     out = Path(out_dir)
     existing = check_manifest(out, expected)
     if existing is not None and (out / PAIRS_FILE).is_file() and (out / RETAIN_FILE).is_file():
-        if file_digest(out / PAIRS_FILE) == existing.get("pairs_digest"):
+        files = ((PAIRS_FILE, "pairs_digest"), (RETAIN_FILE, "retain_digest"))
+        if all(file_digest(out / f) == existing.get(k) for f, k in files):
             return PairFiles(out, out / PAIRS_FILE, out / RETAIN_FILE, existing)
     pairs, retain = build_pairs(pq.read_table(influence_path), cfg, source=str(influence_path))
     return write_pair_tables(out, pairs, retain, expected)
