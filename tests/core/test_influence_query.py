@@ -57,6 +57,10 @@ def test_topk_equals_numpy_argsort_with_ties(tmp_path, dtype):
 
     oracle_scores = deq @ (v / np.linalg.norm(v))  # float64 for-loop-free oracle on the dequantised stored values
     want = oracle_rank(oracle_scores, ids)
+    # the same order from numpy: argsort by (-score, example_id) with a unicode id array
+    id_rank = np.empty(n, np.int64)
+    id_rank[np.argsort(np.array(ids), kind="stable")] = np.arange(n)
+    assert [ids[i] for i in np.lexsort((id_rank, -oracle_scores))] == want
     got = pq.read_table(tmp_path / "influence.parquet")
     assert got.column("example_id").to_pylist() == want
     assert got.column("rank").to_pylist() == list(range(1, n + 1))
