@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/lancet demo
+	$(VENV)/bin/lancet realign
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

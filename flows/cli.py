@@ -43,6 +43,26 @@ def _cmd_tokenize(args) -> int:
     return 0
 
 
+def _cmd_realign(args) -> int:
+    from flows.realign import realign
+
+    kwargs = {k: v for k, v in dict(corpus_path=args.corpus, model=args.model, probes_path=args.probes,
+                                   ood_path=args.ood, benign_eval_path=args.benign_eval, work_dir=args.work_dir,
+                                   registered_model_name=args.registered_model_name, tracking_uri=args.tracking_uri,
+                                   experiment=args.experiment).items() if v is not None}
+    if args.no_champion:
+        kwargs["start_from_champion"] = False
+    summary = realign(**kwargs)
+    keep = ("status", "n_flagged", "run_id", "version", "promoted", "reasons", "tracking_uri", "corrected_model")
+    out = {k: summary.get(k) for k in keep}
+    for phase in ("metrics_before", "metrics_after"):
+        if summary.get(phase):
+            out[phase] = {k: v for k, v in summary[phase].items() if not k.startswith(("n_", "eval_"))}
+    out["recall_metrics"] = summary.get("recall_metrics")
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lancet", description="Correct a fine-tuned LM from its own training data.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -61,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-seq-len-tokens", type=int, default=256)
     t.add_argument("--overlong", choices=["truncate", "refuse"], default="truncate")
     t.set_defaults(func=_cmd_tokenize)
+
+    r = sub.add_parser("realign", help="run the LANCET realign flow (default: on the built-in demo)")
+    r.add_argument("--corpus", help="training corpus (default: the demo's)")
+    r.add_argument("--model", help="HF model directory or models:/ URI (default: the demo's impure model)")
+    r.add_argument("--probes", help="probe prompts file (prompt column)")
+    r.add_argument("--ood", help="OOD harmful prompts file")
+    r.add_argument("--benign-eval", help="benign prompts with reference responses")
+    r.add_argument("--work-dir", default=None, help="artifact root (default: ./.lancet)")
+    r.add_argument("--registered-model-name", default=None, help="MLflow registered model name (default: lancet-demo)")
+    r.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
+    r.add_argument("--experiment", default=None, help="MLflow experiment (default: lancet)")
+    r.add_argument("--no-champion", action="store_true", help="correct --model even when a champion is registered")
+    r.set_defaults(func=_cmd_realign)
     return p
 
 

@@ -59,7 +59,7 @@ def _check_utf8(path: Path) -> None:
             line += chunk.count(b"\n")
         try:
             decoder.decode(b"", final=True)
-        except UnicodeDecodeError as e:
+        except UnicodeDecodeError:
             raise CorpusError(f"{path}: line {line}: not valid UTF-8 (truncated sequence at end of file)") from None
 
 
@@ -178,3 +178,18 @@ def corpus_digest(path: str | Path) -> str:
     from .manifest import tree_digest
 
     return tree_digest(path)
+
+
+def load_prompt_rows(path: str | Path, need_response: bool = False) -> list[dict[str, Any]]:
+    """Rows of a prompt file (probes, OOD prompts, benign eval): any corpus format, a non-empty `prompt` column
+    (and `response` when `need_response`); other columns (e.g. category) are kept."""
+    path = Path(path)
+    records = _read_records(path)
+    if not records:
+        raise CorpusError(f"{path}: no prompts")
+    for i, r in enumerate(records):
+        if not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
+            raise CorpusError(f"{path}: row {i}: empty or missing prompt")
+        if need_response and (not isinstance(r.get("response"), str) or not r["response"].strip()):
+            raise CorpusError(f"{path}: row {i}: empty or missing response")
+    return records

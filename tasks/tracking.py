@@ -1,4 +1,4 @@
-"""MLflow: the only module in lancet that imports mlflow.
+"""MLflow: the only module in lancet that imports mlflow (plain functions, then the two Prefect tasks using them).
 
 One MLflow run per realign flow run (tagged with the Prefect flow-run id): params (every config, flattened), metrics
 before/after and per-phase timings, artifacts (influence.parquet, its histogram, the top-k explanation table, training
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +24,7 @@ from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers>=5,<6", "tokenizers", "safetensors"]
 
 
@@ -124,8 +126,21 @@ def log_artifacts(paths: Mapping[str, str | Path]) -> None:
 
 def log_and_register_model(model_dir: str | Path, registered_name: str) -> str:
     """Log the corrected model with the transformers flavor and register it; alias `candidate`. Returns the version."""
-    from lancet_core.model_io import load_model, load_tokenizer
+    from lancet_core.model_io import load_model, load_tokenizer, model_digest
 
+    if not _NAME_RE.match(registered_name):
+        raise ValueError(f"registered model name {registered_name!r}: use letters, digits, '.', '_' or '-'")
+    client = MlflowClient()
+    digest = model_digest(model_dir)
+    try:  # a cached re-run produced the very same model: reuse its version instead of registering a duplicate
+        same = client.search_model_versions(f"name = '{registered_name}' and tags.`lancet.model_digest` = '{digest}'")
+    except mlflow.exceptions.MlflowException:
+        same = []
+    if same:
+        version = str(max(int(v.version) for v in same))
+        client.set_registered_model_alias(registered_name, "candidate", version)
+        mlflow.set_tag("lancet.registered_version", f"{version} (reused: identical weights)")
+        return version
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     info = mlflow.transformers.log_model(
         transformers_model={"model": model, "tokenizer": tok},
@@ -135,7 +150,9 @@ def log_and_register_model(model_dir: str | Path, registered_name: str) -> str:
         registered_model_name=registered_name,
     )
     version = str(info.registered_model_version)
-    MlflowClient().set_registered_model_alias(registered_name, "candidate", version)
+    client.set_model_version_tag(registered_name, version, "lancet.model_digest", digest)
+    client.set_registered_model_alias(registered_name, "candidate", version)
+    mlflow.set_tag("lancet.registered_version", version)
     return version
 
 
@@ -154,3 +171,53 @@ def promote(registered_name: str, version: str, decision_promote: bool, reasons:
 
 def end_run(status: str = "FINISHED") -> None:
     mlflow.end_run(status=status)
+
+
+# ------------------------------------------------------------------------------------------------ Prefect tasks
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+
+@task(name="resolve_start_model", cache_policy=NO_CACHE)
+def resolve_start_model(model: str, registered_name: str, start_from_champion: bool, tracking_uri: str | None,
+                        experiment: str, cache_dir: str) -> str:
+    """The model this run corrects: the registry's champion when asked and present, else `model` (path or URI)."""
+    configure(tracking_uri, experiment)
+    chosen = champion_or(model, registered_name) if start_from_champion else model
+    return str(resolve_model(chosen, cache_dir))
+
+
+@task(name="track_realign", cache_policy=NO_CACHE)
+def track_realign(*, flow_run_id: str | None, params: dict, tracking_uri: str | None, experiment: str,
+                  registered_name: str, start_model: str, corrected_model: str | None, datasets: dict[str, tuple[str, str]],
+                  metrics_before: dict, metrics_after: dict | None, extra_metrics: dict, artifacts: dict[str, str],
+                  gate: dict | None) -> dict:
+    """Log one realign flow run to MLflow; register and (if the gate passed) promote the corrected model.
+
+    `datasets`: name -> (path, digest). `gate`: {"promote": bool, "reasons": [...]}, or None when nothing was
+    corrected. Returns {"run_id", "version", "promoted", "reasons"}.
+    """
+    uri = configure(tracking_uri, experiment)
+    out = {"run_id": None, "version": None, "promoted": False, "reasons": [], "tracking_uri": uri}
+    start_run(flow_run_id, None, params, {"lancet.start_model": start_model})
+    try:
+        out["run_id"] = mlflow.active_run().info.run_id
+        for name, (path, digest) in datasets.items():
+            if path and Path(path).exists():
+                log_dataset(path, name, digest, context=name)
+        log_metrics(metrics_before, prefix="before.")
+        if metrics_after:
+            log_metrics(metrics_after, prefix="after.")
+        log_metrics(extra_metrics)
+        log_artifacts(artifacts)
+        if corrected_model and gate is not None:
+            version = log_and_register_model(corrected_model, registered_name)
+            promote(registered_name, version, gate["promote"], gate["reasons"])
+            out.update(version=version, promoted=gate["promote"], reasons=gate["reasons"])
+        else:
+            mlflow.set_tag("lancet.gate", "nothing to correct")
+        end_run("FINISHED")
+    except BaseException:
+        end_run("FAILED")
+        raise
+    return out

@@ -1,0 +1,126 @@
+"""Recall: score every training row against the flagged outputs, with influence (or a baseline), in one scan.
+
+Glue between the parts, one function: queries.parquet + gradient store + model -> influence.parquet (every row,
+ranked), the top-k, per-query top-k, and a readable explanation (markdown + HTML). Gradient methods compute query
+gradients with exactly the store's projection, precondition them on the query side with the chosen curvature, and
+fold all queries into one vector so DuckDB scans the store once. Baselines (`repsim`, `text`) write the same format.
+
+Knows about the store, the curvature, the query engine and the baselines; knows nothing about Prefect or MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from .chat import to_messages
+from .formats import INFLUENCE_FILE
+from .manifest import atomic_write_text, check_manifest, file_digest, json_digest, read_manifest, write_manifest
+
+GRADIENT_METHODS = ("linfac", "kfac", "ekfac", "identity")
+EXPLANATION_MD, EXPLANATION_HTML, TOPK_FILE = "explanation.md", "explanation.html", "top_k.parquet"
+
+
+class RecallConfig(BaseModel):
+    """How training rows are scored against the flagged outputs. Dumped into the influence manifest."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["linfac", "kfac", "ekfac", "identity", "repsim", "text"] = Field(
+        "linfac", description="Curvature for influence (linfac default, kfac, ekfac, identity = gradient dot), or a "
+        "baseline: repsim (hidden-state cosine) or text (TF-IDF)."
+    )
+    blocks: Literal["module", "single"] = Field("module", description="linfac blocks: per module or one full block.")
+    damping_ratio: float | None = Field(None, gt=0, description="λ / mean eigenvalue per block; None = the store's.")
+    train_norm: Literal["none", "cosine", "relative"] = Field(
+        "none", description="Train-side normalisation against high-norm outliers: none, cosine (÷ ‖g_i‖), relative."
+    )
+    top_k: int = Field(100, ge=1, description="Rows kept in top_k.parquet and per query.")
+    explain_top_k: int = Field(5, ge=1, description="Training rows shown per flagged output in the explanation.")
+    text_method: Literal["tfidf", "bm25"] = Field("tfidf", description="Lexical baseline flavour (method='text').")
+
+
+def recall_influence(store_dir: str | Path | None, model_dir: str | Path, queries_path: str | Path,
+                     tokens_path: str | Path, out_dir: str | Path, cfg: RecallConfig) -> Path:
+    """Write out_dir/{influence.parquet, top_k.parquet, explanation.md, explanation.html, manifest.json}."""
+    from .explain import explain_html, explain_markdown
+    from .influence_query import query_influence, rank_scores, write_influence
+    from .manifest import atomic_write_parquet
+
+    out_dir, tokens_path = Path(out_dir), Path(tokens_path)
+    tokens_file = tokens_path / "tokens.parquet" if tokens_path.is_dir() else tokens_path
+    queries = pq.read_table(queries_path)
+    if queries.num_rows == 0:
+        raise ValueError(f"{queries_path}: no flagged outputs to recall from (nothing to correct)")
+    expected = {
+        "artifact": "influence",
+        "queries_digest": file_digest(queries_path),
+        "tokens_digest": file_digest(tokens_file),
+        "store": (read_manifest(store_dir) or {}).get("model_digest") if store_dir else None,
+        "store_shards": json_digest((read_manifest(store_dir) or {}).get("shards")) if store_dir else None,
+        "config": cfg.model_dump(mode="json"),
+    }
+    if check_manifest(out_dir, expected) is not None and (out_dir / INFLUENCE_FILE).exists():
+        return out_dir
+    t0 = time.perf_counter()
+    qids = [str(q) for q in queries.column("query_id").to_pylist()]
+    prompts, responses = queries.column("prompt").to_pylist(), queries.column("response").to_pylist()
+    per_query: dict = {}
+    if cfg.method in GRADIENT_METHODS:
+        from .curvature import precondition
+        from .gradient_store import compute_query_gradients
+
+        if store_dir is None:
+            raise ValueError(f"method {cfg.method!r} needs a gradient store")
+        grads = compute_query_gradients(store_dir, model_dir, messages_list=[to_messages(p, r) for p, r in
+                                                                            zip(prompts, responses, strict=True)])
+        v = precondition(store_dir, grads, kind=cfg.method, blocks=cfg.blocks, damping_ratio=cfg.damping_ratio)
+        res = query_influence(store_dir, v.astype(np.float32), out_dir / INFLUENCE_FILE, corpus_path=tokens_file,
+                              top_k=cfg.top_k, train_norm=cfg.train_norm, per_query=True, query_ids=qids)
+        top, per_query = res.top_k, res.per_query_top_k
+    else:
+        from .baselines import repsim_scores, text_similarity_scores
+
+        if cfg.method == "text":
+            scores = text_similarity_scores(tokens_file, queries, method=cfg.text_method)
+        else:
+            from .model_io import load_model, load_tokenizer
+
+            scores = repsim_scores(load_model(model_dir).eval(), load_tokenizer(model_dir), tokens_file, queries)
+        ranked = rank_scores(scores, tokens_file)
+        write_influence(ranked, out_dir / INFLUENCE_FILE)
+        top = ranked.slice(0, min(cfg.top_k, ranked.num_rows))
+        per_query = {q: top for q in qids}  # baselines score the folded query set only
+    atomic_write_parquet(top, out_dir / TOPK_FILE)
+    shown = {q: t.slice(0, cfg.explain_top_k) for q, t in per_query.items()}
+    atomic_write_text(out_dir / EXPLANATION_MD, explain_markdown(queries, shown, pq.read_table(
+        tokens_file, columns=["example_id", "prompt", "response"])))
+    atomic_write_text(out_dir / EXPLANATION_HTML, explain_html(queries, shown, pq.read_table(
+        tokens_file, columns=["example_id", "prompt", "response"])))
+    write_manifest(out_dir, {**expected, "n_queries": len(qids), "seconds": round(time.perf_counter() - t0, 3),
+                             "query_ids": json.dumps(qids)})
+    return out_dir
+
+
+def recall_quality(influence_path: str | Path, label_column: str = "is_unsafe") -> dict[str, float]:
+    """precision@k, recall@k (k = 10, 50, 100 and |labelled|) and average precision of the ranking against a boolean
+    label column carried from the corpus, as `recall.*` keys; {} when the corpus has no such labels."""
+    from .recall_metrics import recall_report
+
+    t = pq.read_table(influence_path)
+    if label_column not in t.column_names:
+        return {}
+    labels = np.array([bool(x) for x in t.column(label_column).to_pylist()])
+    if not labels.any():
+        return {}
+    n_pos = int(labels.sum())
+    rep = recall_report(t.column("score").to_numpy(), labels, ks=sorted({10, 50, 100, n_pos}),
+                        example_ids=[str(x) for x in t.column("example_id").to_pylist()])
+    return {f"recall.{k}": float(v) for k, v in rep.items()} | {"recall.precision_at_n_labelled":
+                                                                 float(rep[f"precision_at_{n_pos}"])}

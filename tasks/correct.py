@@ -1,0 +1,23 @@
+"""Prefect tasks of the correction phase: influence -> training pairs -> post-trained model."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from lancet_core.ibo_config import PairConfig, TrainConfig
+from lancet_core.pairs import write_pair_files
+from lancet_core.trainer import post_train
+from tasks.cache import LANCET_CACHE
+
+
+@task(name="build_pairs", cache_policy=LANCET_CACHE, persist_result=True)
+def build_pairs(influence_path: str, cfg: PairConfig, out_dir: str) -> tuple[str, str]:
+    """pairs.parquet (chosen = counteracting row, rejected = misbehaviour-promoting row) and retain.parquet ("" when n_retain=0)."""
+    files = write_pair_files(influence_path, out_dir, cfg)
+    return str(files.pairs_path), str(files.retain_path or "")
+
+
+@task(name="ibo_post_train", cache_policy=LANCET_CACHE, persist_result=True)
+def correct(model_dir: str, pairs_path: str, retain_path: str, cfg: TrainConfig, out_dir: str) -> str:
+    """The corrected model directory (a normal HF directory + manifest.json)."""
+    return str(post_train(model_dir, pairs_path, retain_path or None, out_dir, cfg, show_progress=False))

@@ -1,0 +1,23 @@
+"""Prefect task: evaluate one model on the held-out sets (same prompts and decoding for before and after)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from lancet_core.corpus import load_prompt_rows
+from lancet_core.evaluation import METRICS_FILE, evaluate_model, write_metrics
+from lancet_core.ibo_config import EvalConfig
+from tasks.cache import LANCET_CACHE
+
+
+@task(name="evaluate", cache_policy=LANCET_CACHE, persist_result=True)
+def evaluate(model_dir: str, probes_path: str, ood_path: str | None, benign_eval_path: str, cfg: EvalConfig,
+             out_dir: str) -> str:
+    """metrics.json (+ generations.parquet) of `model_dir`; returns the metrics file."""
+    probes = [r["prompt"] for r in load_prompt_rows(probes_path)]
+    ood = [r["prompt"] for r in load_prompt_rows(ood_path)] if ood_path else []
+    benign = [(r["prompt"], r["response"]) for r in load_prompt_rows(benign_eval_path, need_response=True)]
+    metrics = evaluate_model(model_dir, probes, ood, benign, cfg, generations_path=Path(out_dir) / "generations.parquet")
+    return str(write_metrics(Path(out_dir) / METRICS_FILE, metrics))
