@@ -36,8 +36,13 @@ def build_model(kind: str):
         cfg._attn_implementation = "eager"
         return GPT2LMHeadModel(cfg)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=SEQ,
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=SEQ,
     )
     cfg._attn_implementation = "eager"
     return LlamaForCausalLM(cfg)
@@ -59,7 +64,6 @@ def data(n_batches: int, bs: int):
 
 def child(kind: str, mode: str, n_batches: int, bs: int) -> dict:
     import numpy as np
-    import torch
 
     from lancet_core.grad_hooks import ProjectedGradientExtractor, build_layout, sequence_loglik
     from lancet_core.gradient_store import _encode_shard
@@ -70,6 +74,7 @@ def child(kind: str, mode: str, n_batches: int, bs: int) -> dict:
     batches = data(n_batches + 1, bs)  # first batch is warm-up
     res = {"params": n_params}
     if mode == "plain":
+
         def step(ids, attn, lm):
             model.zero_grad(set_to_none=True)
             out = model(input_ids=ids, attention_mask=attn, use_cache=False)
@@ -93,7 +98,11 @@ def child(kind: str, mode: str, n_batches: int, bs: int) -> dict:
                 times.append(time.perf_counter() - t0)
         g = np.concatenate(grads)
         with tempfile.TemporaryDirectory() as tmp:
-            p = atomic_write_parquet(_encode_shard([f"ex{i:08d}" for i in range(len(g))], g, "float16"), Path(tmp) / "s.parquet", use_dictionary=False)
+            p = atomic_write_parquet(
+                _encode_shard([f"ex{i:08d}" for i in range(len(g))], g, "float16"),
+                Path(tmp) / "s.parquet",
+                use_dictionary=False,
+            )
             res["bytes_per_example_fp16"] = p.stat().st_size / len(g)
         res.update(dim=int(g.shape[1]), modules=len(layout))
     res["examples_per_s_median"] = bs / float(np.median(times))
@@ -115,8 +124,14 @@ def main() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", DO_NOT_TRACK="true", TRANSFORMERS_VERBOSITY="error")
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = {"seq_len_tokens": SEQ, "batch_size": a.batch_size, "timed_batches": a.batches, "cpu_count": os.cpu_count(),
-           "torch_threads": None, "note": "shared 2-core machine; other jobs may compete for CPU"}
+    out = {
+        "seq_len_tokens": SEQ,
+        "batch_size": a.batch_size,
+        "timed_batches": a.batches,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": None,
+        "note": "shared 2-core machine; other jobs may compete for CPU",
+    }
     import torch
 
     out["torch_threads"] = torch.get_num_threads()
@@ -124,11 +139,27 @@ def main() -> None:
         r: dict = {}
         for _ in range(a.rounds):  # alternate plain / extraction subprocesses; keep each mode's best round
             for mode in ("plain", "extraction"):
-                cmd = [sys.executable, __file__, "--child", kind, mode, "--batches", str(a.batches), "--batch-size", str(a.batch_size)]
-                res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1])
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    kind,
+                    mode,
+                    "--batches",
+                    str(a.batches),
+                    "--batch-size",
+                    str(a.batch_size),
+                ]
+                res = json.loads(
+                    subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+                    .stdout.strip()
+                    .splitlines()[-1]
+                )
                 if mode not in r or res["examples_per_s_best"] > r[mode]["examples_per_s_best"]:
                     r[mode] = res
-        r["throughput_ratio_extraction_over_plain"] = r["extraction"]["examples_per_s_best"] / r["plain"]["examples_per_s_best"]
+        r["throughput_ratio_extraction_over_plain"] = (
+            r["extraction"]["examples_per_s_best"] / r["plain"]["examples_per_s_best"]
+        )
         r["throughput_ratio_median"] = r["extraction"]["examples_per_s_median"] / r["plain"]["examples_per_s_median"]
         r["peak_rss_ratio_extraction_over_plain"] = r["extraction"]["peak_rss_mb"] / r["plain"]["peak_rss_mb"]
         out[kind] = r

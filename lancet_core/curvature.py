@@ -142,7 +142,9 @@ def precondition(
     path = store.root / rel
     if not path.is_file():
         if kind in ("kfac", "ekfac") and not all(s.get("factors_file") for s in store.manifest["shards"]):
-            raise LancetError(f"{store.root}: no {kind} curvature; rebuild the store with '{kind}' in IndexConfig.curvature")
+            raise LancetError(
+                f"{store.root}: no {kind} curvature; rebuild the store with '{kind}' in IndexConfig.curvature"
+            )
         path = build_curvature(store.root, kind, blocks=blocks, damping_ratio=damping_ratio)
     out = np.empty_like(g)
     with np.load(path) as z:
@@ -152,7 +154,12 @@ def precondition(
                 out[:, lo:hi] = ((g[:, lo:hi] @ q) / (w + lam)) @ q.T
         else:
             for ml in store.layout:
-                qa, qs, w, lam = z[f"QA:{ml.name}"], z[f"QS:{ml.name}"], z[f"w:{ml.name}"], float(z[f"lambda:{ml.name}"])
+                qa, qs, w, lam = (
+                    z[f"QA:{ml.name}"],
+                    z[f"QS:{ml.name}"],
+                    z[f"w:{ml.name}"],
+                    float(z[f"lambda:{ml.name}"]),
+                )
                 G = g[:, ml.offset : ml.offset + ml.size].reshape(-1, ml.eff_out, ml.eff_in)
                 rot = np.einsum("so,nsi,ij->noj", qs, G, qa)  # Q_Sᵀ G Q_A
                 rot /= w + lam

@@ -104,9 +104,7 @@ def sequence_loglik(
 ) -> torch.Tensor:
     """[B] response log-likelihood per example (position t predicts token t+1; counted where loss_mask[t+1] = 1)."""
     m = (loss_mask[:, 1:] * attention_mask[:, 1:]).to(logits.dtype)
-    lp = -nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none"
-    )  # [B, T-1]
+    lp = -nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")  # [B, T-1]
     ll = (lp * m).sum(1)
     if reduction == "mean":
         n = m.sum(1)

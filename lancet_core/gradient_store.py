@@ -52,7 +52,15 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 GRADIENT_SIGN = "grad = d/dtheta log pi(y|x) (log-likelihood, not loss); influence I(i,q) = v_q . g_i, v_q = (F+lambda I)^-1 g_q; > 0 = training on i raises log pi(q)"
 # Manifest keys that must agree for a store to be resumed or reused.
-IDENTITY_KEYS = ("format_version", "model_digest", "tokenizer_digest", "tokens_digest", "index_config", "modules", "dim")
+IDENTITY_KEYS = (
+    "format_version",
+    "model_digest",
+    "tokenizer_digest",
+    "tokens_digest",
+    "index_config",
+    "modules",
+    "dim",
+)
 FACTORS_DIR = "curvature/factors"
 
 Progress = Callable[[int, int], None]
@@ -83,7 +91,9 @@ def _read_tokens(path: Path, max_len: int) -> pa.Table:
     mlens = pa.compute.list_value_length(table["loss_mask"]).to_numpy(zero_copy_only=False)
     bad = np.nonzero(lens != mlens)[0]
     if bad.size:
-        raise CorpusError(f"{path}: row {bad[0]} ({table['example_id'][int(bad[0])]}): input_ids and loss_mask lengths differ")
+        raise CorpusError(
+            f"{path}: row {bad[0]} ({table['example_id'][int(bad[0])]}): input_ids and loss_mask lengths differ"
+        )
     bad = np.nonzero(lens < 2)[0]
     if bad.size:
         raise CorpusError(f"{path}: row {bad[0]} ({table['example_id'][int(bad[0])]}): fewer than 2 tokens")
@@ -93,8 +103,13 @@ def _read_tokens(path: Path, max_len: int) -> pa.Table:
             f"{path}: row {bad[0]} ({table['example_id'][int(bad[0])]}) has {lens[bad[0]]} tokens > "
             f"max_seq_len_tokens={max_len}; tokenize with a limit <= max_seq_len_tokens"
         )
-    # a response token must sit at position >= 1 (position 0 is never predicted)
-    resp = np.array([sum(m[1:]) for m in table["loss_mask"].to_pylist()])
+    # a response token must sit at position >= 1 (position 0 is never predicted); vectorised over the flat values
+    masks = table["loss_mask"].combine_chunks()
+    off = masks.offsets.to_numpy()
+    off = off - off[0]
+    vals = masks.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    csum = np.concatenate([[0], np.cumsum(vals != 0)])
+    resp = csum[off[1:]] - csum[off[:-1]] - (vals[off[:-1]] != 0)
     bad = np.nonzero(resp == 0)[0]
     if bad.size:
         raise CorpusError(f"{path}: row {bad[0]} ({table['example_id'][int(bad[0])]}): no response tokens to score")
@@ -268,7 +283,11 @@ def build_gradient_store(
         "reduction": cfg.reduction,
         "projection_seed": cfg.projection_seed,
         "gradient_sign": GRADIENT_SIGN,
-        "build_settings": {"batch_size": cfg.batch_size, "curvature": list(cfg.curvature), "damping_ratio": cfg.damping_ratio},
+        "build_settings": {
+            "batch_size": cfg.batch_size,
+            "curvature": list(cfg.curvature),
+            "damping_ratio": cfg.damping_ratio,
+        },
         "versions": library_versions(),
     }
     existing = check_manifest(root, manifest, keys=IDENTITY_KEYS)
@@ -295,23 +314,35 @@ def build_gradient_store(
         progress(rows_done, n)
     todo = [s for s in range(n_shards) if s not in done]
     if todo:
-        log.info("gradient store %s: %d of %d shards to compute (D=%d, %d modules)", root, len(todo), n_shards, dim, len(layout))
-    with ProjectedGradientExtractor(model, layout, cfg.projection_seed, cfg.reduction, cfg.collect_kronecker_factors) as ex:
+        log.info(
+            "gradient store %s: %d of %d shards to compute (D=%d, %d modules)",
+            root,
+            len(todo),
+            n_shards,
+            dim,
+            len(layout),
+        )
+    with ProjectedGradientExtractor(
+        model, layout, cfg.projection_seed, cfg.reduction, cfg.collect_kronecker_factors
+    ) as ex:
         for s in todo:
             t0 = time.perf_counter()
             lo, hi = s * cfg.rows_per_shard, min(n, (s + 1) * cfg.rows_per_shard)
             part = table.slice(lo, hi - lo)
             ids_rows, mask_rows = part["input_ids"].to_pylist(), part["loss_mask"].to_pylist()
             ex.reset_factors()
-            grads = []
+            # batches of similar length (less padding); results are scattered back to the tokens order
+            order = np.argsort([len(r) for r in ids_rows], kind="stable")
+            shard_grads = np.empty((hi - lo, dim), dtype=np.float64)
             for b in range(0, hi - lo, cfg.batch_size):
-                ids, attn, lm = right_pad(ids_rows[b : b + cfg.batch_size], mask_rows[b : b + cfg.batch_size], 0)
-                grads.append(ex.batch_gradients(ids, attn, lm).double().numpy())
-                if progress is not None and lo + b + len(ids) < hi:
-                    progress(rows_done + b + len(ids), n)
+                sel = order[b : b + cfg.batch_size]
+                ids, attn, lm = right_pad([ids_rows[i] for i in sel], [mask_rows[i] for i in sel], 0)
+                shard_grads[sel] = ex.batch_gradients(ids, attn, lm).double().numpy()
+                if progress is not None and lo + b + len(sel) < hi:
+                    progress(rows_done + b + len(sel), n)
             eids = part["example_id"].to_pylist()
             fname = SHARD_PATTERN.format(s)
-            atomic_write_parquet(_encode_shard(eids, np.concatenate(grads), cfg.dtype), root / fname, use_dictionary=False)
+            atomic_write_parquet(_encode_shard(eids, shard_grads, cfg.dtype), root / fname, use_dictionary=False)
             entry = {
                 "index": s,
                 "file": fname,
@@ -333,7 +364,15 @@ def build_gradient_store(
             save(done)
             rows_done += hi - lo
             dt = time.perf_counter() - t0
-            log.info("shard %s: %d rows in %.1f s (%.1f rows/s); %d/%d rows", fname, hi - lo, dt, (hi - lo) / dt, rows_done, n)
+            log.info(
+                "shard %s: %d rows in %.1f s (%.1f rows/s); %d/%d rows",
+                fname,
+                hi - lo,
+                dt,
+                (hi - lo) / dt,
+                rows_done,
+                n,
+            )
             if progress is not None:
                 progress(rows_done, n)
     manifest["complete"] = True

@@ -25,10 +25,14 @@ class IndexConfig(BaseModel):
         "inside the transformer blocks (lm_head and embeddings are never targets).",
     )
     proj_in_dim: int | None = Field(
-        16, ge=1, description="k_in: projected size of each module's input activations; None = no projection (full d_in)."
+        16,
+        ge=1,
+        description="k_in: projected size of each module's input activations; None = no projection (full d_in).",
     )
     proj_out_dim: int | None = Field(
-        16, ge=1, description="k_out: projected size of each module's output gradients; None = no projection (full d_out)."
+        16,
+        ge=1,
+        description="k_out: projected size of each module's output gradients; None = no projection (full d_out).",
     )
     projection_seed: int = Field(0, ge=0, description="Seed of the Gaussian projection matrices (per module and side).")
     dtype: Literal["float16", "float32", "int8"] = Field(

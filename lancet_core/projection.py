@@ -79,7 +79,9 @@ class ModuleLayout:
     def from_json(cls, d: dict) -> ModuleLayout:
         return cls(d["name"], d["d_in"], d["d_out"], d["k_in"], d["k_out"], d["offset"])
 
-    def matrices(self, seed: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def matrices(
+        self, seed: int, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(P_in, P_out) for this module."""
         return (
             projection_matrix(seed, self.name, "in", self.d_in, self.k_in, dtype),

@@ -14,8 +14,8 @@ import torch
 from scipy.stats import spearmanr
 
 from lancet_core.curvature import build_curvature, precondition
-from lancet_core.gradient_store import GradientStore, build_gradient_store
 from lancet_core.grad_hooks import weight_grad_out_in
+from lancet_core.gradient_store import GradientStore, build_gradient_store
 from lancet_core.index_config import IndexConfig
 from lancet_core.projection import project_full_gradient
 
@@ -105,7 +105,9 @@ def spearman_per_query(a, b):
 
 def build(bed, name, **kw):
     d, model_dir, *_ = bed
-    cfg = IndexConfig(dtype="float32", compute_dtype="float64", rows_per_shard=40, batch_size=16, damping_ratio=RATIO, **kw)
+    cfg = IndexConfig(
+        dtype="float32", compute_dtype="float64", rows_per_shard=40, batch_size=16, damping_ratio=RATIO, **kw
+    )
     return build_gradient_store(model_dir, d / "tokens.parquet", d / name, cfg)
 
 
@@ -135,9 +137,19 @@ def _report(title, results):
 
 def _all_kinds(bed, name, g_query, exact):
     d, model_dir, names, *_ = bed
-    root = build(bed, name, target_modules=tuple(names), proj_in_dim=None, proj_out_dim=None, curvature=("linfac", "kfac", "ekfac"))
+    root = build(
+        bed,
+        name,
+        target_modules=tuple(names),
+        proj_in_dim=None,
+        proj_out_dim=None,
+        curvature=("linfac", "kfac", "ekfac"),
+    )
     tr = GradientStore.open(root).read_all(np.float64)
-    return root, {k: spearman_per_query(precondition(root, g_query, k) @ tr.T, exact) for k in ("linfac", "kfac", "ekfac", "identity")}
+    return root, {
+        k: spearman_per_query(precondition(root, g_query, k) @ tr.T, exact)
+        for k in ("linfac", "kfac", "ekfac", "identity")
+    }
 
 
 def test_block_diagonal_and_projected_against_exact_low_rank(bed):
@@ -157,7 +169,9 @@ def test_block_diagonal_and_projected_against_exact_low_rank(bed):
         qp.append(torch.stack([project_full_gradient(ml, b, 0) for b in blk]).numpy())
         off += size
     qp = np.concatenate(qp, 1)
-    results["linfac_projected_16x16"] = spearman_per_query(precondition(proj, qp, "linfac") @ sp.read_all(np.float64).T, exact)
+    results["linfac_projected_16x16"] = spearman_per_query(
+        precondition(proj, qp, "linfac") @ sp.read_all(np.float64).T, exact
+    )
     _report(f"N={N_TRAIN} < D=1024 per module", results)
     assert results["linfac"].mean() >= 0.9 and results["linfac"].min() >= 0.8
     assert results["linfac_projected_16x16"].mean() >= 0.6  # 4x compression per module; measured 0.74
@@ -203,7 +217,9 @@ def test_kronecker_preconditioners_match_explicit_matrices(bed):
 
 def test_curvature_file_and_manifest(bed):
     d, *_ = bed
-    root = build(bed, "m", target_modules=("transformer.h.0.mlp.c_fc",), proj_in_dim=4, proj_out_dim=4, curvature=("linfac",))
+    root = build(
+        bed, "m", target_modules=("transformer.h.0.mlp.c_fc",), proj_in_dim=4, proj_out_dim=4, curvature=("linfac",)
+    )
     st = GradientStore.open(root)
     entry = st.manifest["curvature"]["curvature/linfac_module_damp0.1.npz"]
     assert entry["kind"] == "linfac" and entry["damping_ratio"] == RATIO and entry["n_rows"] == N_TRAIN

@@ -95,10 +95,15 @@ def test_hooked_equals_single_example_backward_float64(make, reduction, k):
 
 def test_default_selection_excludes_head_and_embeddings():
     names = [n for n, _ in select_target_modules(tiny_gpt2())]
-    assert names == [f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert names == [
+        f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
     lnames = [n for n, _ in select_target_modules(tiny_llama())]
     assert len(lnames) == 14 and not any("lm_head" in n or "embed" in n for n in lnames)
-    assert [n for n, _ in select_target_modules(tiny_gpt2(), ["*.mlp.c_fc"])] == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
+    assert [n for n, _ in select_target_modules(tiny_gpt2(), ["*.mlp.c_fc"])] == [
+        "transformer.h.0.mlp.c_fc",
+        "transformer.h.1.mlp.c_fc",
+    ]
     with pytest.raises(ValueError, match="no target modules"):
         select_target_modules(tiny_gpt2(), ["nothing*"])
 

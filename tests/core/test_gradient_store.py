@@ -12,8 +12,8 @@ import torch
 
 from lancet_core.chat import encode_messages, to_messages
 from lancet_core.errors import CorpusError, ManifestMismatch
-from lancet_core.gradient_store import GradientStore, build_gradient_store, compute_query_gradients
 from lancet_core.grad_hooks import extract_contextless
+from lancet_core.gradient_store import GradientStore, build_gradient_store, compute_query_gradients
 from lancet_core.index_config import IndexConfig
 from lancet_core.projection import ModuleLayout
 
@@ -30,7 +30,9 @@ def make_model_dir(path, seed=0):
     GPT2LMHeadModel(cfg).save_pretrained(path)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([" ".join(WORDS)] * 4, trainers.BpeTrainer(vocab_size=VOCAB - 4, special_tokens=["<unk>", "<eos>"]))
+    tok.train_from_iterator(
+        [" ".join(WORDS)] * 4, trainers.BpeTrainer(vocab_size=VOCAB - 4, special_tokens=["<unk>", "<eos>"])
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
     fast.save_pretrained(path)
     return path
@@ -82,7 +84,7 @@ def test_store_values_and_manifest(setup, tmp_path):
     assert schema.field("grad").type == pa.list_(pa.float32(), st.dim)
     model = load_model(model_dir)
     want = extract_contextless(model, st.layout, 0, "mean", ids, masks, 0, 4).numpy()
-    np.testing.assert_array_equal(st.read_all(), want.astype(np.float32))
+    assert _rel(st.read_all(), want) <= 1e-5  # the build batches rows by length: only padding widths differ
     norms = pq.read_table(st.shard_paths[0])["grad_norm"].to_numpy()
     np.testing.assert_allclose(norms, np.linalg.norm(want[:3], axis=1), rtol=1e-6)
 
@@ -94,7 +96,9 @@ def _rel(a, b):
 def test_batch_size_and_shard_count_invariance(setup, tmp_path):
     d, model_dir, tokens, *_ = setup
     ref = GradientStore.open(build_gradient_store(model_dir, tokens, tmp_path / "ref", CFG)).read_all()
-    for i, kw in enumerate([dict(batch_size=1), dict(batch_size=11), dict(rows_per_shard=11), dict(rows_per_shard=1, batch_size=2)]):
+    for i, kw in enumerate(
+        [dict(batch_size=1), dict(batch_size=11), dict(rows_per_shard=11), dict(rows_per_shard=1, batch_size=2)]
+    ):
         cfg = CFG.model_copy(update=kw)
         got = GradientStore.open(build_gradient_store(model_dir, tokens, tmp_path / f"v{i}", cfg)).read_all()
         # fp32 compute: only the padding width changes the floating-point summation order
@@ -104,9 +108,13 @@ def test_batch_size_and_shard_count_invariance(setup, tmp_path):
 def test_quantised_dtypes(setup, tmp_path):
     d, model_dir, tokens, *_ = setup
     ref = GradientStore.open(build_gradient_store(model_dir, tokens, tmp_path / "f32", CFG)).read_all()
-    f16 = GradientStore.open(build_gradient_store(model_dir, tokens, tmp_path / "f16", CFG.model_copy(update={"dtype": "float16"})))
+    f16 = GradientStore.open(
+        build_gradient_store(model_dir, tokens, tmp_path / "f16", CFG.model_copy(update={"dtype": "float16"}))
+    )
     np.testing.assert_array_equal(f16.read_all(), ref.astype(np.float16).astype(np.float32))
-    i8 = GradientStore.open(build_gradient_store(model_dir, tokens, tmp_path / "i8", CFG.model_copy(update={"dtype": "int8"})))
+    i8 = GradientStore.open(
+        build_gradient_store(model_dir, tokens, tmp_path / "i8", CFG.model_copy(update={"dtype": "int8"}))
+    )
     t = pq.read_table(i8.shard_paths[0])
     assert t.schema.field("grad").type == pa.list_(pa.int8(), i8.dim)
     scale = t["grad_scale"].to_numpy()
@@ -199,7 +207,11 @@ def test_query_gradients_match_store_rows(setup, tmp_path):
 
     d, model_dir, *_ = setup
     tok = load_tokenizer(model_dir)
-    convs = [to_messages("the cat sat", "on a mat"), to_messages("dog ran", "to the park sun is hot"), to_messages("bird", "sings")]
+    convs = [
+        to_messages("the cat sat", "on a mat"),
+        to_messages("dog ran", "to the park sun is hot"),
+        to_messages("bird", "sings"),
+    ]
     encs = [encode_messages(tok, c) for c in convs]
     t = pa.table(
         {

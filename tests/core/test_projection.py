@@ -14,11 +14,17 @@ def test_seeded_and_independent_per_module_and_side():
     a = projection_matrix(0, "h.0.mlp", "in", 32, 8)
     assert a.shape == (32, 8) and a.dtype == torch.float32
     assert torch.equal(a, projection_matrix(0, "h.0.mlp", "in", 32, 8))
-    for other in (projection_matrix(1, "h.0.mlp", "in", 32, 8), projection_matrix(0, "h.1.mlp", "in", 32, 8), projection_matrix(0, "h.0.mlp", "out", 32, 8)):
+    for other in (
+        projection_matrix(1, "h.0.mlp", "in", 32, 8),
+        projection_matrix(0, "h.1.mlp", "in", 32, 8),
+        projection_matrix(0, "h.0.mlp", "out", 32, 8),
+    ):
         assert not torch.allclose(a, other)
     assert projection_matrix(0, "x", "in", 32, None) is None
     # float64 draw, cast: the float32 matrix is the rounded float64 one
-    assert torch.equal(projection_matrix(0, "m", "out", 5, 3, torch.float64).float(), projection_matrix(0, "m", "out", 5, 3))
+    assert torch.equal(
+        projection_matrix(0, "m", "out", 5, 3, torch.float64).float(), projection_matrix(0, "m", "out", 5, 3)
+    )
 
 
 def test_scale_gives_identity_in_expectation():
@@ -36,7 +42,15 @@ def test_vector_inner_products_preserved_on_average():
     x = g.normal(size=d)
     y = 0.6 * x + g.normal(size=d)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    est = np.array([float((projection_matrix(0, f"trial{t}", "in", d, k, torch.float64).T @ xt) @ (projection_matrix(0, f"trial{t}", "in", d, k, torch.float64).T @ yt)) for t in range(trials)])
+    est = np.array(
+        [
+            float(
+                (projection_matrix(0, f"trial{t}", "in", d, k, torch.float64).T @ xt)
+                @ (projection_matrix(0, f"trial{t}", "in", d, k, torch.float64).T @ yt)
+            )
+            for t in range(trials)
+        ]
+    )
     true = float(x @ y)
     sd = math.sqrt((x @ x * (y @ y) + true**2) / k)
     assert abs(est.mean() - true) <= 5 * sd / math.sqrt(trials)
