@@ -301,7 +301,9 @@ def build_gradient_store(
         else:
             log.warning("shard %s is missing or altered; recomputing it", e["file"])
     manifest.update(n_rows=n, rows_per_shard=cfg.rows_per_shard, n_shards=n_shards, complete=False)
-    manifest["curvature"] = {}  # rebuilt below from the finished shards
+    todo = [s for s in range(n_shards) if s not in done]
+    # curvature built from exactly these shards stays valid; any recomputed shard invalidates it
+    manifest["curvature"] = {} if todo else dict((existing or {}).get("curvature") or {})
     root.mkdir(parents=True, exist_ok=True)
 
     def save(shards: dict) -> None:
@@ -312,7 +314,6 @@ def build_gradient_store(
     rows_done = sum(e["rows"] for e in done.values())
     if progress is not None and rows_done:
         progress(rows_done, n)
-    todo = [s for s in range(n_shards) if s not in done]
     if todo:
         log.info(
             "gradient store %s: %d of %d shards to compute (D=%d, %d modules)",

@@ -105,6 +105,19 @@ def test_batch_size_and_shard_count_invariance(setup, tmp_path):
         assert _rel(got, ref) <= 1e-5, kw
 
 
+def test_kronecker_factors_do_not_depend_on_sharding(setup, tmp_path):
+    d, model_dir, tokens, *_ = setup
+    cfg = CFG.model_copy(update={"compute_dtype": "float64", "curvature": ("kfac",)})
+    a, ta = GradientStore.open(build_gradient_store(model_dir, tokens, tmp_path / "a", cfg)).read_kronecker_factors()
+    cfg11 = cfg.model_copy(update={"rows_per_shard": 11, "batch_size": 11})
+    b, tb = GradientStore.open(build_gradient_store(model_dir, tokens, tmp_path / "b", cfg11)).read_kronecker_factors()
+    n_tokens = int(pq.read_table(tokens)["input_ids"].combine_chunks().flatten().__len__())
+    assert ta == tb == n_tokens  # every non-padding token, once
+    for name in a:
+        for x, y in zip(a[name], b[name], strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12 * np.abs(y).max())
+
+
 def test_quantised_dtypes(setup, tmp_path):
     d, model_dir, tokens, *_ = setup
     ref = GradientStore.open(build_gradient_store(model_dir, tokens, tmp_path / "f32", CFG)).read_all()
@@ -161,10 +174,15 @@ def test_interrupted_build_resumes_only_missing_shards(setup, tmp_path, monkeypa
         assert a.read_bytes() == b.read_bytes()
     ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (full, root))
     assert ma == mb
-    # a third run recomputes nothing
+    # a third run recomputes nothing, and keeps the curvature built from the same shards
     rows_computed.clear()
-    build_gradient_store(model_dir, tokens, root, CFG)
-    assert rows_computed == []
+    cfg_c = CFG.model_copy(update={"curvature": ("linfac",)})
+    build_gradient_store(model_dir, tokens, root, cfg_c)
+    curv = root / "curvature/linfac_module_damp0.1.npz"
+    stamp = curv.stat().st_mtime_ns
+    build_gradient_store(model_dir, tokens, root, cfg_c)
+    assert rows_computed == [] and curv.stat().st_mtime_ns == stamp
+    assert "curvature/linfac_module_damp0.1.npz" in GradientStore.open(root).manifest["curvature"]
     # an altered shard is recomputed
     (root / "shard-00001.parquet").write_bytes(b"garbage")
     build_gradient_store(model_dir, tokens, root, CFG)
