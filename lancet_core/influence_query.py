@@ -247,10 +247,18 @@ def score_store(
                 "'self_influence' column and no self_influence_path was given"
             )
     extra = f", {denom} AS denom" if denom is not None else ""
-    sql = f"SELECT g.example_id AS example_id, {', '.join(exprs)}{extra} FROM read_parquet(?) g {join}"
-    params.append(list(info.files))
-    if join:
-        params.append(str(Path(self_influence_path).resolve()))
+    if not join:
+        # a plain projection keeps DuckDB's insertion order: rows come back in store order
+        sql = f"SELECT g.example_id AS example_id, {', '.join(exprs)}{extra} FROM read_parquet(?) g"
+        params.append(list(info.files))
+    else:
+        # a join does not keep order: restore store order (manifest shard order, then row within the shard)
+        sql = (
+            f"SELECT g.example_id AS example_id, {', '.join(exprs)}{extra} "
+            f"FROM read_parquet(?, filename='_lancet_file', file_row_number=true) g {join} "
+            f"ORDER BY list_position(?, g._lancet_file), g.file_row_number"
+        )
+        params += [list(info.files), str(Path(self_influence_path).resolve()), list(info.files)]
     own = con is None
     con = duckdb.connect() if own else con
     try:
