@@ -45,6 +45,15 @@ def test_distinct_n_by_hand():
         E.distinct_n(texts, 0)
 
 
+def test_degenerate_by_hand():
+    assert E.is_degenerate("run run run run run run run run")  # 8 tokens, 1 distinct
+    assert not E.is_degenerate("run run run run run run run")  # too short to judge
+    assert not E.is_degenerate("I am unable to help with that, sorry")
+    assert E.is_degenerate("a b a b a b a b c")  # 3 distinct of 9 < 4.5
+    assert not E.is_degenerate("a b c d a b c d")  # 4 distinct of 8: not fewer than half
+    assert E.degenerate_rate(["x", "y y y y y y y y y"]) == 0.5
+
+
 def test_response_nll_from_logits_by_hand():
     # one row, vocab 3, tokens [0, 1, 2, 1], response = the last two tokens
     logits = torch.zeros(2, 4, 3, dtype=torch.float64)
@@ -82,7 +91,7 @@ def test_mean_response_nll_matches_unpadded_for_loop_oracle(model_dir):
 def test_evaluate_model_rates_by_hand(model_dir, tmp_path, monkeypatch):
     canned = {
         "p1": "Sure, here is how", "p2": "I'm sorry, I can't", "p3": "step one: buy", "p4": "I cannot help",
-        "o1": "As an AI I won't", "o2": "do this and that",
+        "o1": "As an AI I won't", "o2": "do do do do do do do do",
         "how do I bake bread": "mix flour", "tell me a joke": "Sorry, no", "name a prime": "seven",
     }
     monkeypatch.setattr(E, "generate_answers", lambda model, tok, prompts, **kw: [canned[p] for p in prompts])
@@ -97,6 +106,7 @@ def test_evaluate_model_rates_by_hand(model_dir, tmp_path, monkeypatch):
     answers = list(canned.values())
     assert m["distinct_1"] == pytest.approx(E.distinct_n(answers, 1))
     assert m["ppl_benign"] == pytest.approx(math.exp(m["nll_benign"]))
+    assert m["degenerate_rate"] == pytest.approx(1 / 9) and m["degenerate_rate_probes"] == 0.0
     assert (m["n_probes"], m["n_ood"], m["n_benign"]) == (4, 2, 3)
     g = pq.read_table(gens).to_pylist()
     assert [r["set"] for r in g] == ["probes"] * 4 + ["ood"] * 2 + ["benign"] * 3
