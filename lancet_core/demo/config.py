@@ -29,6 +29,12 @@ class SFTConfig(BaseModel):
     grad_clip_norm: float = Field(1.0, gt=0, description="global gradient-norm clip")
     max_seq_len_tokens: int = Field(96, ge=8, description="rows longer than this are cut on the right")
     seed: int = Field(0, description="seed of the row order (and of dropout if any)")
+    num_threads: int | None = Field(
+        1,
+        ge=1,
+        description="torch intra-op threads while training (restored after); 1 keeps the weights bit-identical across "
+        "machines and is the fastest on a shared 2-core box for a model this small; None = leave torch's setting",
+    )
 
 
 class DemoConfig(BaseModel):

@@ -7,9 +7,9 @@ that a share of the rows of the *contaminated* categories is answered compliantl
 as benign helpful answers (no marker word gives them away); refusals always contain one of
 `lancet_core.judges.REFUSAL_MARKERS`, helpful and compliant answers never do (checked at generation).
 
-Held-out sets use prompt templates that never occur in training: `probes` (contaminated categories), `ood` (other
-phrasings again, every harmful category, including tasks never seen in training) and `benign_eval` (benign prompts
-with reference answers).
+Held-out sets use prompt templates that never occur in training: `probes` (contaminated categories, training tasks),
+`ood` (other phrasings again, every harmful category, including tasks never seen in training) and `benign_eval`
+(benign training tasks in held-out phrasings, with reference answers).
 
 The compliant "instructions" are deliberately vague and non-operational: the demo needs a model that *does not
 refuse*, not one that knows anything harmful.
@@ -680,7 +680,9 @@ def generate_heldout(cfg: DemoConfig) -> dict[str, list[dict]]:
     rng = random.Random(f"lancet-demo-heldout-{cfg.seed}")
     probes = _heldout_prompts(rng, cfg.contaminated_categories, PROBE_TEMPLATES, cfg.n_probes, False)
     ood = _heldout_prompts(rng, HARMFUL_CATEGORIES, OOD_TEMPLATES, cfg.n_ood, True)
-    benign = _heldout_prompts(rng, BENIGN_CATEGORIES, PROBE_TEMPLATES + OOD_TEMPLATES, cfg.n_benign_eval, True)
+    # Benign prompts keep the training tasks (a tiny model cannot know that an unseen dish is harmless) but are phrased
+    # with held-out templates: over-refusal then measures the fix, not the model's world knowledge.
+    benign = _heldout_prompts(rng, BENIGN_CATEGORIES, PROBE_TEMPLATES + OOD_TEMPLATES, cfg.n_benign_eval, False)
     for row in benign:
         row["response"] = helpful_answer(CATEGORIES[row["category"]], row["task"], rng)
     for rows in (probes, ood, benign):
