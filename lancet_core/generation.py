@@ -51,7 +51,8 @@ def generate_answers(
                 kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
             else:
                 kwargs.update(do_sample=False)
-            seqs = model.generate(input_ids=ids, attention_mask=attn, **kwargs)
+            device = next(model.parameters()).device
+            seqs = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs).cpu()
             for j in range(len(rows)):
                 out.append(tokenizer.decode(seqs[j, width:], skip_special_tokens=True).strip())
     finally:

@@ -81,8 +81,9 @@ def recall_influence(store_dir: str | Path | None, model_dir: str | Path, querie
         grads = compute_query_gradients(store_dir, model_dir, messages_list=[to_messages(p, r) for p, r in
                                                                             zip(prompts, responses, strict=True)])
         v = precondition(store_dir, grads, kind=cfg.method, blocks=cfg.blocks, damping_ratio=cfg.damping_ratio)
-        res = query_influence(store_dir, v.astype(np.float32), out_dir / INFLUENCE_FILE, corpus_path=tokens_file,
-                              top_k=cfg.top_k, train_norm=cfg.train_norm, per_query=True, query_ids=qids)
+        n_rows = pq.read_metadata(tokens_file).num_rows
+        res = query_influence(store_dir, v, out_dir / INFLUENCE_FILE, corpus_path=tokens_file,
+                              top_k=min(cfg.top_k, n_rows), train_norm=cfg.train_norm, per_query=True, query_ids=qids)
         top, per_query = res.top_k, res.per_query_top_k
     else:
         from .baselines import repsim_scores, text_similarity_scores
