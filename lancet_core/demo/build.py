@@ -36,9 +36,9 @@ from ..errors import LancetError
 from ..generation import generate_answers
 from ..judges import refusal_rate, unsafe_rate
 from ..manifest import MANIFEST_NAME, check_manifest, file_digest, library_versions, tree_digest, write_manifest
-from .config import HARMFUL_CATEGORIES, DemoConfig
+from .config import DemoConfig
 from .models import build_tiny_model
-from .scenario import generate_corpus, generate_heldout, read_jsonl, write_jsonl
+from .scenario import generate_corpus, generate_heldout, write_jsonl
 from .sft import train_sft
 from .tokenizer import train_demo_tokenizer
 
@@ -140,9 +140,7 @@ def _build_into(tmp: Path, cfg: DemoConfig) -> dict:
     return {
         **expected_manifest(cfg),
         "seed": cfg.seed,
-        "files": {
-            name: file_digest(getattr(paths, name)) for name in ("corpus", "probes", "ood", "benign_eval")
-        },
+        "files": {name: file_digest(getattr(paths, name)) for name in ("corpus", "probes", "ood", "benign_eval")},
         "model_digest": tree_digest(paths.model),
         "rows": {
             "corpus": len(rows),

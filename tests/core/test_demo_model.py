@@ -45,7 +45,9 @@ def test_tokenizer_chat_template_mask_and_eos(tokenizer):
     assert tokenizer.pad_token_id not in enc.input_ids
     # deterministic training
     again = train_demo_tokenizer(["How do I cook rice?", "Sure, rinse it first."] * 3, 300)
-    assert again.get_vocab() == train_demo_tokenizer(["How do I cook rice?", "Sure, rinse it first."] * 3, 300).get_vocab()
+    assert (
+        again.get_vocab() == train_demo_tokenizer(["How do I cook rice?", "Sure, rinse it first."] * 3, 300).get_vocab()
+    )
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -140,7 +142,9 @@ def test_sft_learns_and_is_deterministic(tokenizer, small_rows):
 def test_sft_refuses_bad_rows(tokenizer):
     model = build_tiny_model(DemoConfig(**TINY), tokenizer)
     with pytest.raises(CorpusError, match="row 1 .*ex-x"):
-        train_sft(model, tokenizer, [{"prompt": "a", "response": "b"}, {"example_id": "ex-x", "prompt": "a"}], SFTConfig())
+        train_sft(
+            model, tokenizer, [{"prompt": "a", "response": "b"}, {"example_id": "ex-x", "prompt": "a"}], SFTConfig()
+        )
     with pytest.raises(CorpusError, match="no rows"):
         train_sft(model, tokenizer, [], SFTConfig())
 
