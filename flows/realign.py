@@ -73,7 +73,7 @@ def realign(
         return out
 
     if not all([corpus_path, model, probes_path, benign_eval_path]):
-        root = Path(timed("demo", ensure_demo, out_dir=str(work / "demo"), cfg=demo))
+        root = Path(timed("demo", ensure_demo, out_dir=str(artifact_dir(work, "demo", demo.model_dump())), cfg=demo))
         corpus_path = corpus_path or str(root / "corpus.jsonl")
         model = model or str(root / "model")
         probes_path = probes_path or str(root / "probes.jsonl")

@@ -9,9 +9,11 @@ Layout of `store_dir`:
     manifest.json         model / tokenizer / tokens digests, the IndexConfig, per-module projection layout, the list
                           of finished shards (rows, first/last example_id, file digest), curvature entries.
 
-Every shard is written atomically, then the manifest is rewritten listing it; a re-run recomputes only the shards the
-manifest does not list (or whose file is missing or altered). A store built from another model, tokenizer, corpus or
-config is refused (ManifestMismatch, both versions shown). The vectors are g = ∇θ log π(y|x) (see grad_hooks).
+Every shard is written atomically, then the manifest is rewritten listing it with a digest of the token rows it was
+computed from; a re-run recomputes only the shards the manifest does not list, whose file is missing or altered, or
+whose rows changed — so a corpus that grew at the end recomputes only its new (and last partial) shards. A store built
+from another model, tokenizer or config is refused (ManifestMismatch, both versions shown). Builds of one store are
+serialised by a lock file, so overlapping runs never write the same store at once. The vectors are g = ∇θ log π(y|x) (see grad_hooks).
 
 Knows about token rows, models (through grad_hooks) and Parquet; knows nothing about queries' provenance, influence
 scoring or orchestration.
@@ -56,7 +58,6 @@ IDENTITY_KEYS = (
     "format_version",
     "model_digest",
     "tokenizer_digest",
-    "tokens_digest",
     "index_config",
     "modules",
     "dim",
@@ -245,7 +246,25 @@ def _digests(model_dir: Path) -> tuple[str, str]:
     return model_digest(model_dir), tok
 
 
-def _shard_ok(root: Path, entry: Mapping) -> bool:
+def rows_digest(part: pa.Table) -> str:
+    """Digest of the token rows a shard is computed from (ids, input_ids, loss_mask): equal digest, equal vectors."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for col in ("example_id", "input_ids", "loss_mask"):
+        arr = part.column(col).combine_chunks()
+        h.update(col.encode())
+        for buf in (arr.flatten() if col != "example_id" else arr).buffers():
+            if buf is not None:
+                h.update(buf)
+        if col != "example_id":
+            h.update(np.diff(arr.offsets.to_numpy()).tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _shard_ok(root: Path, entry: Mapping, expected_rows_digest: str | None = None) -> bool:
+    if expected_rows_digest is not None and entry.get("rows_digest") != expected_rows_digest:
+        return False
     files = [(entry["file"], entry["digest"])]
     if entry.get("factors_file"):
         files.append((entry["factors_file"], entry["factors_digest"]))
@@ -259,10 +278,21 @@ def build_gradient_store(
     cfg: IndexConfig,
     progress: Progress | None = None,
 ) -> Path:
-    """Compute (or finish) the gradient store of every row of tokens.parquet; build cfg.curvature; return store_dir."""
+    """Compute (or finish) the gradient store of every row of tokens.parquet; build cfg.curvature; return store_dir.
+
+    Holds `store_dir/.lock` for the whole build: a second build of the same store waits for the first, then reuses
+    every shard it finished."""
+    from filelock import FileLock
+
+    root = Path(store_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".lock")):
+        return _build_locked(Path(model_dir), root, tokens_path, cfg, progress)
+
+
+def _build_locked(model_dir: Path, root: Path, tokens_path, cfg: IndexConfig, progress: Progress | None) -> Path:
     from .model_io import load_model
 
-    model_dir, root = Path(model_dir), Path(store_dir)
     tpath = tokens_file(tokens_path)
     tokens_manifest = read_manifest(tpath.parent) or {}
     model = load_model(model_dir).to(_torch_dtype(cfg.compute_dtype)).eval()
@@ -294,12 +324,19 @@ def build_gradient_store(
     table = _read_tokens(tpath, cfg.max_seq_len_tokens)
     n = table.num_rows
     n_shards = (n + cfg.rows_per_shard - 1) // cfg.rows_per_shard
+
+    def shard_rows(s: int) -> pa.Table:
+        lo = s * cfg.rows_per_shard
+        return table.slice(lo, min(n, lo + cfg.rows_per_shard) - lo)
+
+    digests = [rows_digest(shard_rows(s)) for s in range(n_shards)]
     done = {}
     for e in (existing or {}).get("shards", []):
-        if _shard_ok(root, e):
+        if e["index"] < n_shards and _shard_ok(root, e, digests[e["index"]]):
             done[e["index"]] = e
         else:
-            log.warning("shard %s is missing or altered; recomputing it", e["file"])
+            log.info("shard %s is missing, altered or its rows changed; recomputing it", e["file"])
+            (root / e["file"]).unlink(missing_ok=True)
     manifest.update(n_rows=n, rows_per_shard=cfg.rows_per_shard, n_shards=n_shards, complete=False)
     todo = [s for s in range(n_shards) if s not in done]
     # curvature built from exactly these shards stays valid; any recomputed shard invalidates it
@@ -351,6 +388,7 @@ def build_gradient_store(
                 "first_example_id": eids[0],
                 "last_example_id": eids[-1],
                 "digest": file_digest(root / fname),
+                "rows_digest": digests[s],
             }
             if cfg.collect_kronecker_factors:
                 ffile = f"{FACTORS_DIR}/{fname.replace('.parquet', '.npz')}"
