@@ -120,7 +120,7 @@ def test_sft_loss_is_response_only_mean_nll(tokenizer, small_rows):
 
 
 def test_sft_learns_and_is_deterministic(tokenizer, small_rows):
-    cfg = DemoConfig(model_family="gpt2", **TINY, sft=SFTConfig(epochs=2, batch_size=16, lr=3e-3))
+    cfg = DemoConfig(model_family="gpt2", **TINY, sft=SFTConfig(epochs=4, batch_size=8, lr=1e-2))
     enc = encode_rows(tokenizer, small_rows, 96)
     batch = collate(enc, tokenizer.pad_token_id)
 
