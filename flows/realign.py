@@ -110,8 +110,9 @@ def realign(
                                tokens_dir=tokens, cfg=recall,
                                out_dir=str(artifact_dir(work, "influence", Path(store), Path(queries),
                                                         recall.model_dump()))))
-    pairs_path, retain_path = timed("pairs", build_pairs, influence_path=str(influence_dir / "influence.parquet"),
-                                    cfg=pairs, out_dir=str(artifact_dir(work, "pairs", influence_dir, pairs.model_dump())))
+    influence = influence_dir / "influence.parquet"
+    pairs_path, retain_path = timed("pairs", build_pairs, influence_path=str(influence), cfg=pairs,
+                                    out_dir=str(artifact_dir(work, "pairs", influence, pairs.model_dump())))
     corrected = timed("ibo", correct, model_dir=start, pairs_path=pairs_path, retain_path=retain_path, cfg=train,
                       out_dir=str(artifact_dir(work, "models", m, Path(pairs_path), train.model_dump())))
     after = timed("evaluate_after", evaluate, model_dir=corrected, probes_path=probes_path, ood_path=ood_path,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from lancet_core.recall import EXPLANATION_HTML, EXPLANATION_MD, recall_quality
+from lancet_core.recall import EXPLANATION_HTML, EXPLANATION_MD, HISTOGRAM_PNG, recall_quality
 
 
 def read_json(path: str | Path) -> dict:
@@ -24,12 +24,9 @@ def run_summary(queries: str, before: str, after: str | None = None, influence_d
     influence = influence_dir / "influence.parquet"
     out.update(metrics_after=read_json(after), corrected_model=corrected, influence=str(influence),
                recall_metrics=recall_quality(influence), gate=decision.model_dump() if decision else None)
-    from lancet_core.plots import influence_histogram
-
-    hist = influence_histogram(influence, influence_dir / "influence_hist.png")
     out["artifacts"] = {
         "influence": str(influence),
-        "plots": str(hist),
+        "plots": str(influence_dir / HISTOGRAM_PNG),
         "explanation": str(influence_dir / EXPLANATION_HTML),
         "explanation_md": str(influence_dir / EXPLANATION_MD),
         "queries": queries,

@@ -25,6 +25,7 @@ from .manifest import atomic_write_text, check_manifest, file_digest, json_diges
 
 GRADIENT_METHODS = ("linfac", "kfac", "ekfac", "identity")
 EXPLANATION_MD, EXPLANATION_HTML, TOPK_FILE = "explanation.md", "explanation.html", "top_k.parquet"
+HISTOGRAM_PNG = "influence_hist.png"
 
 
 class RecallConfig(BaseModel):
@@ -48,10 +49,12 @@ class RecallConfig(BaseModel):
 
 def recall_influence(store_dir: str | Path | None, model_dir: str | Path, queries_path: str | Path,
                      tokens_path: str | Path, out_dir: str | Path, cfg: RecallConfig) -> Path:
-    """Write out_dir/{influence.parquet, top_k.parquet, explanation.md, explanation.html, manifest.json}."""
+    """Write out_dir/{influence.parquet, top_k.parquet, influence_hist.png, explanation.md, explanation.html,
+    manifest.json}."""
     from .explain import explain_html, explain_markdown
     from .influence_query import query_influence, rank_scores, write_influence
     from .manifest import atomic_write_parquet
+    from .plots import influence_histogram
 
     out_dir, tokens_path = Path(out_dir), Path(tokens_path)
     tokens_file = tokens_path / "tokens.parquet" if tokens_path.is_dir() else tokens_path
@@ -99,6 +102,7 @@ def recall_influence(store_dir: str | Path | None, model_dir: str | Path, querie
         top = ranked.slice(0, min(cfg.top_k, ranked.num_rows))
         per_query = {q: top for q in qids}  # baselines score the folded query set only
     atomic_write_parquet(top, out_dir / TOPK_FILE)
+    influence_histogram(out_dir / INFLUENCE_FILE, out_dir / HISTOGRAM_PNG, top_k=min(cfg.top_k, len(top)))
     shown = {q: t.slice(0, cfg.explain_top_k) for q, t in per_query.items()}
     atomic_write_text(out_dir / EXPLANATION_MD, explain_markdown(queries, shown, pq.read_table(
         tokens_file, columns=["example_id", "prompt", "response"])))
