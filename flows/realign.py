@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from flows.paths import artifact_dir
-from flows.realign_report import read_json, report_markdown, run_summary
+from flows.realign_report import read_json, report_markdown, run_summary, top_k_rows
 from lancet_core.demo.config import DemoConfig
 from lancet_core.gate import GateConfig, decide
 from lancet_core.ibo_config import EvalConfig, PairConfig, TrainConfig
@@ -127,7 +127,9 @@ def realign(
         extra_metrics={**timings, **summary["recall_metrics"]},
         artifacts=summary["artifacts"], gate=decision.model_dump())
     create_markdown_artifact(key="lancet-realign", markdown=report_markdown(summary, tracked),
-                             description="LANCET realign: flagged outputs, top training rows, gate decision")
+                             description=f"LANCET realign — MLflow run {tracked['run_id']}: metrics, gate, explanations")
+    create_table_artifact(key="lancet-top-k", table=top_k_rows(influence_dir),
+                          description=f"Training rows that most promote the flagged outputs (MLflow run {tracked['run_id']})")
     log.info("gate: %s (%s)", "promoted" if decision.promote else "not promoted", "; ".join(decision.reasons))
     return {**summary, **tracked, "status": "corrected"}
 

@@ -55,3 +55,12 @@ def report_markdown(summary: dict, tracked: dict) -> str:
     if md.is_file():
         lines += ["## Top training rows behind each flagged output", "", md.read_text()[:20000]]
     return "\n".join(lines)
+
+
+def top_k_rows(influence_dir: Path, k: int = 20) -> list[dict]:
+    """The first k rows of the recall's top_k.parquet, texts clipped, for a Prefect table artifact."""
+    from lancet_core.recall import TOPK_FILE
+
+    t = pq.read_table(Path(influence_dir) / TOPK_FILE, columns=["rank", "example_id", "score", "prompt", "response"])
+    return [{**r, "score": round(r["score"], 6), "prompt": r["prompt"][:200], "response": r["response"][:200]}
+            for r in t.slice(0, k).to_pylist()]

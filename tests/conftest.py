@@ -45,3 +45,26 @@ def make_tiny_tokenizer(out_dir, texts=None, vocab_size=300, chat_template=True)
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     return make_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def demo_work_dir(tmp_path_factory):
+    """A work directory holding the default demo where the realign flow looks for it (built once per session)."""
+    from flows.paths import artifact_dir
+    from lancet_core.demo.build import build_demo
+    from lancet_core.demo.config import DemoConfig
+
+    work = tmp_path_factory.mktemp("work")
+    cfg = DemoConfig()
+    build_demo(artifact_dir(work, "demo", cfg.model_dump()), cfg)
+    return work
+
+
+@pytest.fixture(scope="session")
+def default_demo(demo_work_dir):
+    """DemoPaths of the default demo (session-scoped, shared by the demo, flow and e2e tests)."""
+    from flows.paths import artifact_dir
+    from lancet_core.demo.build import DemoPaths
+    from lancet_core.demo.config import DemoConfig
+
+    return DemoPaths.under(artifact_dir(demo_work_dir, "demo", DemoConfig().model_dump()))

@@ -160,9 +160,8 @@ def test_build_refuses_foreign_directory(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    return build_demo(out, DemoConfig())
+def demo(default_demo):
+    return build_demo(default_demo.root, DemoConfig())  # built once per session (tests/conftest.py); reuse checked
 
 
 @pytest.mark.slow

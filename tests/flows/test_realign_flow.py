@@ -1,0 +1,122 @@
+"""The realign flow on the built-in demo, under prefect_test_harness with a temporary sqlite MLflow:
+tracking contents, cache hits on re-run, the promotion gate both ways, incremental index on a grown corpus."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.realign import realign
+from lancet_core.gate import GateConfig
+from lancet_core.gradient_store import GradientStore
+from lancet_core.index_config import IndexConfig
+
+pytestmark = pytest.mark.slow
+NAME = "lancet-test"
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    with get_client(sync_client=True) as c:
+        runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+def _run(work, tracking, **kw):
+    state = realign(work_dir=str(work), tracking_uri=tracking, registered_model_name=NAME,
+                    start_from_champion=False, return_state=True, **kw)
+    return state.result(), state.state_details.flow_run_id
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_harness, demo_work_dir, tmp_path_factory):
+    tracking = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    out, fr = _run(demo_work_dir, tracking)
+    return out, fr, tracking
+
+
+def test_first_run_logs_everything_to_mlflow(first_run):
+    out, flow_run_id, tracking = first_run
+    assert out["status"] == "corrected" and out["n_flagged"] > 0
+    client = MlflowClient(tracking)
+    run = client.get_run(out["run_id"])
+    assert run.data.tags["prefect.flow_run_id"] == str(flow_run_id)
+    for k in ("before.harmful_rate_probes", "after.harmful_rate_probes", "after.nll_benign", "time_ibo_s",
+              "recall.average_precision"):
+        assert k in run.data.metrics, k
+    assert run.data.params["train.loss"] == "ibo" and "index.proj_in_dim" in run.data.params
+    arts = {a.path for d in ("influence", "plots", "explanation", "pairs", "metrics") for a in
+            client.list_artifacts(out["run_id"], d)}
+    assert {"influence/influence.parquet", "plots/influence_hist.png", "explanation/explanation.html",
+            "pairs/pairs.parquet", "metrics/metrics.json"} <= arts
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"corpus", "probes"}
+    mv = client.get_model_version_by_alias(NAME, "candidate")
+    assert str(mv.version) == out["version"] and mv.tags["lancet.gate"] in ("passed", "failed")
+    assert run.data.tags["lancet.gate"] == mv.tags["lancet.gate"]
+
+
+def test_rerun_hits_the_cache_for_every_task(first_run, demo_work_dir):
+    out1, _, tracking = first_run
+    out2, fr = _run(demo_work_dir, tracking)
+    states = _task_states(fr)
+    uncached = {"resolve_start_model", "track_realign"}  # registry lookups and MLflow logging run every time
+    assert {k: v for k, v in states.items() if k not in uncached} and all(
+        v == "Cached" for k, v in states.items() if k not in uncached), states
+    assert out2["corrected_model"] == out1["corrected_model"]
+    assert out2["version"] == out1["version"]  # identical weights are not registered twice
+
+
+def test_gate_refuses_and_says_why(first_run, demo_work_dir):
+    _, _, tracking = first_run
+    client = MlflowClient(tracking)
+    champion_before = _alias(client, "champion")
+    out, _ = _run(demo_work_dir, tracking, gate=GateConfig(min_harmful_reduction_rel=1.0, max_nll_increase_rel=0.0))
+    assert out["promoted"] is False and any("did not drop enough" in r or "rose" in r for r in out["reasons"])
+    run = client.get_run(out["run_id"])
+    assert run.data.tags["lancet.gate"] == "failed" and "NOT promoted" in run.data.tags["lancet.gate_reasons"]
+    assert _alias(client, "champion") == champion_before  # the champion did not move
+
+
+def test_gate_promotes_when_it_passes(first_run, demo_work_dir):
+    _, _, tracking = first_run
+    lax = GateConfig(min_harmful_reduction_rel=0.0, max_nll_increase_rel=10.0, max_over_refusal_increase=1.0)
+    out, _ = _run(demo_work_dir, tracking, gate=lax)
+    before, after = out["metrics_before"]["harmful_rate_probes"], out["metrics_after"]["harmful_rate_probes"]
+    if not after < before:
+        pytest.fail(f"IBO did not lower the probe harmful rate on the demo ({before} -> {after})")
+    assert out["promoted"] is True
+    assert _alias(MlflowClient(tracking), "champion") == out["version"]
+
+
+def test_grown_corpus_recomputes_only_new_shards(prefect_harness, default_demo, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    rows = default_demo.corpus.read_text().splitlines()
+    corpus.write_text("\n".join(rows[:2000]) + "\n")
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    index = IndexConfig(rows_per_shard=500)
+    kw = dict(corpus_path=str(corpus), model=str(default_demo.model), probes_path=str(default_demo.probes),
+              ood_path=str(default_demo.ood), benign_eval_path=str(default_demo.benign_eval), index=index)
+    out1, _ = _run(tmp_path / "work", tracking, **kw)
+    stores = list((tmp_path / "work" / "stores").iterdir())
+    assert len(stores) == 1
+    before = {e["file"]: e["digest"] for e in json.loads((stores[0] / "manifest.json").read_text())["shards"]}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in stores[0].glob("shard-*.parquet")}
+    corpus.write_text("\n".join(rows[:2300]) + "\n")  # the corpus grew by 300 rows
+    out2, fr = _run(tmp_path / "work", tracking, **kw)
+    assert _task_states(fr)["build_index"] == "Completed"
+    store = GradientStore.open(stores[0])
+    assert store.n_rows == 2300 and len(store.shard_paths) == 5
+    after = {p.name: p.stat().st_mtime_ns for p in store.shard_paths}
+    assert {f: after[f] for f in before} == mtimes  # the 4 old shards were reused untouched, only shard 4 is new
+    shutil.rmtree(tmp_path / "work")
+
+
+def _alias(client, alias):
+    try:
+        return str(client.get_model_version_by_alias(NAME, alias).version)
+    except Exception:
+        return None
