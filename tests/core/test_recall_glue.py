@@ -1,0 +1,123 @@
+"""recall_influence end to end on a tiny GPT-2 + tiny corpus (every gradient method and the text baseline), and
+recall_quality against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lancet_core.formats import INFLUENCE_FILE
+from lancet_core.gradient_store import build_gradient_store
+from lancet_core.index_config import IndexConfig
+from lancet_core.recall import (
+    EXPLANATION_HTML,
+    EXPLANATION_MD,
+    GRADIENT_METHODS,
+    TOPK_FILE,
+    RecallConfig,
+    recall_influence,
+    recall_quality,
+)
+from lancet_core.tokenize import TokenizeConfig, tokenize_corpus
+from tests.conftest import make_tiny_tokenizer
+
+PROMPTS = ["how do I bake bread", "what is the capital of france", "tell me a joke about cats",
+           "how do I knead dough", "what is a cat", "tell me about paris"]
+RESPONSES = ["first mix flour and water, then knead", "paris is the capital", "I'm sorry, I can't help with that",
+             "mix flour, then knead the dough", "a cat is a small animal", "paris is in france"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("recall_glue")
+    model_dir = make_tiny_tokenizer(root / "model")
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=96, n_embd=16, n_layer=2, n_head=2,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg._attn_implementation = "eager"
+    GPT2LMHeadModel(cfg).save_pretrained(model_dir)
+    rows = [{"example_id": f"ex-{i:02d}", "prompt": PROMPTS[i % 6] + ("" if i < 6 else " please"),
+             "response": RESPONSES[(i * 5) % 6] if i >= 6 else RESPONSES[i], "is_unsafe": i % 4 == 0}
+            for i in range(14)]
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokens = tokenize_corpus(corpus, model_dir, root / "tokens", TokenizeConfig(max_seq_len_tokens=64))
+    store = build_gradient_store(model_dir, tokens, root / "store",
+                                 IndexConfig(proj_in_dim=4, proj_out_dim=4, dtype="float32", batch_size=4,
+                                             max_seq_len_tokens=64, curvature=("linfac", "kfac", "ekfac")))
+    # query 0 is identical to training row ex-03; the others are new text
+    queries = pa.table({"query_id": ["q-same", "q-a", "q-b"],
+                        "prompt": [rows[3]["prompt"], "what is bread", "tell me a joke"],
+                        "response": [rows[3]["response"], "bread is food", "cats sat on a mat"],
+                        "judge": ["refusal"] * 3})
+    qpath = root / "queries.parquet"
+    pq.write_table(queries, qpath)
+    return {"root": root, "model": model_dir, "tokens": tokens, "store": store, "queries": qpath, "rows": rows}
+
+
+@pytest.mark.parametrize("method", [*GRADIENT_METHODS, "text"])
+def test_recall_influence_outputs_every_row_ranked(setup, method):
+    s = setup
+    out = recall_influence(s["store"] if method != "text" else None, s["model"], s["queries"], s["tokens"],
+                           s["root"] / f"infl-{method}", RecallConfig(method=method, top_k=5))
+    for f in (INFLUENCE_FILE, TOPK_FILE, EXPLANATION_MD, EXPLANATION_HTML, "manifest.json"):
+        assert (out / f).is_file(), f
+    t = pq.read_table(out / INFLUENCE_FILE)
+    n = len(s["rows"])
+    assert t.num_rows == n
+    assert sorted(t.column("example_id").to_pylist()) == sorted(r["example_id"] for r in s["rows"])
+    assert sorted(t.column("rank").to_pylist()) == list(range(1, n + 1))
+    by_rank = sorted(zip(t.column("rank").to_pylist(), t.column("score").to_pylist(), strict=True))
+    assert all(a[1] >= b[1] for a, b in zip(by_rank, by_rank[1:], strict=False))  # rank 1 = highest score
+    assert np.isfinite(t.column("score").to_numpy()).all()
+    assert pq.read_table(out / TOPK_FILE).num_rows == 5
+    # a second call with the same inputs and config reuses the finished output
+    mtime = (out / INFLUENCE_FILE).stat().st_mtime_ns
+    recall_influence(s["store"] if method != "text" else None, s["model"], s["queries"], s["tokens"],
+                     s["root"] / f"infl-{method}", RecallConfig(method=method, top_k=5))
+    assert (out / INFLUENCE_FILE).stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("method", ["linfac", "identity"])
+def test_query_identical_to_a_training_row_ranks_it_top3(setup, tmp_path, method):
+    s = setup
+    only_same = tmp_path / "q.parquet"
+    pq.write_table(pq.read_table(s["queries"]).slice(0, 1), only_same)
+    out = recall_influence(s["store"], s["model"], only_same, s["tokens"], tmp_path / "out", RecallConfig(method=method))
+    t = pq.read_table(out / INFLUENCE_FILE)
+    rank = dict(zip(t.column("example_id").to_pylist(), t.column("rank").to_pylist(), strict=True))
+    assert rank["ex-03"] <= 3, rank
+
+
+def test_recall_quality_hand_computed(tmp_path):
+    # 12 rows, scores 12..1 (distinct), positives at ranks 1, 3, 6, 11; stored shuffled
+    ranks = np.arange(1, 13)
+    pos = {1, 3, 6, 11}
+    perm = np.random.default_rng(0).permutation(12)
+    t = pa.table({"example_id": [f"e{r:02d}" for r in ranks[perm]], "score": (13.0 - ranks[perm]),
+                  "rank": ranks[perm], "is_unsafe": [int(r) in pos for r in ranks[perm]]})
+    p = tmp_path / "influence.parquet"
+    pq.write_table(t, p)
+    q = recall_quality(p)
+    assert q["recall.n_rows"] == 12 and q["recall.n_positive"] == 4
+    assert q["recall.precision_at_10"] == pytest.approx(3 / 10)
+    assert q["recall.recall_at_10"] == pytest.approx(3 / 4)
+    assert q["recall.precision_at_4"] == pytest.approx(2 / 4)
+    assert q["recall.recall_at_4"] == pytest.approx(2 / 4)
+    assert q["recall.precision_at_n_labelled"] == pytest.approx(2 / 4)
+    assert q["recall.average_precision"] == pytest.approx((1 / 1 + 2 / 3 + 3 / 6 + 4 / 11) / 4)
+    assert "recall.precision_at_50" not in q  # k larger than the corpus is skipped
+    # no label column, or no positive label: nothing to report
+    pq.write_table(t.drop(["is_unsafe"]), p)
+    assert recall_quality(p) == {}
+    pq.write_table(t.set_column(3, "is_unsafe", pa.array([False] * 12)), p)
+    assert recall_quality(p) == {}
