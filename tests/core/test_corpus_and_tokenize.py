@@ -103,7 +103,7 @@ def test_loss_mask_matches_hand_built_example(tiny_tokenizer_dir):
     answer = tok("ok<|end|>\n", add_special_tokens=False)["input_ids"]
     assert enc.input_ids == prefix + answer
     assert enc.loss_mask == [0] * len(prefix) + [1] * len(answer)
-    assert tok.decode([t for t, m in zip(enc.input_ids, enc.loss_mask) if m]) == "ok<|end|>\n"
+    assert tok.decode([t for t, m in zip(enc.input_ids, enc.loss_mask, strict=True) if m]) == "ok<|end|>\n"
 
 
 def test_tokenize_writes_tokens_and_manifest(tmp_path, tiny_tokenizer_dir):

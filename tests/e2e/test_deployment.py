@@ -66,9 +66,10 @@ def servers(tmp_path):
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
                 break
-            except OSError:
+            except OSError as e:
                 if server.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("prefect server did not start:\n" + (tmp_path / "server.log").read_text())
+                    log = (tmp_path / "server.log").read_text()
+                    raise RuntimeError(f"prefect server did not start:\n{log}") from e
                 time.sleep(1)
         yield env, tmp_path, procs
     finally:
