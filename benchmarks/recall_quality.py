@@ -14,6 +14,8 @@ Steps (all through the library, with its defaults unless a flag says otherwise):
 The `is_unsafe` labels are read only in step 5's evaluation (recall_quality); no method sees them.
 Output: per method precision@k / recall@k for k = 10, 50, 100, |planted|, average precision and seconds (the recall
 step alone; the store build is shared and reported separately), plus n_queries, n_rows, n_planted and the settings.
+`query_aggregation_diagnostic` re-ranks the gradient methods' stored per-query scores by max / top-5 mean over queries
+(a diagnostic of the fold-by-mean step, not what the library ranks by).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from lancet_core.gradient_store import build_gradient_store  # noqa: E402
 from lancet_core.index_config import IndexConfig  # noqa: E402
 from lancet_core.judges import JudgeConfig, make_judge  # noqa: E402
 from lancet_core.model_io import load_model, load_tokenizer  # noqa: E402
+from lancet_core.recall_metrics import average_precision, precision_at_k  # noqa: E402
 from lancet_core.recall import RecallConfig, recall_influence, recall_quality  # noqa: E402
 from lancet_core.tokenize import TokenizeConfig, tokenize_corpus  # noqa: E402
 from lancet_core.undesirable import GenerationConfig, find_undesirable_outputs, write_queries  # noqa: E402
@@ -70,6 +73,26 @@ def _demo_files(demo: Path) -> tuple[Path, Path, Path]:
         if not p.exists():
             raise FileNotFoundError(f"demo {demo}: {p.name} is missing")
     return corpus, probes, model
+
+
+def _aggregation_variants(influence_path: Path, n_planted: int) -> dict | None:
+    """Diagnostic, NOT the library's ranking: re-aggregate the stored per-query scores (each query's unit-normalised
+    influence) by max and by the mean of each row's 5 highest, instead of the mean over all queries."""
+    import numpy as np
+
+    t = pq.read_table(influence_path)
+    if "query_scores" not in t.column_names:
+        return None
+    q = t.schema.field("query_scores").type.list_size
+    per_q = t.column("query_scores").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, q)
+    y = np.array([bool(x) for x in t.column("is_unsafe").to_pylist()])
+    ids = [str(x) for x in t.column("example_id").to_pylist()]
+    out = {}
+    for name, s in (("mean", per_q.mean(axis=1)), ("max", per_q.max(axis=1)),
+                    ("top5_mean", np.sort(per_q, axis=1)[:, -min(5, q):].mean(axis=1))):
+        out[name] = {f"precision_at_{n_planted}": round(precision_at_k(s, y, n_planted, ids), 4),
+                     "average_precision": round(average_precision(s, y), 4)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -120,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         tokens = pq.read_table(Path(tokens_dir) / "tokens.parquet", columns=["is_unsafe"])
         n_planted = int(sum(bool(x) for x in tokens.column("is_unsafe").to_pylist()))
+        variants = {name: v for name in args.methods
+                    if (v := _aggregation_variants(work / "influence" / name / "influence.parquet", n_planted))}
         report = {
             "benchmark": "recall_quality",
             "demo": str(demo),
@@ -128,8 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
             "n_probes": n_probes,
             "n_queries": n_queries,
             "goal": {"metric": f"linfac precision_at_{n_planted}", "target": 0.9,
-                     "value": results.get("linfac", {}).get(f"precision_at_{n_planted}"),},
+                     "value": results.get("linfac", {}).get(f"precision_at_{n_planted}")},
             "methods": results,
+            "query_aggregation_diagnostic": variants,
             "settings": {
                 "tokenize": tok_cfg.model_dump(mode="json"),
                 "index": idx_cfg.model_dump(mode="json"),
