@@ -43,8 +43,8 @@ from lancet_core.gradient_store import build_gradient_store  # noqa: E402
 from lancet_core.index_config import IndexConfig  # noqa: E402
 from lancet_core.judges import JudgeConfig, make_judge  # noqa: E402
 from lancet_core.model_io import load_model, load_tokenizer  # noqa: E402
-from lancet_core.recall_metrics import average_precision, precision_at_k  # noqa: E402
 from lancet_core.recall import RecallConfig, recall_influence, recall_quality  # noqa: E402
+from lancet_core.recall_metrics import average_precision, precision_at_k  # noqa: E402
 from lancet_core.tokenize import TokenizeConfig, tokenize_corpus  # noqa: E402
 from lancet_core.undesirable import GenerationConfig, find_undesirable_outputs, write_queries  # noqa: E402
 
