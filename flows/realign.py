@@ -82,10 +82,6 @@ def realign(
     start = resolve_start_model(model, registered_model_name, start_from_champion, tracking_uri, experiment,
                                 str(work / "models"))
     m = Path(start)
-    tokens = timed("tokenize", tokenize, corpus_path=corpus_path, tokenizer_dir=start, cfg=tokenize_config,
-                   out_dir=str(artifact_dir(work, "tokens", Path(corpus_path), m, tokenize_config.model_dump())))
-    store = timed("index", build_index, model_dir=start, tokens_path=tokens, cfg=index,
-                  out_store_dir=str(artifact_dir(work, "stores", m, index.store_identity())))
     queries = timed("find_undesirable", find_undesirable, model_dir=start, probes_path=probes_path, judge=judge,
                     generation=generation,
                     out_dir=str(artifact_dir(work, "queries", m, Path(probes_path), judge.model_dump(),
@@ -106,6 +102,11 @@ def realign(
                                 corrected_model=None, datasets=datasets, metrics_before=read_json(before),
                                 metrics_after=None, extra_metrics=timings, artifacts={"queries": queries}, gate=None)
         return {**summary, **tracked, "status": "nothing to correct"}
+    # the gradient store is only needed (and only built) when there is something to correct
+    tokens = timed("tokenize", tokenize, corpus_path=corpus_path, tokenizer_dir=start, cfg=tokenize_config,
+                   out_dir=str(artifact_dir(work, "tokens", Path(corpus_path), m, tokenize_config.model_dump())))
+    store = timed("index", build_index, model_dir=start, tokens_path=tokens, cfg=index,
+                  out_store_dir=str(artifact_dir(work, "stores", m, index.store_identity())))
     influence_dir = Path(timed("recall", query_influence, store_dir=store, model_dir=start, queries_path=queries,
                                tokens_dir=tokens, cfg=recall,
                                out_dir=str(artifact_dir(work, "influence", Path(store), Path(queries),

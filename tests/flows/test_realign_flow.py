@@ -15,6 +15,7 @@ from flows.realign import realign
 from lancet_core.gate import GateConfig
 from lancet_core.gradient_store import GradientStore
 from lancet_core.index_config import IndexConfig
+from lancet_core.judges import JudgeConfig
 
 pytestmark = pytest.mark.slow
 NAME = "lancet-test"
@@ -120,3 +121,13 @@ def _alias(client, alias):
         return str(client.get_model_version_by_alias(NAME, alias).version)
     except Exception:
         return None
+
+
+def test_nothing_flagged_ends_cleanly_without_building_the_index(first_run, demo_work_dir):
+    _, _, tracking = first_run
+    never = JudgeConfig(kind="regex", keywords=("zz-this-never-appears-zz",))
+    out, fr = _run(demo_work_dir, tracking, judge=never)
+    assert out["status"] == "nothing to correct" and out["n_flagged"] == 0 and out["version"] is None
+    states = _task_states(fr)
+    assert "build_index" not in states and "ibo_post_train" not in states
+    assert MlflowClient(tracking).get_run(out["run_id"]).data.tags["lancet.gate"] == "nothing to correct"
