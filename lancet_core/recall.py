@@ -5,6 +5,11 @@ ranked), the top-k, per-query top-k, and a readable explanation (markdown + HTML
 gradients with exactly the store's projection, precondition them on the query side with the chosen curvature, and
 fold all queries into one vector so DuckDB scans the store once. Baselines (`repsim`, `text`) write the same format.
 
+Query aggregation (gradient methods only): `mean` (default, the design's linear fold) ranks by the mean of the
+per-query unit-normalised scores; `max` and `topk_mean` (mean of each row's `query_topk` largest query scores) are
+non-linear, so they read every row's Q per-query scores from the same single scan and aggregate them in numpy. They
+keep rows that are strongly influential for a few queries from being cancelled by the others.
+
 Knows about the store, the curvature, the query engine and the baselines; knows nothing about Prefect or MLflow.
 """
 
@@ -17,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .chat import to_messages
 from .formats import INFLUENCE_FILE
@@ -45,6 +50,20 @@ class RecallConfig(BaseModel):
     top_k: int = Field(100, ge=1, description="Rows kept in top_k.parquet and per query.")
     explain_top_k: int = Field(5, ge=1, description="Training rows shown per flagged output in the explanation.")
     text_method: Literal["tfidf", "bm25"] = Field("tfidf", description="Lexical baseline flavour (method='text').")
+    query_aggregation: Literal["mean", "max", "topk_mean"] = Field(
+        "mean", description="How a row's per-query (unit-normalised) scores become its one score, gradient methods "
+        "only: mean (default, linear fold over all queries), max (the row's highest query score), topk_mean (mean of "
+        "the row's query_topk highest query scores). Baselines accept only 'mean'."
+    )
+    query_topk: int = Field(5, ge=1, description="Queries averaged per row by query_aggregation='topk_mean' "
+                            "(capped at the number of queries).")
+
+    @model_validator(mode="after")
+    def _aggregation_needs_gradients(self) -> RecallConfig:
+        if self.query_aggregation != "mean" and self.method not in GRADIENT_METHODS:
+            raise ValueError(f"query_aggregation={self.query_aggregation!r} applies only to gradient methods "
+                             f"{GRADIENT_METHODS}; method {self.method!r} (a baseline) accepts only 'mean'")
+        return self
 
 
 def recall_influence(store_dir: str | Path | None, model_dir: str | Path, queries_path: str | Path,
@@ -85,9 +104,14 @@ def recall_influence(store_dir: str | Path | None, model_dir: str | Path, querie
                                                                             zip(prompts, responses, strict=True)])
         v = precondition(store_dir, grads, kind=cfg.method, blocks=cfg.blocks, damping_ratio=cfg.damping_ratio)
         n_rows = pq.read_metadata(tokens_file).num_rows
-        res = query_influence(store_dir, v, out_dir / INFLUENCE_FILE, corpus_path=tokens_file,
-                              top_k=min(cfg.top_k, n_rows), train_norm=cfg.train_norm, per_query=True, query_ids=qids)
-        top, per_query = res.top_k, res.per_query_top_k
+        if cfg.query_aggregation == "mean":
+            res = query_influence(store_dir, v, out_dir / INFLUENCE_FILE, corpus_path=tokens_file,
+                                  top_k=min(cfg.top_k, n_rows), train_norm=cfg.train_norm, per_query=True,
+                                  query_ids=qids)
+            top, per_query = res.top_k, res.per_query_top_k
+        else:
+            top, per_query = _aggregated_influence(store_dir, v, out_dir / INFLUENCE_FILE, tokens_file, qids,
+                                                   min(cfg.top_k, n_rows), cfg)
     else:
         from .baselines import repsim_scores, text_similarity_scores
 
@@ -111,6 +135,41 @@ def recall_influence(store_dir: str | Path | None, model_dir: str | Path, querie
     write_manifest(out_dir, {**expected, "n_queries": len(qids), "seconds": round(time.perf_counter() - t0, 3),
                              "query_ids": json.dumps(qids)})
     return out_dir
+
+
+def aggregate_query_scores(per_q: np.ndarray, how: str, topk: int) -> np.ndarray:
+    """[N, Q] per-query scores -> [N] row scores: mean, max, or topk_mean (mean of each row's min(topk, Q) largest)."""
+    per_q = np.asarray(per_q, dtype=np.float64)
+    if how == "mean":
+        return per_q.mean(axis=1)
+    if how == "max":
+        return per_q.max(axis=1)
+    if how == "topk_mean":
+        k = min(int(topk), per_q.shape[1])
+        return np.sort(per_q, axis=1)[:, per_q.shape[1] - k:].mean(axis=1)
+    raise ValueError(f"query_aggregation must be one of mean, max, topk_mean, got {how!r}")
+
+
+def _aggregated_influence(store_dir, v, path: Path, tokens_file: Path, qids: list[str], top_k: int,
+                          cfg: RecallConfig):
+    """Like query_influence(per_query=True) but the row score is cfg.query_aggregation over the per-query scores."""
+    import pyarrow as pa
+
+    from .influence_query import per_query_top_k, rank_scores, score_store, write_influence
+
+    scores = score_store(store_dir, v, train_norm=cfg.train_norm, per_query=True)
+    q = scores.schema.field("query_scores").type.list_size
+    if q != len(qids):
+        raise ValueError(f"{len(qids)} query ids for {q} query vectors")
+    per_q = scores.column("query_scores").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, q)
+    agg = aggregate_query_scores(per_q, cfg.query_aggregation, cfg.query_topk)
+    scores = scores.set_column(scores.column_names.index("score"), "score", pa.array(agg, pa.float64()))
+    ranked = rank_scores(scores, tokens_file)
+    write_influence(ranked, path, qids)
+    top = ranked.slice(0, top_k)
+    if "query_scores" in top.column_names:
+        top = top.drop_columns(["query_scores"])
+    return top, per_query_top_k(scores, qids, top_k)
 
 
 def recall_quality(influence_path: str | Path, label_column: str = "is_unsafe") -> dict[str, float]:

@@ -121,3 +121,66 @@ def test_recall_quality_hand_computed(tmp_path):
     assert recall_quality(p) == {}
     pq.write_table(t.set_column(3, "is_unsafe", pa.array([False] * 12)), p)
     assert recall_quality(p) == {}
+
+
+def _per_query_oracle(t: pa.Table, how: str, k: int) -> dict[str, float]:
+    """float64 for-loop oracle: each row's score from its stored per-query scores."""
+    out = {}
+    for eid, qs in zip(t.column("example_id").to_pylist(), t.column("query_scores").to_pylist(), strict=True):
+        qs = [float(x) for x in qs]
+        if how == "mean":
+            out[eid] = sum(qs) / len(qs)
+        elif how == "max":
+            out[eid] = max(qs)
+        else:
+            best = sorted(qs, reverse=True)[:min(k, len(qs))]
+            out[eid] = sum(best) / len(best)
+    return out
+
+
+@pytest.mark.parametrize("method", ["linfac", "identity"])
+def test_query_aggregation_max_and_topk_mean_match_oracle(setup, method):
+    s = setup
+    base = recall_influence(s["store"], s["model"], s["queries"], s["tokens"], s["root"] / f"agg-{method}-mean",
+                            RecallConfig(method=method, top_k=5))
+    t_mean = pq.read_table(base / INFLUENCE_FILE)
+    # the mean path is the linear fold: score = mean of the per-query scores
+    mean_oracle = _per_query_oracle(t_mean, "mean", 0)
+    for eid, sc in zip(t_mean.column("example_id").to_pylist(), t_mean.column("score").to_pylist(), strict=True):
+        assert sc == pytest.approx(mean_oracle[eid], rel=1e-12, abs=1e-12)
+    assert pq.read_table(s["queries"]).num_rows == 3
+    cases = [("max", 5), ("topk_mean", 2), ("topk_mean", 5)]  # topk 5 > Q = 3: the mean over all queries
+    for how, k in cases:
+        cfg = RecallConfig(method=method, top_k=5, query_aggregation=how, query_topk=k)
+        out = recall_influence(s["store"], s["model"], s["queries"], s["tokens"],
+                               s["root"] / f"agg-{method}-{how}-{k}", cfg)
+        t = pq.read_table(out / INFLUENCE_FILE)
+        assert t.num_rows == len(s["rows"])
+        # same per-query scores as the mean path (same single scan)
+        qs_mean = dict(zip(t_mean.column("example_id").to_pylist(), t_mean.column("query_scores").to_pylist(),
+                           strict=True))
+        for eid, qs in zip(t.column("example_id").to_pylist(), t.column("query_scores").to_pylist(), strict=True):
+            np.testing.assert_allclose(qs, qs_mean[eid], rtol=1e-12, atol=1e-12)
+        oracle = _per_query_oracle(t_mean, how, k)
+        for eid, sc in zip(t.column("example_id").to_pylist(), t.column("score").to_pylist(), strict=True):
+            assert sc == pytest.approx(oracle[eid], rel=1e-12, abs=1e-12), (how, k, eid)
+        # ranking: score descending, ties by example_id ascending; top_k.parquet is its head, without query_scores
+        expect = sorted(oracle, key=lambda e: (-oracle[e], e))
+        assert t.sort_by("rank").column("example_id").to_pylist() == expect
+        top = pq.read_table(out / TOPK_FILE)
+        assert top.column("example_id").to_pylist() == expect[:5]
+        assert "query_scores" not in top.column_names
+        assert json.loads(t.schema.metadata[b"lancet.query_ids"]) == ["q-same", "q-a", "q-b"]
+        if how == "topk_mean" and k == 5:
+            np.testing.assert_allclose(t.sort_by("example_id").column("score").to_numpy(),
+                                       t_mean.sort_by("example_id").column("score").to_numpy(), rtol=1e-12, atol=1e-15)
+    assert max(_per_query_oracle(t_mean, "max", 0).values()) > max(mean_oracle.values())  # the options differ here
+
+
+def test_query_aggregation_refused_for_baselines():
+    for method in ("text", "repsim"):
+        with pytest.raises(ValueError, match="only to gradient methods"):
+            RecallConfig(method=method, query_aggregation="max")
+    assert RecallConfig(method="text").query_aggregation == "mean"
+    with pytest.raises(ValueError):
+        RecallConfig(query_aggregation="topk_mean", query_topk=0)
