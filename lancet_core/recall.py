@@ -66,6 +66,17 @@ class RecallConfig(BaseModel):
         return self
 
 
+def _manifest_config(cfg: RecallConfig) -> dict:
+    """The config as recorded in the influence manifest: only settings that change the output, so outputs built
+    before query_aggregation existed (mean fold) stay reusable; query_topk matters only for topk_mean."""
+    d = cfg.model_dump(mode="json")
+    if cfg.query_aggregation != "topk_mean":
+        d.pop("query_topk")
+    if cfg.query_aggregation == "mean":
+        d.pop("query_aggregation")
+    return d
+
+
 def recall_influence(store_dir: str | Path | None, model_dir: str | Path, queries_path: str | Path,
                      tokens_path: str | Path, out_dir: str | Path, cfg: RecallConfig) -> Path:
     """Write out_dir/{influence.parquet, top_k.parquet, influence_hist.png, explanation.md, explanation.html,
@@ -86,7 +97,7 @@ def recall_influence(store_dir: str | Path | None, model_dir: str | Path, querie
         "tokens_digest": file_digest(tokens_file),
         "store": (read_manifest(store_dir) or {}).get("model_digest") if store_dir else None,
         "store_shards": json_digest((read_manifest(store_dir) or {}).get("shards")) if store_dir else None,
-        "config": cfg.model_dump(mode="json"),
+        "config": _manifest_config(cfg),
     }
     if check_manifest(out_dir, expected) is not None and (out_dir / INFLUENCE_FILE).exists():
         return out_dir

@@ -184,3 +184,14 @@ def test_query_aggregation_refused_for_baselines():
     assert RecallConfig(method="text").query_aggregation == "mean"
     with pytest.raises(ValueError):
         RecallConfig(query_aggregation="topk_mean", query_topk=0)
+
+
+def test_manifest_config_records_aggregation_only_when_it_matters():
+    from lancet_core.recall import _manifest_config
+
+    # the mean fold records the config as before query_aggregation existed: older outputs stay reusable
+    assert "query_aggregation" not in _manifest_config(RecallConfig()) and "query_topk" not in _manifest_config(
+        RecallConfig(query_topk=3))
+    assert _manifest_config(RecallConfig(query_aggregation="max"))["query_aggregation"] == "max"
+    assert "query_topk" not in _manifest_config(RecallConfig(query_aggregation="max"))
+    assert _manifest_config(RecallConfig(query_aggregation="topk_mean", query_topk=3))["query_topk"] == 3
