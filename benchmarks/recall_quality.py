@@ -8,8 +8,9 @@ Steps (all through the library, with its defaults unless a flag says otherwise):
 2. tokenize_corpus with TokenizeConfig(max_seq_len_tokens=128);
 3. build_gradient_store with the default IndexConfig, plus kfac/ekfac factors collected (curvature=linfac,kfac,ekfac);
 4. find_undesirable_outputs on the probes, refusal judge, greedy decoding -> queries.parquet;
-5. recall_influence for linfac (default RecallConfig), kfac, ekfac, identity, repsim, text (tfidf) and text (bm25),
-   each on the same queries.parquet, then recall_quality on each influence.parquet.
+5. recall_influence for linfac (default RecallConfig), linfac with query_aggregation=max and =topk_mean (linfac_max,
+   linfac_topk_mean), kfac, ekfac, identity, repsim, text (tfidf) and text (bm25), each on the same queries.parquet,
+   then recall_quality on each influence.parquet.
 
 The `is_unsafe` labels are read only in step 5's evaluation (recall_quality); no method sees them.
 Output: per method precision@k / recall@k for k = 10, 50, 100, |planted|, average precision and seconds (the recall
@@ -50,6 +51,8 @@ from lancet_core.undesirable import GenerationConfig, find_undesirable_outputs, 
 
 METHODS: dict[str, dict] = {
     "linfac": {},  # the default RecallConfig
+    "linfac_max": {"query_aggregation": "max"},  # rank by each row's highest per-query score
+    "linfac_topk_mean": {"query_aggregation": "topk_mean"},  # mean of each row's query_topk (5) highest
     "kfac": {"method": "kfac"},
     "ekfac": {"method": "ekfac"},
     "identity": {"method": "identity"},
