@@ -43,6 +43,31 @@ def _cmd_tokenize(args) -> int:
     return 0
 
 
+def _cmd_index(args) -> int:
+    from tqdm import tqdm
+
+    from flows.paths import artifact_dir, default_work_dir
+    from flows.tokenize import tokenize_flow
+    from lancet_core.gradient_store import build_gradient_store
+    from lancet_core.index_config import IndexConfig
+    from lancet_core.tokenize import TokenizeConfig
+
+    cfg = IndexConfig(proj_in_dim=args.proj_dim, proj_out_dim=args.proj_dim, dtype=args.dtype,
+                      batch_size=args.batch_size, curvature=tuple(args.curvature))
+    tokens = tokenize_flow(args.corpus, args.model, args.work_dir,
+                           TokenizeConfig(max_seq_len_tokens=args.max_seq_len_tokens))
+    out = Path(args.out) if args.out else artifact_dir(args.work_dir or default_work_dir(), "stores",
+                                                       Path(args.model), cfg.store_identity())
+    with tqdm(desc="gradient store", unit="rows") as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        store = build_gradient_store(args.model, tokens, out, cfg, progress=progress)
+    print(store)
+    return 0
+
+
 def _cmd_realign(args) -> int:
     from flows.realign import realign
 
@@ -82,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overlong", choices=["truncate", "refuse"], default="truncate")
     t.set_defaults(func=_cmd_tokenize)
 
+    x = sub.add_parser("index", help="tokenize a corpus and build its projected-gradient store (progress bar)")
+    x.add_argument("corpus", help="jsonl / parquet / csv file, or a saved HF dataset directory")
+    x.add_argument("model", help="HF model directory")
+    x.add_argument("--out", default=None, help="store directory (default: content-addressed under the work dir)")
+    x.add_argument("--work-dir", default=None, help="artifact root (default: ./.lancet)")
+    x.add_argument("--max-seq-len-tokens", type=int, default=128)
+    x.add_argument("--proj-dim", type=int, default=16, help="projection size per side (k_in = k_out)")
+    x.add_argument("--dtype", choices=["float16", "float32", "int8"], default="float16")
+    x.add_argument("--batch-size", type=int, default=8)
+    x.add_argument("--curvature", nargs="+", default=["linfac"], choices=["linfac", "kfac", "ekfac", "identity"])
+    x.set_defaults(func=_cmd_index)
+
     r = sub.add_parser("realign", help="run the LANCET realign flow (default: on the built-in demo)")
     r.add_argument("--corpus", help="training corpus (default: the demo's)")
     r.add_argument("--model", help="HF model directory or models:/ URI (default: the demo's impure model)")
@@ -102,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(k, v)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     try:
         return args.func(args)
     except Exception as e:  # errors raised on purpose at the edges are shown plainly, without a traceback

@@ -1,0 +1,39 @@
+"""The `lancet` CLI: help lists the subcommands; `index` tokenizes and builds a gradient store; bad input is one
+clear error line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flows.cli import main
+from lancet_core.gradient_store import GradientStore
+from tests.core.test_gradient_store import WORDS, make_model_dir
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("demo", "tokenize", "index", "realign"):
+        assert cmd in out
+
+
+def test_index_builds_a_store(prefect_harness, tmp_path, capsys):
+    model = make_model_dir(tmp_path / "model")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"prompt": " ".join(WORDS[i:i + 3]), "response": " ".join(WORDS[i + 3:i + 6])})
+                              + "\n" for i in range(10)))
+    assert main(["index", str(corpus), str(model), "--work-dir", str(tmp_path / "w"), "--proj-dim", "4",
+                 "--dtype", "float32", "--out", str(tmp_path / "store")]) == 0
+    store = GradientStore.open(tmp_path / "store")
+    assert store.n_rows == 10 and capsys.readouterr().out.strip().endswith("store")
+
+
+def test_bad_corpus_is_one_clear_error(prefect_harness, tmp_path, capsys):
+    model = make_model_dir(tmp_path / "model")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"question": "x"}\n')
+    assert main(["tokenize", str(corpus), str(model), "--work-dir", str(tmp_path / "w")]) == 2
+    assert "missing columns" in capsys.readouterr().err
