@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lancet_core.manifest import json_digest, tree_digest
+from lancet_core.manifest import content_digest, json_digest
 
 
 def default_work_dir() -> Path:
@@ -16,6 +16,7 @@ def default_work_dir() -> Path:
 
 
 def artifact_dir(work_dir: str | Path, stage: str, *inputs) -> Path:
-    """work_dir/stage/<12 hex of the digest of inputs>; inputs are paths (digested by content) or JSON values."""
-    parts = [tree_digest(x) if isinstance(x, Path) else x for x in inputs]
+    """work_dir/stage/<12 hex of the digest of inputs>; inputs are paths (lancet_core.manifest.content_digest),
+    digest strings or JSON values."""
+    parts = [content_digest(x) if isinstance(x, Path) else x for x in inputs]
     return Path(work_dir) / stage / json_digest(parts).split(":")[1][:12]

@@ -21,6 +21,7 @@ from lancet_core.gate import GateConfig, decide
 from lancet_core.ibo_config import EvalConfig, PairConfig, TrainConfig
 from lancet_core.index_config import IndexConfig
 from lancet_core.judges import JudgeConfig
+from lancet_core.manifest import content_digest
 from lancet_core.recall import RecallConfig
 from lancet_core.tokenize import TokenizeConfig
 from lancet_core.undesirable import GenerationConfig
@@ -81,7 +82,7 @@ def realign(
         benign_eval_path = benign_eval_path or str(root / "benign_eval.jsonl")
     start = resolve_start_model(model, registered_model_name, start_from_champion, tracking_uri, experiment,
                                 str(work / "models"))
-    m = Path(start)
+    m = content_digest(start)  # the start model, digested once for every artifact folder keyed on it
     queries = timed("find_undesirable", find_undesirable, model_dir=start, probes_path=probes_path, judge=judge,
                     generation=generation,
                     out_dir=str(artifact_dir(work, "queries", m, Path(probes_path), judge.model_dump(),
@@ -93,7 +94,8 @@ def realign(
               registered_model_name, "tokenize": tokenize_config, "index": index, "judge": judge,
               "generation": generation, "recall": recall, "pairs": pairs, "train": train, "evaluation": evaluation,
               "gate": gate, "demo": demo}
-    datasets = {"corpus": (corpus_path, _digest(corpus_path)), "probes": (probes_path, _digest(probes_path))}
+    datasets = {"corpus": (corpus_path, content_digest(corpus_path)),
+                "probes": (probes_path, content_digest(probes_path))}
     summary = run_summary(queries, before)
     if summary["n_flagged"] == 0:
         log.info("nothing to correct: no probe answer was flagged by the %s judge", judge.kind)
@@ -134,8 +136,3 @@ def realign(
     log.info("gate: %s (%s)", "promoted" if decision.promote else "not promoted", "; ".join(decision.reasons))
     return {**summary, **tracked, "status": "corrected"}
 
-
-def _digest(path: str) -> str:
-    from lancet_core.manifest import tree_digest
-
-    return tree_digest(path)

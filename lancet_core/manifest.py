@@ -54,6 +54,24 @@ def tree_digest(path: str | Path, exclude: Iterable[str] = (MANIFEST_NAME,)) -> 
     return "sha256:" + h.hexdigest()
 
 
+_file_digest_memo: dict[tuple, str] = {}
+
+
+def content_digest(path: str | Path) -> str:
+    """The digest that stands for a path's content, cheaply: an artifact directory (one with manifest.json) is
+    represented by its manifest, which already lists the digests of what it holds; a file by its bytes (memoised on
+    path, mtime and size); any other directory by its whole tree."""
+    p = Path(path)
+    target = p / MANIFEST_NAME if p.is_dir() and (p / MANIFEST_NAME).is_file() else p
+    if target.is_dir():
+        return tree_digest(target)
+    st = target.stat()
+    stamp = (str(target.resolve()), st.st_mtime_ns, st.st_size)
+    if stamp not in _file_digest_memo:
+        _file_digest_memo[stamp] = file_digest(target)
+    return _file_digest_memo[stamp]
+
+
 def json_digest(obj: Any) -> str:
     """Digest of a JSON-serialisable object (keys sorted): used for configs."""
     data = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()

@@ -22,20 +22,7 @@ from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.utilities.hashing import hash_objects
 from pydantic import BaseModel
 
-from lancet_core.manifest import MANIFEST_NAME, file_digest, tree_digest
-
-_digest_memo: dict[tuple, str] = {}
-
-
-def _path_digest(p: Path) -> str:
-    target = p / MANIFEST_NAME if p.is_dir() and (p / MANIFEST_NAME).is_file() else p
-    st = target.stat()
-    stamp = (str(target.resolve()), st.st_mtime_ns, st.st_size)
-    if target.is_dir():  # a directory without manifest: always rehash (its files may change under the same mtime)
-        return tree_digest(target)
-    if stamp not in _digest_memo:
-        _digest_memo[stamp] = file_digest(target)
-    return _digest_memo[stamp]
+from lancet_core.manifest import content_digest
 
 
 def _stable(name: str, value: Any) -> Any:
@@ -46,7 +33,7 @@ def _stable(name: str, value: Any) -> Any:
         if s and len(s) < 4096 and "\n" not in s:
             p = Path(s)
             if p.exists():
-                return {"__content__": _path_digest(p)}
+                return {"__content__": content_digest(p)}
     if isinstance(value, list | tuple):
         return [_stable(name, v) for v in value]
     if isinstance(value, dict):
