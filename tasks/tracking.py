@@ -83,7 +83,8 @@ def resolve_model(model: str, cache_dir: str | Path) -> Path:
     if tok_dir.exists():
         for f in tok_dir.iterdir():
             shutil.copy2(f, hf / f.name)
-    hf.rename(dst) if not dst.exists() else None
+    if not dst.exists():  # another run may have finished the same download first
+        hf.rename(dst)
     shutil.rmtree(tmp, ignore_errors=True)
     return dst
 
