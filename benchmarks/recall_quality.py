@@ -6,11 +6,12 @@
 Steps (all through the library, with its defaults unless a flag says otherwise):
 1. the demo (lancet_core.demo.build_demo) or `--demo DIR` (corpus.jsonl with `is_unsafe`, probes.jsonl, model/);
 2. tokenize_corpus with TokenizeConfig(max_seq_len_tokens=128);
-3. build_gradient_store with the default IndexConfig, plus kfac/ekfac factors collected (curvature=linfac,kfac,ekfac);
+3. build_gradient_store with the default IndexConfig (decision window: the first 4 response tokens) with
+   curvature=kfac,ekfac,linfac, and a second store with response_tokens=None (the whole response) for the
+   `*_whole_response` rows;
 4. find_undesirable_outputs on the probes, refusal judge, greedy decoding -> queries.parquet;
-5. recall_influence for linfac (default RecallConfig), linfac with query_aggregation=max and =topk_mean (linfac_max,
-   linfac_topk_mean), kfac, ekfac, identity, repsim, text (tfidf) and text (bm25), each on the same queries.parquet,
-   then recall_quality on each influence.parquet.
+5. recall_influence for kfac (the default RecallConfig), ekfac, linfac, identity, repsim, text (tfidf) and text (bm25),
+   each on the same queries.parquet, then recall_quality on each influence.parquet.
 
 The `is_unsafe` labels are read only in step 5's evaluation (recall_quality); no method sees them.
 Output: per method precision@k / recall@k for k = 10, 50, 100, |planted|, average precision and seconds (the recall
@@ -49,12 +50,13 @@ from lancet_core.recall_metrics import average_precision, precision_at_k  # noqa
 from lancet_core.tokenize import TokenizeConfig, tokenize_corpus  # noqa: E402
 from lancet_core.undesirable import GenerationConfig, find_undesirable_outputs, write_queries  # noqa: E402
 
+DEFAULT = "kfac"  # what RecallConfig() uses; the goal is measured on it
 METHODS: dict[str, dict] = {
-    "linfac": {},  # the default RecallConfig
-    "linfac_max": {"query_aggregation": "max"},  # rank by each row's highest per-query score
-    "linfac_topk_mean": {"query_aggregation": "topk_mean"},  # mean of each row's query_topk (5) highest
-    "kfac": {"method": "kfac"},
+    "kfac": {},  # the default RecallConfig
+    "kfac_whole_response": {"store": "whole_response"},  # the same, on a store with IndexConfig(response_tokens=None)
     "ekfac": {"method": "ekfac"},
+    "linfac": {"method": "linfac"},
+    "linfac_whole_response": {"method": "linfac", "store": "whole_response"},
     "identity": {"method": "identity"},
     "repsim": {"method": "repsim"},
     "text_tfidf": {"method": "text", "text_method": "tfidf"},
@@ -113,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
         demo = _demo(args, work)
         corpus, probes, model_dir = _demo_files(demo)
         tok_cfg = TokenizeConfig(max_seq_len_tokens=128)
-        idx_cfg = IndexConfig(curvature=("linfac", "kfac", "ekfac"))
+        idx_cfg = IndexConfig(curvature=("kfac", "ekfac", "linfac"))
+        whole_cfg = idx_cfg.model_copy(update={"response_tokens": None})
         judge_cfg, gen_cfg = JudgeConfig(kind="refusal"), GenerationConfig()
         timings: dict[str, float] = {}
 
@@ -122,8 +125,12 @@ def main(argv: list[str] | None = None) -> dict:
         timings["tokenize"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        store = build_gradient_store(model_dir, tokens_dir, work / "store", idx_cfg)
+        stores = {"default": build_gradient_store(model_dir, tokens_dir, work / "store", idx_cfg)}
         timings["gradient_store_with_curvatures"] = time.perf_counter() - t
+        if any(METHODS[m].get("store") == "whole_response" for m in args.methods):
+            t = time.perf_counter()
+            stores["whole_response"] = build_gradient_store(model_dir, tokens_dir, work / "store_whole", whole_cfg)
+            timings["gradient_store_whole_response"] = time.perf_counter() - t
 
         t = time.perf_counter()
         queries_path = work / "queries.parquet"
@@ -137,7 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         results: dict[str, dict] = {}
         for name in args.methods:
-            cfg = RecallConfig(**METHODS[name])
+            spec = dict(METHODS[name])
+            store = stores[spec.pop("store", "default")]
+            cfg = RecallConfig(**spec)
             t = time.perf_counter()
             out = recall_influence(store, model_dir, queries_path, tokens_dir, work / "influence" / name, cfg)
             secs = time.perf_counter() - t
@@ -155,13 +164,14 @@ def main(argv: list[str] | None = None) -> dict:
             "n_planted": n_planted,
             "n_probes": n_probes,
             "n_queries": n_queries,
-            "goal": {"metric": f"linfac precision_at_{n_planted}", "target": 0.9,
-                     "value": results.get("linfac", {}).get(f"precision_at_{n_planted}")},
+            "goal": {"metric": f"{DEFAULT} (default) precision_at_{n_planted}", "target": 0.9,
+                     "value": results.get(DEFAULT, {}).get(f"precision_at_{n_planted}")},
             "methods": results,
             "query_aggregation_diagnostic": variants,
             "settings": {
                 "tokenize": tok_cfg.model_dump(mode="json"),
                 "index": idx_cfg.model_dump(mode="json"),
+                "index_whole_response": {"response_tokens": None},
                 "recall_default": RecallConfig().model_dump(mode="json"),
                 "judge": judge_cfg.model_dump(mode="json"),
                 "generation": gen_cfg.model_dump(mode="json"),

@@ -53,6 +53,7 @@ def _cmd_index(args) -> int:
     from lancet_core.tokenize import TokenizeConfig
 
     cfg = IndexConfig(proj_in_dim=args.proj_dim, proj_out_dim=args.proj_dim, dtype=args.dtype,
+                      response_tokens=args.response_tokens,
                       batch_size=args.batch_size, curvature=tuple(args.curvature))
     tokens = tokenize_flow(args.corpus, args.model, args.work_dir,
                            TokenizeConfig(max_seq_len_tokens=args.max_seq_len_tokens))
@@ -88,6 +89,19 @@ def _cmd_realign(args) -> int:
     return 0
 
 
+def _window(text: str) -> int | None:
+    """--response-tokens value: a positive integer, or 'all' (None: every response token)."""
+    if text.lower() == "all":
+        return None
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {k}")
+    return k
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lancet", description="Correct a fine-tuned LM from its own training data.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -113,10 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", default=None, help="store directory (default: content-addressed under the work dir)")
     x.add_argument("--work-dir", default=None, help="artifact root (default: ./.lancet)")
     x.add_argument("--max-seq-len-tokens", type=int, default=128)
-    x.add_argument("--proj-dim", type=int, default=16, help="projection size per side (k_in = k_out)")
+    x.add_argument("--proj-dim", type=int, default=32, help="projection size per side (k_in = k_out)")
+    x.add_argument("--response-tokens", type=_window, default=4,
+                   help="count only the first K response tokens in log π(y|x) (default 4), or 'all'")
     x.add_argument("--dtype", choices=["float16", "float32", "int8"], default="float16")
     x.add_argument("--batch-size", type=int, default=8)
-    x.add_argument("--curvature", nargs="+", default=["linfac"], choices=["linfac", "kfac", "ekfac", "identity"])
+    x.add_argument("--curvature", nargs="+", default=["kfac"], choices=["linfac", "kfac", "ekfac", "identity"])
     x.set_defaults(func=_cmd_index)
 
     r = sub.add_parser("realign", help="run the LANCET realign flow (default: on the built-in demo)")

@@ -5,8 +5,10 @@ LOG-LIKELIHOOD (not of the loss). With I(i, q) = v_qᵀ g_i and v_q = (F + λI)�
 gradient step on training row i raises log π of the (undesirable) query output.
 
 log π(y|x) = Σ_t m_t log p(x_t | x_<t) over response tokens (loss_mask m_t = 1), divided by Σ_t m_t for
-reduction="mean" (default). Prompt tokens contribute no log-probability terms; their activations still carry gradient
-because the response depends on them through attention, exactly as in a single-example backward() (the oracle).
+reduction="mean" (default). With `response_tokens=k` only the first k response tokens count (the "decision" tokens
+where a chat model commits to complying or refusing; see IndexConfig.response_tokens); None counts them all. Prompt
+tokens contribute no log-probability terms; their activations still carry gradient because the response depends on
+them through attention, exactly as in a single-example backward() (the oracle).
 Right padding: padded positions have zero output-gradient (causal attention, no loss there) and are also masked.
 
 For every target module (nn.Linear or GPT-2 Conv1D), a forward hook projects the input activations ã_t = P_inᵀ a_t and a
@@ -116,6 +118,16 @@ def sequence_loglik(
     return ll
 
 
+def response_window(loss_mask: torch.Tensor, response_tokens: int | None) -> torch.Tensor:
+    """[B, T] loss mask keeping only each row's first `response_tokens` response tokens (None: the mask unchanged)."""
+    if response_tokens is None:
+        return loss_mask
+    if response_tokens < 1:
+        raise ValueError(f"response_tokens must be >= 1 or None, got {response_tokens}")
+    m = loss_mask != 0
+    return (m & (m.cumsum(dim=1) <= response_tokens)).to(loss_mask.dtype)
+
+
 class ProjectedGradientExtractor:
     """Hooks a model's target modules and returns per-example projected gradients for token batches.
 
@@ -129,8 +141,12 @@ class ProjectedGradientExtractor:
         seed: int,
         reduction: str = "mean",
         collect_kronecker_factors: bool = False,
+        response_tokens: int | None = None,
     ):
+        if response_tokens is not None and response_tokens < 1:
+            raise ValueError(f"response_tokens must be >= 1 or None, got {response_tokens}")
         self.model = model
+        self.response_tokens = response_tokens
         self.layout = list(layout)
         self.dim = sum(ml.size for ml in self.layout)
         self.reduction = reduction
@@ -233,7 +249,8 @@ class ProjectedGradientExtractor:
         try:
             with torch.enable_grad():
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                ll = sequence_loglik(out.logits, input_ids, loss_mask, attention_mask, self.reduction)
+                window = response_window(loss_mask, self.response_tokens)
+                ll = sequence_loglik(out.logits, input_ids, window, attention_mask, self.reduction)
                 del out
                 ll.sum().backward()
             if self.collect:
@@ -259,10 +276,11 @@ def extract_contextless(
     rows_mask: Sequence[Sequence[int]],
     pad_id: int,
     batch_size: int,
+    response_tokens: int | None = None,
 ) -> torch.Tensor:
     """Convenience: [N, D] gradients for token rows, batched (hooks installed and removed here)."""
     outs = []
-    with ProjectedGradientExtractor(model, layout, seed, reduction) as ex:
+    with ProjectedGradientExtractor(model, layout, seed, reduction, response_tokens=response_tokens) as ex:
         for i in range(0, len(rows_ids), batch_size):
             ids, attn, lm = right_pad(rows_ids[i : i + batch_size], rows_mask[i : i + batch_size], pad_id)
             outs.append(ex.batch_gradients(ids, attn, lm))

@@ -361,7 +361,7 @@ def _build_locked(model_dir: Path, root: Path, tokens_path, cfg: IndexConfig, pr
             len(layout),
         )
     with ProjectedGradientExtractor(
-        model, layout, cfg.projection_seed, cfg.reduction, cfg.collect_kronecker_factors
+        model, layout, cfg.projection_seed, cfg.reduction, cfg.collect_kronecker_factors, cfg.response_tokens
     ) as ex:
         for s in todo:
             t0 = time.perf_counter()
@@ -482,7 +482,9 @@ def compute_query_gradients(
     bs = batch_size or int((m.get("build_settings") or {}).get("batch_size", 8))
     outs = []
     try:
-        ex = ProjectedGradientExtractor(model, layout, cfg["projection_seed"], cfg["reduction"])
+        ex = ProjectedGradientExtractor(
+            model, layout, cfg["projection_seed"], cfg["reduction"], response_tokens=cfg.get("response_tokens")
+        )
     except ValueError as e:
         raise ManifestMismatch(f"the model does not match the store's projection layout: {e}") from e
     with ex:

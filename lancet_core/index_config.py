@@ -25,12 +25,12 @@ class IndexConfig(BaseModel):
         "inside the transformer blocks (lm_head and embeddings are never targets).",
     )
     proj_in_dim: int | None = Field(
-        16,
+        32,
         ge=1,
         description="k_in: projected size of each module's input activations; None = no projection (full d_in).",
     )
     proj_out_dim: int | None = Field(
-        16,
+        32,
         ge=1,
         description="k_out: projected size of each module's output gradients; None = no projection (full d_out).",
     )
@@ -41,6 +41,14 @@ class IndexConfig(BaseModel):
     reduction: Literal["mean", "sum"] = Field(
         "mean", description="log π(y|x) as the mean (default) or the sum of the response tokens' log-probabilities."
     )
+    response_tokens: int | None = Field(
+        4,
+        ge=1,
+        description="log π(y|x) counts only the first k response tokens: where a chat model commits to complying or "
+        "refusing, so rows are matched on that decision rather than on answer wording shared with harmless rows "
+        "(measured on the demo: README, recall table). None = every response token: use it when the undesirable part "
+        "sits later in the answer (e.g. an outdated fact).",
+    )
     batch_size: int = Field(8, ge=1, description="Examples per batched forward/backward pass.")
     max_seq_len_tokens: int = Field(
         1024, ge=2, description="Longer token rows are refused (tokenize with the same or a smaller limit)."
@@ -50,8 +58,8 @@ class IndexConfig(BaseModel):
         "float32", description="Dtype of the model and projections during extraction (float64 for oracle tests)."
     )
     curvature: tuple[CurvatureKind, ...] = Field(
-        ("linfac",),
-        description="Curvature kinds built with the store. kfac/ekfac need per-token factors collected during the "
+        ("kfac",),
+        description="Curvature kinds built with the store (kfac: the default recall method). kfac/ekfac need per-token factors collected during the "
         "build, so they must be listed here; linfac and identity can also be built later from the store.",
     )
     damping_ratio: float = Field(

@@ -104,7 +104,9 @@ def spearman_per_query(a, b):
 
 
 def build(bed, name, **kw):
+    """A store of the bed; its vectors are of the WHOLE response (response_tokens=None), like the oracle's."""
     d, model_dir, *_ = bed
+    kw.setdefault("response_tokens", None)
     cfg = IndexConfig(
         dtype="float32", compute_dtype="float64", rows_per_shard=40, batch_size=16, damping_ratio=RATIO, **kw
     )
@@ -158,7 +160,7 @@ def test_block_diagonal_and_projected_against_exact_low_rank(bed):
     d, model_dir, names, g_train, g_query, _ = bed
     exact = exact_influence(g_train, g_query)
     _, results = _all_kinds(bed, "two", g_query, exact)
-    proj = build(bed, "proj", target_modules=tuple(names), curvature=())  # default 16 x 16 per module
+    proj = build(bed, "proj", target_modules=tuple(names), proj_in_dim=16, proj_out_dim=16, curvature=())
     sp = GradientStore.open(proj)
     assert sp.dim == 2 * 256
     # the query side is projected with the store's own projection (same seeds / layout)

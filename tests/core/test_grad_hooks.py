@@ -8,6 +8,7 @@ import torch
 from lancet_core.grad_hooks import (
     ProjectedGradientExtractor,
     build_layout,
+    response_window,
     right_pad,
     select_target_modules,
     weight_grad_out_in,
@@ -75,19 +76,31 @@ def oracle_gradients(model, layout, seed, reduction, rows_ids, rows_mask):
     return torch.stack(out)
 
 
+def first_response_tokens(mask: list[int], k: int | None) -> list[int]:
+    """Plain-Python window: keep the first k ones of a loss mask (the oracle of response_window)."""
+    if k is None:
+        return list(mask)
+    out, seen = [], 0
+    for v in mask:
+        seen += v
+        out.append(1 if v and seen <= k else 0)
+    return out
+
+
 @pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("k", [(4, 3), (None, None)], ids=["projected", "fullrank"])
-def test_hooked_equals_single_example_backward_float64(make, reduction, k):
+@pytest.mark.parametrize("window", [None, 2], ids=["all-response", "first-2"])
+def test_hooked_equals_single_example_backward_float64(make, reduction, k, window):
     model = make().double()
     layout = build_layout(model, None, *k)
     rows_ids, rows_mask = random_rows(5)
-    with ProjectedGradientExtractor(model, layout, seed=7, reduction=reduction) as ex:
+    with ProjectedGradientExtractor(model, layout, seed=7, reduction=reduction, response_tokens=window) as ex:
         ids, attn, lm = right_pad(rows_ids, rows_mask, pad_id=0)
         assert attn.sum(1).unique().numel() > 1  # variable lengths: right padding is in play
         got = ex.batch_gradients(ids, attn, lm)
     assert all(p.requires_grad for p in model.parameters())  # requires_grad restored
-    want = oracle_gradients(model, layout, 7, reduction, rows_ids, rows_mask)
+    want = oracle_gradients(model, layout, 7, reduction, rows_ids, [first_response_tokens(m, window) for m in rows_mask])
     assert got.dtype == torch.float64 and got.shape == want.shape
     rel = (got - want).norm(dim=1) / want.norm(dim=1)
     assert float(rel.max()) <= 1e-6, rel
@@ -131,3 +144,24 @@ def test_no_response_tokens_is_an_error():
     layout = build_layout(model, None, 2, 2)
     with ProjectedGradientExtractor(model, layout, seed=0) as ex, pytest.raises(ValueError, match="no response tokens"):
         ex.batch_gradients(*right_pad([[1, 2, 3]], [[0, 0, 0]], 0))
+
+
+def test_response_window_keeps_the_first_k_response_tokens():
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1]])
+    assert response_window(mask, None) is mask
+    assert response_window(mask, 2).tolist() == [[0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1]]
+    assert response_window(mask, 1).tolist() == [first_response_tokens(m, 1) for m in mask.tolist()]
+    with pytest.raises(ValueError, match="response_tokens"):
+        response_window(mask, 0)
+
+
+def test_a_window_changes_the_gradient_only_when_the_response_is_longer():
+    model = tiny_llama().double()
+    layout = build_layout(model, None, 4, 4)
+    ids, mask = [[5, 6, 7, 8, 9, 10]], [[0, 0, 1, 1, 1, 1]]
+    grads = {}
+    for w in (None, 2, 4, 9):
+        with ProjectedGradientExtractor(model, layout, seed=0, response_tokens=w) as ex:
+            grads[w] = ex.batch_gradients(*right_pad(ids, mask, 0))
+    assert torch.equal(grads[None], grads[4]) and torch.equal(grads[None], grads[9])
+    assert not torch.allclose(grads[None], grads[2])

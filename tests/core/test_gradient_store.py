@@ -83,8 +83,10 @@ def test_store_values_and_manifest(setup, tmp_path):
     schema = pq.read_schema(st.shard_paths[0])
     assert schema.field("grad").type == pa.list_(pa.float32(), st.dim)
     model = load_model(model_dir)
-    want = extract_contextless(model, st.layout, 0, "mean", ids, masks, 0, 4).numpy()
+    want = extract_contextless(model, st.layout, 0, "mean", ids, masks, 0, 4, response_tokens=CFG.response_tokens).numpy()
     assert _rel(st.read_all(), want) <= 1e-5  # the build batches rows by length: only padding widths differ
+    whole = extract_contextless(model, st.layout, 0, "mean", ids, masks, 0, 4, response_tokens=None).numpy()
+    assert _rel(st.read_all(), whole) > 1e-3  # the default window is in effect (rows have > 4 response tokens)
     norms = pq.read_table(st.shard_paths[0])["grad_norm"].to_numpy()
     np.testing.assert_allclose(norms, np.linalg.norm(want[:3], axis=1), rtol=1e-6)
 
@@ -197,6 +199,8 @@ def test_mismatched_reuse_is_refused_with_both_versions(setup, tmp_path):
         build_gradient_store(model_dir, tokens, root, CFG.model_copy(update={"projection_seed": 5}))
     msg = str(e.value)
     assert "index_config" in msg and "'projection_seed': 0" in msg and "'projection_seed': 5" in msg
+    with pytest.raises(ManifestMismatch, match="response_tokens"):  # another loss window = other vectors
+        build_gradient_store(model_dir, tokens, root, CFG.model_copy(update={"response_tokens": None}))
     other = make_model_dir(tmp_path / "other", seed=1)
     with pytest.raises(ManifestMismatch, match="model_digest"):
         build_gradient_store(other, tokens, root, CFG)
@@ -247,6 +251,11 @@ def test_query_gradients_match_store_rows(setup, tmp_path):
     assert _rel(q, ref) <= 1e-5
     q2 = compute_query_gradients(st.root, load_model(model_dir), tok, convs[:1])
     assert _rel(q2, ref[:1]) <= 1e-5
+    # queries follow the store's response window: a window of 1 gives other vectors, equal to that store's rows
+    cfg1 = cfg.model_copy(update={"response_tokens": 1})
+    st1 = GradientStore.open(build_gradient_store(model_dir, tmp_path / "tokens.parquet", tmp_path / "s1", cfg1))
+    q1 = compute_query_gradients(st1, model_dir, None, convs)
+    assert _rel(q1, st1.read_all()) <= 1e-5 and _rel(q1[:2], ref[:2]) > 1e-3
     other = make_model_dir(tmp_path / "other", seed=2)
     with pytest.raises(ManifestMismatch, match="model_digest"):
         compute_query_gradients(st, other, None, convs)
