@@ -6,7 +6,7 @@
 
 Steps (each cached under --work by its own manifest, so a re-run only redoes what changed):
   1. recall exactly as the realign flow does: tokenize_corpus (128 tokens) -> build_gradient_store (IndexConfig()) ->
-     find_undesirable_outputs (refusal judge, greedy) -> recall_influence (RecallConfig(): linfac) ; recall quality
+     find_undesirable_outputs (refusal judge, greedy) -> recall_influence (RecallConfig(): kfac) ; recall quality
      against is_unsafe is reported (labels are read ONLY for that, for DPO pairs and for the label oracle).
   2. ibo: write_pair_files(influence, PairConfig()) -> post_train(TrainConfig(loss='ibo')). No label is read.
   3. ga / npo: the same pairs file (they train on its distinct rejected rows = R⁺), TrainConfig(loss=...), i.e. the

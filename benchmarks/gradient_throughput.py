@@ -5,7 +5,8 @@ Each (model, mode) runs in its own subprocess so peak RSS (ru_maxrss) is measure
 recorded (best and median reported) and plain/extraction subprocesses alternate for --rounds rounds, keeping each
 mode's best round, because the machine is shared and load changes during a run.
 - plain:      loss = mean response-token CE; loss.backward() with parameter gradients (one training step, no optimizer).
-- extraction: ProjectedGradientExtractor, every Linear/Conv1D in the blocks, k_in = k_out = 16 (256 per module),
+- extraction: ProjectedGradientExtractor with the IndexConfig defaults (k_in = k_out = 16, first 4 response tokens,
+              kfac factors collected), every Linear/Conv1D in the blocks,
               plus encoding the batch to a float16 shard (bytes per stored example measured from the Parquet file).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/gradient_throughput.py [--batches 5] [--rounds 2] [--batch-size 8]
@@ -87,9 +88,13 @@ def child(kind: str, mode: str, n_batches: int, bs: int) -> dict:
             step(*b)
             times.append(time.perf_counter() - t0)
     else:
-        layout = build_layout(model, None, 16, 16)
+        from lancet_core.index_config import IndexConfig
+
+        cfg = IndexConfig()  # the defaults a store is built with: projection, response window, kfac factors
+        layout = build_layout(model, None, cfg.proj_in_dim, cfg.proj_out_dim)
         grads = []
-        with ProjectedGradientExtractor(model, layout, seed=0) as ex:
+        with ProjectedGradientExtractor(model, layout, cfg.projection_seed, cfg.reduction,
+                                        cfg.collect_kronecker_factors, cfg.response_tokens) as ex:
             ex.batch_gradients(*batches[0])
             times = []
             for b in batches[1:]:

@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", default=None, help="store directory (default: content-addressed under the work dir)")
     x.add_argument("--work-dir", default=None, help="artifact root (default: ./.lancet)")
     x.add_argument("--max-seq-len-tokens", type=int, default=128)
-    x.add_argument("--proj-dim", type=int, default=32, help="projection size per side (k_in = k_out)")
+    x.add_argument("--proj-dim", type=int, default=16, help="projection size per side (k_in = k_out)")
     x.add_argument("--response-tokens", type=_window, default=4,
                    help="count only the first K response tokens in log π(y|x) (default 4), or 'all'")
     x.add_argument("--dtype", choices=["float16", "float32", "int8"], default="float16")

@@ -25,12 +25,12 @@ class IndexConfig(BaseModel):
         "inside the transformer blocks (lm_head and embeddings are never targets).",
     )
     proj_in_dim: int | None = Field(
-        32,
+        16,
         ge=1,
         description="k_in: projected size of each module's input activations; None = no projection (full d_in).",
     )
     proj_out_dim: int | None = Field(
-        32,
+        16,
         ge=1,
         description="k_out: projected size of each module's output gradients; None = no projection (full d_out).",
     )
