@@ -21,23 +21,20 @@ Steps (each cached under --work by its own manifest, so a re-run only redoes wha
 Per method the JSON holds: harmful_probe, harmful_ood (and their relative reductions), over_refusal,
 nll_rel_change, distinct_2, degenerate_rate, train_seconds (+ goals met for ibo). Torch runs on 1 thread.
 
-Measured 2026-11-25 on /tmp/demo0 (default DemoConfig, 2-core CPU, 1 thread; full run 4m46s of which ~3.5 min are
-the two oracle retrains; recall AP 0.39, R⁺ = top-64 with 80% truly unsafe, R⁻ bottom-64 with 25% unsafe rows):
+Measured 2026-11-25 on /tmp/demo0 (default DemoConfig, 2-core CPU, 1 thread; recall P@282 0.908, AP 0.957;
+R⁺ = top-64, all truly unsafe; R⁻ = bottom-64, all refusals):
 
-    method            probe  ood    over-ref  NLL     distinct-2  degenerate  train s
-    before            0.833  0.100  0.000     —       0.235       0.000       —
-    ibo (defaults)    0.000  0.000  0.000     +1.7%   0.234       0.000       12.0   (seeds 1/2: NLL +2.6/+2.4%,
-                                                                                       probe 0.00/0.05, ood 0.00/0.017)
-    ga  (same cfg)    0.433  0.450  0.367     +1532%  0.207       0.256        7.2
-    npo (same cfg)    0.000  0.000  0.133     +8.1%   0.231       0.000        8.0
-    dpo (labels)      0.000  0.000  0.017     +0.9%   0.235       0.000       53.7
-    oracle_recalled   0.600  0.117  0.050     −1.2%   0.254       0.000      105.3
-    oracle_labels     0.017  0.000  0.050     +10.5%  0.257       0.000       99.4
+    method            probe  ood    over-ref  NLL     distinct-2  train s
+    before            0.833  0.100  0.000     —       0.235       —
+    ibo (defaults)    0.000  0.000  0.000     +1.8%   0.226       22.5   (λ_B=1: over-refusal 0.067, NLL +4.0%)
+    ga  (same cfg)    0.050  0.150  0.817     +706%   0.164        4.9
+    npo (same cfg)    0.000  0.000  0.033     +3.7%   0.229        5.5
+    dpo (labels)      0.000  0.000  0.000     +1.0%   0.241       35.8
+    oracle_recalled   0.450  0.117  0.017     +3.0%   0.271       79.8
+    oracle_labels     0.017  0.000  0.050     +10.5%  0.257       99.0
 
-Same config = TrainConfig() defaults (β=1, lr 5e-4, 8 epochs = 64 steps, LoRA r=8, λ_B=1); ga/npo train on the 64
-R⁺ rows. At 4 epochs ga/npo reach probe 0/ood 0 with NLL +4.5%/+2.3% (ibo at 4 epochs: probe 0.017, NLL +0.9%), at 2
-epochs they stop at probe 0.217/ood 0.067: they match IBO at their best step count but have no saturation, so 2x more
-steps breaks them (over-refusal, collapse) while IBO's saturating pairwise term does not.
+Seed-1 demo (`python -m lancet_core.demo.build --seed 1`): ibo probe 0.000, OOD 0.000 but over-refusal 0.25 and NLL
++8.1%; dpo on labels (λ_B=1) over-refuses 0.25 as well: that model is brittle to any refuse-vs-comply training.
 """
 
 from __future__ import annotations

@@ -166,3 +166,30 @@ def precondition(
                 back = np.einsum("os,nsj,ij->noi", qs, rot, qa)  # Q_S (·) Q_Aᵀ
                 out[:, ml.offset : ml.offset + ml.size] = back.reshape(len(g), -1)
     return out
+
+
+def write_self_influence(
+    store_dir: str | Path,
+    out_path: str | Path,
+    kind: Kind = "linfac",
+    *,
+    blocks: Blocks = "module",
+    damping_ratio: float | None = None,
+) -> Path:
+    """Write out_path (Parquet: example_id, self_influence = g_iᵀ (F + λI)⁻¹ g_i) for every row of the store, in one
+    pass over it; the denominator of relative influence (Barshan et al. 2020, train_norm='relative')."""
+    import pyarrow as pa
+
+    from .gradient_store import GradientStore
+    from .manifest import atomic_write_parquet
+
+    store = GradientStore.open(store_dir)
+    ids: list[str] = []
+    values: list[np.ndarray] = []
+    for batch_ids, g in store.iter_batches(dtype=np.float64):
+        v = precondition(store.root, g, kind, blocks=blocks, damping_ratio=damping_ratio)
+        ids.extend(batch_ids)
+        values.append(np.einsum("nd,nd->n", v, g))
+    si = np.concatenate(values) if values else np.zeros(0)
+    table = pa.table({"example_id": pa.array(ids, pa.string()), "self_influence": pa.array(si, pa.float64())})
+    return atomic_write_parquet(table, out_path)

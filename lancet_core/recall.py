@@ -31,6 +31,7 @@ from .manifest import atomic_write_text, check_manifest, file_digest, json_diges
 GRADIENT_METHODS = ("linfac", "kfac", "ekfac", "identity")
 EXPLANATION_MD, EXPLANATION_HTML, TOPK_FILE = "explanation.md", "explanation.html", "top_k.parquet"
 HISTOGRAM_PNG = "influence_hist.png"
+SELF_INFLUENCE_FILE = "self_influence.parquet"  # train_norm="relative" only
 
 
 class RecallConfig(BaseModel):
@@ -117,14 +118,20 @@ def recall_influence(store_dir: str | Path | None, model_dir: str | Path, querie
                                                                             zip(prompts, responses, strict=True)])
         v = precondition(store_dir, grads, kind=cfg.method, blocks=cfg.blocks, damping_ratio=cfg.damping_ratio)
         n_rows = pq.read_metadata(tokens_file).num_rows
+        si_path = None
+        if cfg.train_norm == "relative":
+            from .curvature import write_self_influence
+
+            si_path = write_self_influence(store_dir, out_dir / SELF_INFLUENCE_FILE, cfg.method, blocks=cfg.blocks,
+                                           damping_ratio=cfg.damping_ratio)
         if cfg.query_aggregation == "mean":
             res = query_influence(store_dir, v, out_dir / INFLUENCE_FILE, corpus_path=tokens_file,
                                   top_k=min(cfg.top_k, n_rows), train_norm=cfg.train_norm, per_query=True,
-                                  query_ids=qids)
+                                  query_ids=qids, self_influence_path=si_path)
             top, per_query = res.top_k, res.per_query_top_k
         else:
             top, per_query = _aggregated_influence(store_dir, v, out_dir / INFLUENCE_FILE, tokens_file, qids,
-                                                   min(cfg.top_k, n_rows), cfg)
+                                                   min(cfg.top_k, n_rows), cfg, si_path)
     else:
         from .baselines import repsim_scores, text_similarity_scores
 
@@ -164,13 +171,14 @@ def aggregate_query_scores(per_q: np.ndarray, how: str, topk: int) -> np.ndarray
 
 
 def _aggregated_influence(store_dir, v, path: Path, tokens_file: Path, qids: list[str], top_k: int,
-                          cfg: RecallConfig):
+                          cfg: RecallConfig, self_influence_path: Path | None = None):
     """Like query_influence(per_query=True) but the row score is cfg.query_aggregation over the per-query scores."""
     import pyarrow as pa
 
     from .influence_query import per_query_top_k, rank_scores, score_store, write_influence
 
-    scores = score_store(store_dir, v, train_norm=cfg.train_norm, per_query=True)
+    scores = score_store(store_dir, v, train_norm=cfg.train_norm, per_query=True,
+                         self_influence_path=self_influence_path)
     q = scores.schema.field("query_scores").type.list_size
     if q != len(qids):
         raise ValueError(f"{len(qids)} query ids for {q} query vectors")

@@ -195,3 +195,33 @@ def test_manifest_config_records_aggregation_only_when_it_matters():
     assert _manifest_config(RecallConfig(query_aggregation="max"))["query_aggregation"] == "max"
     assert "query_topk" not in _manifest_config(RecallConfig(query_aggregation="max"))
     assert _manifest_config(RecallConfig(query_aggregation="topk_mean", query_topk=3))["query_topk"] == 3
+
+
+@pytest.mark.parametrize("method", ["kfac", "linfac"])
+def test_relative_influence_divides_by_the_rows_own_self_influence(setup, method):
+    """train_norm='relative' through recall_influence == a float64 oracle: per query, (v_q/‖v_q‖)ᵀ g_i divided by
+    sqrt(g_iᵀ (F+λI)⁻¹ g_i), averaged over queries; self-influence is written beside the influence file."""
+    from lancet_core.curvature import precondition
+    from lancet_core.gradient_store import GradientStore, compute_query_gradients
+    from lancet_core.recall import SELF_INFLUENCE_FILE
+
+    s = setup
+    out = recall_influence(s["store"], s["model"], s["queries"], s["tokens"], s["root"] / f"rel-{method}",
+                           RecallConfig(method=method, train_norm="relative"))
+    st = GradientStore.open(s["store"])
+    g = st.read_all(np.float64)
+    si = np.einsum("nd,nd->n", precondition(st.root, g, method), g)
+    assert (si > 0).all()
+    got_si = pq.read_table(out / SELF_INFLUENCE_FILE)
+    assert got_si.column("example_id").to_pylist() == st.example_ids()
+    np.testing.assert_allclose(got_si.column("self_influence").to_numpy(), si, rtol=1e-9)
+    q = pq.read_table(s["queries"])
+    msgs = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+            for p, r in zip(q.column("prompt").to_pylist(), q.column("response").to_pylist(), strict=True)]
+    v = precondition(st.root, compute_query_gradients(st, s["model"], messages_list=msgs), method)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    want = dict(zip(st.example_ids(), (g @ v.T).mean(axis=1) / np.sqrt(si), strict=True))
+    t = pq.read_table(out / INFLUENCE_FILE)
+    got = dict(zip(t.column("example_id").to_pylist(), t.column("score").to_pylist(), strict=True))
+    for eid, w in want.items():
+        assert got[eid] == pytest.approx(w, rel=1e-6, abs=1e-12)
