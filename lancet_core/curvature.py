@@ -19,6 +19,7 @@ Knows about a gradient store's vectors and manifest; knows nothing about models,
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -121,6 +122,55 @@ def build_curvature(
     return path
 
 
+def preconditioner(
+    store_dir: str | Path,
+    kind: Kind = "linfac",
+    *,
+    blocks: Blocks = "module",
+    damping_ratio: float | None = None,
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Load a curvature once (building linfac on demand) and return g [n, D] ↦ (F + λI)⁻¹ g, [n, D] float64."""
+    from .gradient_store import GradientStore
+
+    store = GradientStore.open(store_dir)
+    arrays: dict[str, np.ndarray] = {}
+    if kind != "identity":
+        rel = curvature_file(kind, blocks, _default_ratio(store.manifest, damping_ratio))
+        path = store.root / rel
+        if not path.is_file():
+            if kind in ("kfac", "ekfac") and not all(s.get("factors_file") for s in store.manifest["shards"]):
+                raise LancetError(
+                    f"{store.root}: no {kind} curvature; rebuild the store with '{kind}' in IndexConfig.curvature"
+                )
+            path = build_curvature(store.root, kind, blocks=blocks, damping_ratio=damping_ratio)
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+
+    def apply(grads: np.ndarray) -> np.ndarray:
+        g = np.asarray(grads, dtype=np.float64)
+        if g.ndim != 2 or g.shape[1] != store.dim:
+            raise ValueError(f"gradients must be [Q, {store.dim}] for store {store.root}, got {list(g.shape)}")
+        if kind == "identity":
+            return g.copy()
+        out = np.empty_like(g)
+        if kind == "linfac":
+            for name, lo, hi in _blocks(store, blocks):
+                q, w, lam = arrays[f"Q:{name}"], arrays[f"w:{name}"], float(arrays[f"lambda:{name}"])
+                out[:, lo:hi] = ((g[:, lo:hi] @ q) / (w + lam)) @ q.T
+            return out
+        for ml in store.layout:
+            qa, qs = arrays[f"QA:{ml.name}"], arrays[f"QS:{ml.name}"]
+            w, lam = arrays[f"w:{ml.name}"], float(arrays[f"lambda:{ml.name}"])
+            G = g[:, ml.offset : ml.offset + ml.size].reshape(-1, ml.eff_out, ml.eff_in)
+            rot = np.einsum("so,nsi,ij->noj", qs, G, qa)  # Q_Sᵀ G Q_A
+            rot /= w + lam
+            back = np.einsum("os,nsj,ij->noi", qs, rot, qa)  # Q_S (·) Q_Aᵀ
+            out[:, ml.offset : ml.offset + ml.size] = back.reshape(len(g), -1)
+        return out
+
+    return apply
+
+
 def precondition(
     store_dir: str | Path,
     query_grads: np.ndarray,
@@ -130,42 +180,7 @@ def precondition(
     damping_ratio: float | None = None,
 ) -> np.ndarray:
     """v_q = (F + λI)⁻¹ g_q for every query row [Q, D] → [Q, D] float64. Builds linfac on demand."""
-    from .gradient_store import GradientStore
-
-    store = GradientStore.open(store_dir)
-    g = np.asarray(query_grads, dtype=np.float64)
-    if g.ndim != 2 or g.shape[1] != store.dim:
-        raise ValueError(f"query gradients must be [Q, {store.dim}] for store {store.root}, got {list(g.shape)}")
-    if kind == "identity":
-        return g.copy()
-    rel = curvature_file(kind, blocks, _default_ratio(store.manifest, damping_ratio))
-    path = store.root / rel
-    if not path.is_file():
-        if kind in ("kfac", "ekfac") and not all(s.get("factors_file") for s in store.manifest["shards"]):
-            raise LancetError(
-                f"{store.root}: no {kind} curvature; rebuild the store with '{kind}' in IndexConfig.curvature"
-            )
-        path = build_curvature(store.root, kind, blocks=blocks, damping_ratio=damping_ratio)
-    out = np.empty_like(g)
-    with np.load(path) as z:
-        if kind == "linfac":
-            for name, lo, hi in _blocks(store, blocks):
-                q, w, lam = z[f"Q:{name}"], z[f"w:{name}"], float(z[f"lambda:{name}"])
-                out[:, lo:hi] = ((g[:, lo:hi] @ q) / (w + lam)) @ q.T
-        else:
-            for ml in store.layout:
-                qa, qs, w, lam = (
-                    z[f"QA:{ml.name}"],
-                    z[f"QS:{ml.name}"],
-                    z[f"w:{ml.name}"],
-                    float(z[f"lambda:{ml.name}"]),
-                )
-                G = g[:, ml.offset : ml.offset + ml.size].reshape(-1, ml.eff_out, ml.eff_in)
-                rot = np.einsum("so,nsi,ij->noj", qs, G, qa)  # Q_Sᵀ G Q_A
-                rot /= w + lam
-                back = np.einsum("os,nsj,ij->noi", qs, rot, qa)  # Q_S (·) Q_Aᵀ
-                out[:, ml.offset : ml.offset + ml.size] = back.reshape(len(g), -1)
-    return out
+    return preconditioner(store_dir, kind, blocks=blocks, damping_ratio=damping_ratio)(query_grads)
 
 
 def write_self_influence(
@@ -184,10 +199,11 @@ def write_self_influence(
     from .manifest import atomic_write_parquet
 
     store = GradientStore.open(store_dir)
+    apply = preconditioner(store.root, kind, blocks=blocks, damping_ratio=damping_ratio)  # loaded once, not per shard
     ids: list[str] = []
     values: list[np.ndarray] = []
     for batch_ids, g in store.iter_batches(dtype=np.float64):
-        v = precondition(store.root, g, kind, blocks=blocks, damping_ratio=damping_ratio)
+        v = apply(g)
         ids.extend(batch_ids)
         values.append(np.einsum("nd,nd->n", v, g))
     si = np.concatenate(values) if values else np.zeros(0)

@@ -118,12 +118,16 @@ def sequence_loglik(
     return ll
 
 
+def _check_window(response_tokens: int | None) -> None:
+    if response_tokens is not None and response_tokens < 1:
+        raise ValueError(f"response_tokens must be >= 1 or None, got {response_tokens}")
+
+
 def response_window(loss_mask: torch.Tensor, response_tokens: int | None) -> torch.Tensor:
     """[B, T] loss mask keeping only each row's first `response_tokens` response tokens (None: the mask unchanged)."""
+    _check_window(response_tokens)
     if response_tokens is None:
         return loss_mask
-    if response_tokens < 1:
-        raise ValueError(f"response_tokens must be >= 1 or None, got {response_tokens}")
     m = loss_mask != 0
     return (m & (m.cumsum(dim=1) <= response_tokens)).to(loss_mask.dtype)
 
@@ -143,8 +147,7 @@ class ProjectedGradientExtractor:
         collect_kronecker_factors: bool = False,
         response_tokens: int | None = None,
     ):
-        if response_tokens is not None and response_tokens < 1:
-            raise ValueError(f"response_tokens must be >= 1 or None, got {response_tokens}")
+        _check_window(response_tokens)  # at construction, not at the first batch
         self.model = model
         self.response_tokens = response_tokens
         self.layout = list(layout)

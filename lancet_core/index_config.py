@@ -59,8 +59,9 @@ class IndexConfig(BaseModel):
     )
     curvature: tuple[CurvatureKind, ...] = Field(
         ("kfac",),
-        description="Curvature kinds built with the store (kfac: the default recall method). kfac/ekfac need per-token factors collected during the "
-        "build, so they must be listed here; linfac and identity can also be built later from the store.",
+        description="Curvature kinds built with the store (kfac: the default recall method). kfac/ekfac need "
+        "per-token factors collected during the build, so they must be listed here; linfac and identity can also be "
+        "built later from the store.",
     )
     damping_ratio: float = Field(
         0.1, gt=0, description="Damping λ = damping_ratio × mean eigenvalue of each curvature block."
