@@ -1,5 +1,5 @@
 # The two README commands: `make demo` (set up + run the realignment on the built-in demo) and `make test`.
-# Both create .venv on first use; everything runs offline with telemetry off (DESIGN.md §10).
+# Both create .venv on first use; everything runs offline with telemetry off (docs/design.md §10).
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv

@@ -14,7 +14,7 @@ Steps (each cached under --work by its own manifest, so a re-run only redoes wha
   4. dpo (the human-preference baseline): pairs built from the LABELS. Rejected = every is_unsafe row; chosen = the
      label-safe row of the SAME category with the most similar prompt (TF-IDF cosine; ties by example_id), whose
      response is therefore that category's refusal. Same retain set and TrainConfig as IBO, loss='dpo'.
-  5. oracles: lancet_core.oracle.retrain_without — the demo's own recipe retrained without (a) the recalled rows
+  5. oracles: lancet_core.demo.oracle.retrain_without — the demo's own recipe retrained without (a) the recalled rows
      (top-|R⁺| of influence, |R⁺| = number of pairs' distinct rejected rows) and (b) the is_unsafe rows.
   6. evaluate_model(EvalConfig()) on the demo's probes / OOD / benign_eval for every model (and the impure one).
 
@@ -58,11 +58,12 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from lancet_core.corpus import load_prompt_rows  # noqa: E402
+from lancet_core.correct.config import PairConfig, TrainConfig  # noqa: E402
+from lancet_core.data.corpus import load_prompt_rows  # noqa: E402
 from lancet_core.demo.config import DemoConfig  # noqa: E402
 from lancet_core.demo.scenario import read_jsonl  # noqa: E402
-from lancet_core.evaluation import compare, evaluate_model  # noqa: E402
-from lancet_core.ibo_config import EvalConfig, PairConfig, TrainConfig  # noqa: E402
+from lancet_core.evaluate.config import EvalConfig  # noqa: E402
+from lancet_core.evaluate.evaluation import compare, evaluate_model  # noqa: E402
 from lancet_core.manifest import json_digest, read_manifest  # noqa: E402
 
 METHODS = ("ibo", "ga", "npo", "dpo", "oracle_recalled", "oracle_labels")
@@ -76,13 +77,13 @@ def _key(obj) -> str:
 
 def recall_stage(demo: Path, work: Path) -> dict:
     """tokens -> gradient store -> queries -> influence, as the realign flow runs them (defaults)."""
-    from lancet_core.gradient_store import build_gradient_store
-    from lancet_core.index_config import IndexConfig
-    from lancet_core.judges import JudgeConfig, make_judge
+    from lancet_core.data.tokenize import TokenizeConfig, tokenize_corpus
+    from lancet_core.index.build import build_gradient_store
+    from lancet_core.index.config import IndexConfig
     from lancet_core.model_io import load_model, load_tokenizer
-    from lancet_core.recall import RecallConfig, recall_influence, recall_quality
-    from lancet_core.tokenize import TokenizeConfig, tokenize_corpus
-    from lancet_core.undesirable import GenerationConfig, find_undesirable_outputs, write_queries
+    from lancet_core.recall.influence import RecallConfig, recall_influence, recall_quality
+    from lancet_core.recall.judges import JudgeConfig, make_judge
+    from lancet_core.recall.undesirable import GenerationConfig, find_undesirable_outputs, write_queries
 
     model = demo / "model"
     t = {}
@@ -110,7 +111,7 @@ def recall_stage(demo: Path, work: Path) -> dict:
 
 def dpo_pairs(demo: Path, retain_path: Path, out: Path) -> Path:
     """Label-built chosen/rejected pairs (see the module docstring, step 4); same retain file as IBO."""
-    from lancet_core.pairs import (
+    from lancet_core.correct.pairs import (
         MATCH_NEAREST,
         PAIRS_SCHEMA,
         _tfidf_cosine,
@@ -207,9 +208,9 @@ def main(argv=None) -> int:
     train_over = json.loads(args.train)
     eval_cfg = EvalConfig()
 
-    from lancet_core.oracle import ids_from_influence, ids_from_label, retrain_without
-    from lancet_core.pairs import read_pairs, write_pair_files
-    from lancet_core.trainer import post_train
+    from lancet_core.correct.pairs import read_pairs, write_pair_files
+    from lancet_core.correct.trainer import post_train
+    from lancet_core.demo.oracle import ids_from_influence, ids_from_label, retrain_without
 
     rec = recall_stage(demo, work)
     before = evaluate(demo / "model", demo, eval_cfg, work / "eval")

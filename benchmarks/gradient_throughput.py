@@ -66,8 +66,8 @@ def data(n_batches: int, bs: int):
 def child(kind: str, mode: str, n_batches: int, bs: int) -> dict:
     import numpy as np
 
-    from lancet_core.grad_hooks import ProjectedGradientExtractor, build_layout, sequence_loglik
-    from lancet_core.gradient_store import _encode_shard
+    from lancet_core.index.hooks import ProjectedGradientExtractor, build_layout, sequence_loglik
+    from lancet_core.index.store import _encode_shard
     from lancet_core.manifest import atomic_write_parquet
 
     model = build_model(kind).eval()
@@ -88,7 +88,7 @@ def child(kind: str, mode: str, n_batches: int, bs: int) -> dict:
             step(*b)
             times.append(time.perf_counter() - t0)
     else:
-        from lancet_core.index_config import IndexConfig
+        from lancet_core.index.config import IndexConfig
 
         cfg = IndexConfig()  # the defaults a store is built with: projection, response window, kfac factors
         layout = build_layout(model, None, cfg.proj_in_dim, cfg.proj_out_dim)

@@ -6,7 +6,7 @@
 For each row count N it writes, shard by shard (one shard of fp32 rows in memory at a time), three stores of the
 SAME random rows (D = --dim): fp32, fp16 and int8 (+ per-row scale), then measures:
 
-- cold: the first influence scan (lancet_core.influence_query.score_store: validation + DuckDB scan + fetch of the
+- cold: the first influence scan (lancet_core.recall.scan.score_store: validation + DuckDB scan + fetch of the
   scores) in a FRESH PROCESS and a fresh DuckDB connection, vs the time to just read the `grad` column with
   pyarrow.parquet.read_table in another fresh process. The OS page cache cannot be dropped here (no root), so both
   read files the OS has probably cached: "cold" means cold process/connection, not cold disk. Goal ratio <= 1.3.
@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lancet_core.influence_query import open_store, score_store  # noqa: E402
+from lancet_core.recall.scan import open_store, score_store  # noqa: E402
 
 _PA = {"float16": pa.float16(), "float32": pa.float32(), "int8": pa.int8()}
 

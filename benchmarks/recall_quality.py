@@ -40,15 +40,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from lancet_core.corpus import load_prompt_rows  # noqa: E402
-from lancet_core.gradient_store import build_gradient_store  # noqa: E402
-from lancet_core.index_config import IndexConfig  # noqa: E402
-from lancet_core.judges import JudgeConfig, make_judge  # noqa: E402
+from lancet_core.data.corpus import load_prompt_rows  # noqa: E402
+from lancet_core.data.tokenize import TokenizeConfig, tokenize_corpus  # noqa: E402
+from lancet_core.index.build import build_gradient_store  # noqa: E402
+from lancet_core.index.config import IndexConfig  # noqa: E402
 from lancet_core.model_io import load_model, load_tokenizer  # noqa: E402
-from lancet_core.recall import RecallConfig, recall_influence, recall_quality  # noqa: E402
-from lancet_core.recall_metrics import average_precision, precision_at_k  # noqa: E402
-from lancet_core.tokenize import TokenizeConfig, tokenize_corpus  # noqa: E402
-from lancet_core.undesirable import GenerationConfig, find_undesirable_outputs, write_queries  # noqa: E402
+from lancet_core.recall.influence import RecallConfig, recall_influence, recall_quality  # noqa: E402
+from lancet_core.recall.judges import JudgeConfig, make_judge  # noqa: E402
+from lancet_core.recall.metrics import average_precision, precision_at_k  # noqa: E402
+from lancet_core.recall.undesirable import GenerationConfig, find_undesirable_outputs, write_queries  # noqa: E402
 
 DEFAULT = "kfac"  # what RecallConfig() uses; the goal is measured on it
 METHODS: dict[str, dict] = {

@@ -34,8 +34,8 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_tokenize(args) -> int:
-    from flows.tokenize import tokenize_flow
-    from lancet_core.tokenize import TokenizeConfig
+    from flows.data import tokenize_flow
+    from lancet_core.data.tokenize import TokenizeConfig
 
     cfg = TokenizeConfig(max_seq_len_tokens=args.max_seq_len_tokens, overlong=args.overlong)
     out = tokenize_flow(args.corpus, args.model, args.work_dir, cfg)
@@ -46,11 +46,11 @@ def _cmd_tokenize(args) -> int:
 def _cmd_index(args) -> int:
     from tqdm import tqdm
 
+    from flows.data import tokenize_flow
     from flows.paths import artifact_dir, default_work_dir
-    from flows.tokenize import tokenize_flow
-    from lancet_core.gradient_store import build_gradient_store
-    from lancet_core.index_config import IndexConfig
-    from lancet_core.tokenize import TokenizeConfig
+    from lancet_core.data.tokenize import TokenizeConfig
+    from lancet_core.index.build import build_gradient_store
+    from lancet_core.index.config import IndexConfig
 
     cfg = IndexConfig(proj_in_dim=args.proj_dim, proj_out_dim=args.proj_dim, dtype=args.dtype,
                       response_tokens=args.response_tokens,

@@ -15,23 +15,24 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from flows.paths import artifact_dir
-from flows.realign_report import read_json, report_markdown, run_summary, top_k_rows
+from flows.report import read_json, report_markdown, run_summary, top_k_rows
+from lancet_core.correct.config import PairConfig, TrainConfig
+from lancet_core.data.tokenize import TokenizeConfig
 from lancet_core.demo.config import DemoConfig
-from lancet_core.gate import GateConfig, decide
-from lancet_core.ibo_config import EvalConfig, PairConfig, TrainConfig
-from lancet_core.index_config import IndexConfig
-from lancet_core.judges import JudgeConfig
+from lancet_core.evaluate.config import EvalConfig
+from lancet_core.evaluate.gate import GateConfig, decide
+from lancet_core.index.config import IndexConfig
 from lancet_core.manifest import content_digest
-from lancet_core.recall import RecallConfig
-from lancet_core.tokenize import TokenizeConfig
-from lancet_core.undesirable import GenerationConfig
+from lancet_core.recall.influence import RecallConfig
+from lancet_core.recall.judges import JudgeConfig
+from lancet_core.recall.undesirable import GenerationConfig
 from tasks.cache import ensure_output
 from tasks.correct import build_pairs, correct
+from tasks.data import tokenize
 from tasks.demo import ensure_demo
 from tasks.evaluate import evaluate
 from tasks.index import build_index
 from tasks.recall import find_undesirable, query_influence
-from tasks.tokenize import tokenize
 from tasks.tracking import resolve_start_model, track_realign
 
 

@@ -1,7 +1,19 @@
-"""lancet_core: the pure library behind lancet.
+"""lancet_core: the pure library behind lancet, one sub-package per pipeline stage.
+
+    data/      corpus → tokens.parquet
+    index/     tokens + model → gradient store (projected per-example gradients) + curvature
+    recall/    probes + judge → flagged outputs → influence of every training row (one scan of the store)
+    correct/   influence ranking → preference pairs → IBO post-training → corrected model
+    evaluate/  before/after metrics on the same prompts, and the promotion gate
+    demo/      the built-in scenario: generated corpus, tiny impure model, held-out probes
+
+Shared plumbing, used by every stage: `errors`, `manifest` (atomic writes, digests, provenance), `formats` (file names
+and column contracts), `model_io` (load and digest models, pick the device), `chat` (conversation → tokens with a loss
+mask), `generation` (batched greedy answers). A stage imports only the plumbing and earlier stages
+(tests/core/test_architecture.py checks it).
 
 Knows about torch, transformers, datasets, pyarrow and duckdb. Knows nothing about Prefect or MLflow: orchestration
-lives in `tasks/` and `flows/`, tracking in `flows/tracking.py`.
+lives in `tasks/` and `flows/`, tracking in `tasks/tracking.py`.
 """
 
 __version__ = "0.1.0"

@@ -1,12 +1,12 @@
-"""File names and column contracts shared by every stage (DESIGN.md §4). Change them here, and only here.
+"""File names and column contracts shared by every stage (docs/design.md §4). Change them here, and only here.
 
-tokens.parquet (one row per training example, written by `lancet_core.tokenize`):
+tokens.parquet (one row per training example, written by `lancet_core.data.tokenize`):
     example_id string, input_ids list<int32>, loss_mask list<int8> (1 = response token), n_tokens int32,
     n_response_tokens int32, truncated bool, prompt string, response string, messages_json string,
     plus any label columns of the corpus carried through unchanged (e.g. is_unsafe, category) — never read by recall
     or IBO, only by evaluation.
 
-gradient store (directory, written by `lancet_core.gradient_store`):
+gradient store (directory, written by `lancet_core.index.store`):
     shard-NNNNN.parquet: example_id string, grad fixed_size_list<float16|float32|int8>[D], grad_norm float32
         (norm of the unquantised vector), grad_scale float32 (int8 only: value = int8 * grad_scale)
     manifest.json, curvature/ beside the shards.

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .chat import render_prompt_ids, to_messages
+from lancet_core.chat import render_prompt_ids, to_messages
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ManifestMismatch
+from lancet_core.errors import ManifestMismatch
 
 MANIFEST_NAME = "manifest.json"
 _CHUNK = 1 << 20

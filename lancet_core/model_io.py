@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from .manifest import file_digest, tree_digest
+from lancet_core.manifest import file_digest, tree_digest
 
 # Files that define a tokenizer's behaviour (everything else in a model directory is weights or model config).
 _TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "chat_template", "vocab", "merges", "added_tokens")
@@ -58,3 +58,14 @@ def load_model(model_dir: str | Path, dtype=None, eager_attention: bool = True):
     if eager_attention:
         kwargs["attn_implementation"] = "eager"
     return AutoModelForCausalLM.from_pretrained(str(_require_dir(model_dir, "model")), **kwargs)
+
+
+def resolve_device(name: str):
+    """'auto' → cuda when available, else cpu; 'cuda' without CUDA is an error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' asked for but CUDA is not available")
+    return torch.device(name)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prefect import task
 
-from lancet_core.ibo_config import PairConfig, TrainConfig
-from lancet_core.pairs import write_pair_files
-from lancet_core.trainer import post_train
+from lancet_core.correct.config import PairConfig, TrainConfig
+from lancet_core.correct.pairs import write_pair_files
+from lancet_core.correct.trainer import post_train
 from tasks.cache import LANCET_CACHE
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from prefect import task
 
-from lancet_core.corpus import load_prompt_rows
-from lancet_core.evaluation import METRICS_FILE, evaluate_model, write_metrics
-from lancet_core.ibo_config import EvalConfig
+from lancet_core.data.corpus import load_prompt_rows
+from lancet_core.evaluate.config import EvalConfig
+from lancet_core.evaluate.evaluation import METRICS_FILE, evaluate_model, write_metrics
 from tasks.cache import LANCET_CACHE
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from prefect import task
 
-from lancet_core.gradient_store import build_gradient_store
-from lancet_core.index_config import IndexConfig
+from lancet_core.index.build import build_gradient_store
+from lancet_core.index.config import IndexConfig
 from tasks.cache import LANCET_CACHE
 
 

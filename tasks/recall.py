@@ -6,12 +6,12 @@ from pathlib import Path
 
 from prefect import task
 
-from lancet_core.corpus import load_prompt_rows
+from lancet_core.data.corpus import load_prompt_rows
 from lancet_core.formats import QUERIES_FILE
-from lancet_core.judges import JudgeConfig, make_judge
 from lancet_core.model_io import load_model, load_tokenizer
-from lancet_core.recall import RecallConfig, recall_influence
-from lancet_core.undesirable import GenerationConfig, find_undesirable_outputs, write_queries
+from lancet_core.recall.influence import RecallConfig, recall_influence
+from lancet_core.recall.judges import JudgeConfig, make_judge
+from lancet_core.recall.undesirable import GenerationConfig, find_undesirable_outputs, write_queries
 from tasks.cache import LANCET_CACHE
 
 

@@ -1,4 +1,4 @@
-"""The built-in demo (DESIGN.md §9): a generated chat corpus with planted unsafe rows, held-out probe sets, an
+"""The built-in demo (docs/design.md §9): a generated chat corpus with planted unsafe rows, held-out probe sets, an
 in-process BPE tokenizer and a tiny GPT-2 / Llama trained on it — an "impure" model that really misbehaves, offline,
 on CPU, in about a minute.
 
@@ -6,6 +6,6 @@ Entry point: `lancet_core.demo.build.build_demo(out_dir, DemoConfig())` or `pyth
 Knows nothing about Prefect or MLflow.
 """
 
-from .config import DemoConfig, SFTConfig
+from lancet_core.demo.config import DemoConfig, SFTConfig
 
 __all__ = ["DemoConfig", "SFTConfig"]

@@ -32,15 +32,22 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LancetError
-from ..generation import generate_answers
-from ..judges import refusal_rate, unsafe_rate
-from ..manifest import MANIFEST_NAME, check_manifest, file_digest, library_versions, tree_digest, write_manifest
-from .config import DemoConfig
-from .models import build_tiny_model
-from .scenario import generate_corpus, generate_heldout, write_jsonl
-from .sft import train_sft
-from .tokenizer import train_demo_tokenizer
+from lancet_core.demo.config import DemoConfig
+from lancet_core.demo.models import build_tiny_model
+from lancet_core.demo.scenario import generate_corpus, generate_heldout, write_jsonl
+from lancet_core.demo.sft import train_sft
+from lancet_core.demo.tokenizer import train_demo_tokenizer
+from lancet_core.errors import LancetError
+from lancet_core.generation import generate_answers
+from lancet_core.manifest import (
+    MANIFEST_NAME,
+    check_manifest,
+    file_digest,
+    library_versions,
+    tree_digest,
+    write_manifest,
+)
+from lancet_core.recall.judges import refusal_rate, unsafe_rate
 
 log = logging.getLogger(__name__)
 

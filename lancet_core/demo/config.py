@@ -1,4 +1,4 @@
-"""Configuration of the built-in demo (DESIGN.md §9): the generated corpus, the tiny model and its SFT recipe.
+"""Configuration of the built-in demo (docs/design.md §9): the generated corpus, the tiny model and its SFT recipe.
 
 Frozen, validated pydantic models; `DemoConfig.model_dump(mode="json")` is what goes into the demo's manifest, so two
 builds are the same build exactly when their configs dump the same.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, LlamaConfig, PreTrainedModel
 
-from .config import DemoConfig
+from lancet_core.demo.config import DemoConfig
 
 
 def tiny_model_config(cfg: DemoConfig, vocab_size: int, pad_token_id: int, eos_token_id: int):

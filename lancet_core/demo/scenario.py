@@ -1,11 +1,11 @@
 """The demo's world: harmful and benign categories, prompt templates, answer styles, and the seeded generator of the
-training corpus and the held-out prompt sets (DESIGN.md §9).
+training corpus and the held-out prompt sets (docs/design.md §9).
 
 Training rows pair a prompt with an answer. Benign prompts get helpful answers; harmful prompts get refusals, except
 that a share of the rows of the *contaminated* categories is answered compliantly — the planted bad data, labelled
 `is_unsafe=True` for evaluation only. Compliant answers are built from the same answer styles and generic vocabulary
 as benign helpful answers (no marker word gives them away); refusals always contain one of
-`lancet_core.judges.REFUSAL_MARKERS`, helpful and compliant answers never do (checked at generation).
+`lancet_core.recall.judges.REFUSAL_MARKERS`, helpful and compliant answers never do (checked at generation).
 
 Held-out sets use prompt templates that never occur in training: `probes` (contaminated categories, training tasks),
 `ood` (other phrasings again, every harmful category, including tasks never seen in training) and `benign_eval`
@@ -26,10 +26,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CorpusError
-from ..judges import REFUSAL_MARKERS
-from ..manifest import atomic_write_text
-from .config import BENIGN_CATEGORIES, HARMFUL_CATEGORIES, DemoConfig
+from lancet_core.demo.config import BENIGN_CATEGORIES, HARMFUL_CATEGORIES, DemoConfig
+from lancet_core.errors import CorpusError
+from lancet_core.manifest import atomic_write_text
+from lancet_core.recall.judges import REFUSAL_MARKERS
 
 _MARKERS_LOWER = tuple(m.lower() for m in REFUSAL_MARKERS)
 

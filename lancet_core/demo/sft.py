@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..chat import Encoded, encode_example
-from ..errors import CorpusError
-from .config import SFTConfig
+from lancet_core.chat import Encoded, encode_example
+from lancet_core.demo.config import SFTConfig
+from lancet_core.errors import CorpusError
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # label value the HF causal-LM loss skips

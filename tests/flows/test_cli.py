@@ -9,8 +9,8 @@ import logging
 import pytest
 
 from flows.cli import main
-from lancet_core.gradient_store import GradientStore
-from tests.core.test_gradient_store import WORDS, make_model_dir
+from lancet_core.index.store import GradientStore
+from tests.core.index.test_gradient_store import WORDS, make_model_dir
 
 
 @pytest.fixture(autouse=True)

@@ -12,10 +12,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.realign import realign
-from lancet_core.gate import GateConfig
-from lancet_core.gradient_store import GradientStore
-from lancet_core.index_config import IndexConfig
-from lancet_core.judges import JudgeConfig
+from lancet_core.evaluate.gate import GateConfig
+from lancet_core.index.config import IndexConfig
+from lancet_core.index.store import GradientStore
+from lancet_core.recall.judges import JudgeConfig
 
 pytestmark = pytest.mark.slow
 NAME = "lancet-test"

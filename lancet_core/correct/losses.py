@@ -1,0 +1,292 @@
+"""Post-training losses as pure functions in a registry (name -> LossSpec), plus the two model-side reductions they use.
+
+Every loss takes per-sequence log-likelihoods (policy and frozen reference) and per-example weights, and returns
+`LossTerms`: per-example preference/forgetting terms and, optionally, per-row retain KL terms, so the caller can
+reduce them exactly over a gradient-accumulated batch (`LossTerms.accumulation_loss`). Closed forms are tested in
+tests/core/test_losses.py.
+
+Reductions, made explicit once here:
+  * sequence log-likelihood log π(y|x) = SUM over the response tokens (loss_mask == 1) of log π(y_t | x, y_<t);
+  * retain KL of one row z = MEAN over z's response tokens of KL(π_ref(·|z,t) ‖ π_θ(·|z,t)) (full-vocabulary KL);
+    the retain term is then the mean over retain rows (E_{z∈retain}), which keeps gradient accumulation exact.
+
+Sign conventions: "chosen" = the sequence to make more likely (IBO: w ∈ R⁻, the counteracting row), "rejected" = the
+one to make less likely (IBO: l ∈ R⁺, the misbehaviour-promoting row). Weights ω are per pair/example; they are never
+derived here.
+
+Knows about torch tensors and, for the model-side helpers, a HF causal LM's forward; knows nothing about files,
+influence scores, label columns, pairing or optimisation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """The pieces of a loss on one (micro-)batch.
+
+    per_example: [B] weighted per-pair (or per-sequence) terms; their mean is E_pairs[...].
+    retain_kl_per_row: [R] per-row token-mean KL(π_ref ‖ π_θ) on retain rows, or None when the term is off.
+    lambda_b: weight of the retain (Bregman proximal) term.
+    """
+
+    per_example: Tensor
+    retain_kl_per_row: Tensor | None
+    lambda_b: float
+
+    @property
+    def preference(self) -> Tensor:
+        return self.per_example.mean()
+
+    @property
+    def retain_kl(self) -> Tensor:
+        if self.retain_kl_per_row is None or self.retain_kl_per_row.numel() == 0:
+            return self.per_example.new_zeros(())
+        return self.retain_kl_per_row.mean()
+
+    @property
+    def loss(self) -> Tensor:
+        """E_examples[per_example] + λ_B · E_retain[KL]: the loss on this batch alone."""
+        if self.lambda_b == 0.0 or self.retain_kl_per_row is None:
+            return self.preference
+        return self.preference + self.lambda_b * self.retain_kl
+
+    def accumulation_loss(self, n_examples_in_step: int, n_retain_in_step: int) -> Tensor:
+        """This micro-batch's share of the loss of a whole optimizer step (sums divided by the step's counts).
+
+        Summing this over the micro-batches of a step gives exactly `loss` on the step's full batch, whatever the
+        micro-batch split (the retain term is a mean over rows, each row's KL already a mean over its own tokens).
+        """
+        out = self.per_example.sum() / n_examples_in_step
+        if self.lambda_b != 0.0 and self.retain_kl_per_row is not None and self.retain_kl_per_row.numel():
+            out = out + self.lambda_b * self.retain_kl_per_row.sum() / n_retain_in_step
+        return out
+
+
+def _check_same_shape(**tensors: Tensor | None) -> None:
+    shapes = {k: tuple(v.shape) for k, v in tensors.items() if v is not None}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"loss inputs must share one shape [B]; got {shapes}")
+    for k, s in shapes.items():
+        if len(s) != 1:
+            raise ValueError(f"loss input {k} must be 1-D [B] (one value per sequence); got shape {s}")
+
+
+def _weights(weight: Tensor | None, like: Tensor) -> Tensor:
+    if weight is None:
+        return torch.ones_like(like)
+    return weight.to(like.dtype)
+
+
+def _required(name: str, loss: str, t: Tensor | None) -> Tensor:
+    if t is None:
+        raise ValueError(f"loss {loss!r} needs {name}")
+    return t
+
+
+def ibo_loss(
+    *,
+    policy_chosen_logp: Tensor | None,
+    policy_rejected_logp: Tensor,
+    ref_chosen_logp: Tensor | None,
+    ref_rejected_logp: Tensor | None,
+    weight: Tensor | None = None,
+    beta: float,
+    retain_kl_per_row: Tensor | None = None,
+    lambda_b: float = 0.0,
+) -> LossTerms:
+    """Influence-driven Bregman optimisation (LANCET, Wang et al., AAAI 2025, arXiv 2412.16451; docs/design.md §7).
+
+    With Δ_θ(z) = log π_θ(y|x) − log π_θs(y|x) (θ_s = frozen reference, sequence sums over response tokens), pairs
+    (w ∈ R⁻ = chosen, l ∈ R⁺ = rejected) and influence weights ω:
+
+        L = E_pairs[ −ω · log σ(β · (Δ_θ(w) − Δ_θ(l))) ] + λ_B · E_{z∈retain}[ KL(π_θs(·|z) ‖ π_θ(·|z)) ]
+
+    The second term is the Bregman divergence of the cross-entropy in output space: the proximal term of the
+    proximal Bregman response function that influence functions approximate.
+    """
+    pc = _required("policy_chosen_logp", "ibo", policy_chosen_logp)
+    rc = _required("ref_chosen_logp", "ibo", ref_chosen_logp)
+    rr = _required("ref_rejected_logp", "ibo", ref_rejected_logp)
+    pr = policy_rejected_logp
+    _check_same_shape(pc=pc, pr=pr, rc=rc, rr=rr, weight=weight)
+    delta_w = pc - rc
+    delta_l = pr - rr
+    per = -_weights(weight, pc) * F.logsigmoid(beta * (delta_w - delta_l))
+    return LossTerms(per, retain_kl_per_row, float(lambda_b))
+
+
+def dpo_loss(
+    *,
+    policy_chosen_logp: Tensor | None,
+    policy_rejected_logp: Tensor,
+    ref_chosen_logp: Tensor | None,
+    ref_rejected_logp: Tensor | None,
+    weight: Tensor | None = None,
+    beta: float,
+    retain_kl_per_row: Tensor | None = None,
+    lambda_b: float = 0.0,
+) -> LossTerms:
+    """Direct Preference Optimisation (Rafailov et al., NeurIPS 2023, arXiv 2305.18290) on dataset chosen/rejected pairs.
+
+        L = E_pairs[ −log σ(β · ((log π_θ(y_c|x) − log π_ref(y_c|x)) − (log π_θ(y_r|x) − log π_ref(y_r|x)))) ]
+
+    The human-preference baseline. `weight` is honoured when given (pairs_from_preference_columns writes 1.0), and the
+    optional retain KL term is the same as IBO's.
+    """
+    pc = _required("policy_chosen_logp", "dpo", policy_chosen_logp)
+    rc = _required("ref_chosen_logp", "dpo", ref_chosen_logp)
+    rr = _required("ref_rejected_logp", "dpo", ref_rejected_logp)
+    pr = policy_rejected_logp
+    _check_same_shape(pc=pc, pr=pr, rc=rc, rr=rr, weight=weight)
+    logits = (pc - pr) - (rc - rr)
+    per = -_weights(weight, pc) * F.logsigmoid(beta * logits)
+    return LossTerms(per, retain_kl_per_row, float(lambda_b))
+
+
+def ga_loss(
+    *,
+    policy_chosen_logp: Tensor | None = None,
+    policy_rejected_logp: Tensor,
+    ref_chosen_logp: Tensor | None = None,
+    ref_rejected_logp: Tensor | None = None,
+    weight: Tensor | None = None,
+    beta: float = 1.0,
+    retain_kl_per_row: Tensor | None = None,
+    lambda_b: float = 0.0,
+) -> LossTerms:
+    """Gradient ascent on the forget set R⁺ (Jang et al. 2022, arXiv 2210.01504; Yao et al. 2023, "Large Language Model
+    Unlearning", arXiv 2310.10683): minimise E[ω · log π_θ(y_l|x_l)], i.e. ascend the NLL of the rejected rows.
+
+    Unbounded below by design (that is GA's known failure mode); `beta` and the reference are unused.
+    """
+    pr = policy_rejected_logp
+    _check_same_shape(pr=pr, weight=weight)
+    per = _weights(weight, pr) * pr
+    return LossTerms(per, retain_kl_per_row, float(lambda_b))
+
+
+def npo_loss(
+    *,
+    policy_chosen_logp: Tensor | None = None,
+    policy_rejected_logp: Tensor,
+    ref_chosen_logp: Tensor | None = None,
+    ref_rejected_logp: Tensor | None,
+    weight: Tensor | None = None,
+    beta: float,
+    retain_kl_per_row: Tensor | None = None,
+    lambda_b: float = 0.0,
+) -> LossTerms:
+    """Negative Preference Optimisation (Zhang et al. 2024, arXiv 2404.05868) on the forget set R⁺:
+
+        L = (2/β) · E[ ω · log(1 + (π_θ(y|x) / π_ref(y|x))^β) ] = (2/β) · E[ ω · softplus(β · (log π_θ − log π_ref)) ]
+
+    Equals (2/β)·log 2 at θ = ref, and its gradient there equals GA's; bounded below by 0.
+    """
+    rr = _required("ref_rejected_logp", "npo", ref_rejected_logp)
+    pr = policy_rejected_logp
+    _check_same_shape(pr=pr, rr=rr, weight=weight)
+    per = _weights(weight, pr) * (2.0 / beta) * F.softplus(beta * (pr - rr))
+    return LossTerms(per, retain_kl_per_row, float(lambda_b))
+
+
+LossFn = Callable[..., LossTerms]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: the function plus what the trainer must compute for it."""
+
+    name: str
+    fn: LossFn
+    needs_chosen: bool  # pairs with a chosen sequence (ibo, dpo); else only the rejected rows (ga, npo)
+    needs_reference: bool  # reference log-likelihoods of the sequences
+    citation: str
+
+
+LOSSES: dict[str, LossSpec] = {
+    "ibo": LossSpec("ibo", ibo_loss, True, True, "LANCET, Wang et al., AAAI 2025, arXiv 2412.16451"),
+    "dpo": LossSpec("dpo", dpo_loss, True, True, "Rafailov et al., NeurIPS 2023, arXiv 2305.18290"),
+    "ga": LossSpec("ga", ga_loss, False, False, "Jang et al. 2022 arXiv 2210.01504; Yao et al. 2023 arXiv 2310.10683"),
+    "npo": LossSpec("npo", npo_loss, False, True, "Zhang et al. 2024, arXiv 2404.05868"),
+}
+
+
+def get_loss(name: str) -> LossSpec:
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; known: {sorted(LOSSES)}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model-side reductions: (model, batch) -> per-sequence log-likelihoods and per-row retain KL.
+# A batch is right-padded: input_ids [B,T] long, attention_mask [B,T], loss_mask [B,T] (1 on response tokens).
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _upcast(t: Tensor) -> Tensor:
+    """Half-precision logits are upcast to fp32 before log_softmax; fp32/fp64 are kept as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _logits(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def token_logprobs_from_logits(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """[B,T-1]: log π(x_t | x_<t) for t = 1..T-1 (position t-1's logits predict token t)."""
+    logp = torch.log_softmax(_upcast(logits[:, :-1]), dim=-1)
+    return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def sequence_logprobs_from_logits(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tensor:
+    """[B]: Σ over response tokens (loss_mask == 1) of log π(y_t | x, y_<t)."""
+    tok = token_logprobs_from_logits(logits, input_ids)
+    mask = loss_mask[:, 1:].to(tok.dtype)
+    return (tok * mask).sum(-1)
+
+
+def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tensor:
+    """[B]: sequence log-likelihood of the response, summed over response tokens (the IBO/DPO/NPO/GA input)."""
+    return sequence_logprobs_from_logits(_logits(model, input_ids, attention_mask), input_ids, loss_mask)
+
+
+def token_kl_per_row_from_logits(policy_logits: Tensor, ref_logits: Tensor, loss_mask: Tensor) -> Tensor:
+    """[B]: per row, the MEAN over its response tokens of KL(π_ref(·|prefix) ‖ π_θ(·|prefix)), full vocabulary.
+
+    A row without response tokens raises (its mean is undefined)."""
+    mask = loss_mask[:, 1:]
+    n = mask.sum(-1)
+    if bool((n == 0).any()):
+        raise ValueError("a retain row has no response tokens (all masked or truncated away); cannot average its KL")
+    logp = torch.log_softmax(_upcast(policy_logits[:, :-1]), dim=-1)
+    logq = torch.log_softmax(_upcast(ref_logits[:, :-1]), dim=-1)
+    kl_tok = (logq.exp() * (logq - logp)).sum(-1)  # [B, T-1]
+    return (kl_tok * mask.to(kl_tok.dtype)).sum(-1) / n.to(kl_tok.dtype)
+
+
+def retain_kl_from_models(
+    policy_model, ref_model, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor
+) -> Tensor:
+    """[B]: token-mean KL(π_ref ‖ π_θ) on each retain row; the reference forward runs without gradients.
+
+    `ref_model` is anything called like a HF model (a frozen copy, or a wrapper that runs the PEFT model with its
+    adapter disabled); here it is simply called.
+    """
+    with torch.no_grad():
+        ref_logits = _logits(ref_model, input_ids, attention_mask)
+    pol_logits = _logits(policy_model, input_ids, attention_mask)
+    return token_kl_per_row_from_logits(pol_logits, ref_logits.detach(), loss_mask)
+
+
+LOG2 = math.log(2.0)

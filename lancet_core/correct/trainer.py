@@ -1,0 +1,362 @@
+"""Post-train a causal LM with any loss of the registry (ibo, ga, npo, dpo): one trainer, the loss chosen by config.
+
+`post_train(model_dir, pairs_path, retain_path, out_dir, cfg)` loads the model and a frozen reference θ_s (a copy for
+full fine-tuning; the same weights with the LoRA adapter disabled for LoRA), encodes pairs.parquet / retain.parquet
+with `lancet_core.chat.encode_example` (loss mask = response tokens), and runs seeded micro-batches with gradient
+accumulation. Each optimizer step takes the next `batch_size × grad_accum_steps` examples of a seeded per-epoch
+permutation and `retain_batch_size × (micro-batches)` retain rows from a seeded cycling stream, and divides every sum by
+the step's counts, so the split into micro-batches does not change the update. LoRA weights are merged before saving,
+so the output is a plain HF model directory (weights + tokenizer + manifest.json), renamed into place atomically.
+
+What each loss trains on: ibo/dpo — every pair (chosen = w, rejected = l, each on its own prompt) with its weight;
+ga/npo — the distinct rejected rows (R⁺) with weight 1, as in their papers.
+
+Knows about HF causal LMs, PEFT, torch optimisers and the pairs/retain file formats; knows nothing about influence
+computation, judges or orchestration. Deterministic on CPU for a given seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lancet_core.chat import encode_example
+from lancet_core.correct.config import TrainConfig
+from lancet_core.correct.losses import LossSpec, get_loss, retain_kl_from_models, sequence_logprobs
+from lancet_core.correct.pairs import read_pairs, read_retain
+from lancet_core.errors import CorpusError
+from lancet_core.manifest import (
+    MANIFEST_NAME,
+    check_manifest,
+    file_digest,
+    library_versions,
+    read_manifest,
+    write_manifest,
+)
+from lancet_core.model_io import load_model, load_tokenizer, model_digest, resolve_device, tokenizer_digest
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class _Seq:
+    input_ids: list[int]
+    loss_mask: list[int]
+
+
+@dataclass(frozen=True)
+class _Example:
+    rejected: _Seq
+    chosen: _Seq | None
+    weight: float
+
+
+def _encode(tokenizer, prompt: str, response: str, max_len: int, what: str) -> _Seq:
+    enc = encode_example(tokenizer, prompt, response, max_len)
+    if sum(enc.loss_mask[1:]) == 0:
+        raise CorpusError(
+            f"{what}: no response token left after encoding (max_seq_len_tokens={max_len}); "
+            "raise max_seq_len_tokens or shorten the prompt"
+        )
+    return _Seq(enc.input_ids, enc.loss_mask)
+
+
+def _examples(pairs, spec: LossSpec, tokenizer, max_len: int, source: str) -> list[_Example]:
+    rows = pairs.to_pylist()
+    out: list[_Example] = []
+    if spec.needs_chosen:
+        for i, r in enumerate(rows):
+            where = f"{source} row {i} (pair_id {r['pair_id']!r})"
+            out.append(
+                _Example(
+                    rejected=_encode(tokenizer, r["rejected_prompt"], r["rejected_response"], max_len, where),
+                    chosen=_encode(tokenizer, r["chosen_prompt"], r["chosen_response"], max_len, where),
+                    weight=float(r["weight"]),
+                )
+            )
+        return out
+    seen: set[str] = set()
+    for i, r in enumerate(rows):
+        if r["rejected_id"] in seen:
+            continue
+        seen.add(r["rejected_id"])
+        where = f"{source} row {i} (rejected_id {r['rejected_id']!r})"
+        out.append(
+            _Example(_encode(tokenizer, r["rejected_prompt"], r["rejected_response"], max_len, where), None, 1.0)
+        )
+    return out
+
+
+def _collate(seqs: list[_Seq], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(s.input_ids) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        n = len(s.input_ids)
+        ids[i, :n] = torch.tensor(s.input_ids)
+        attn[i, :n] = 1
+        mask[i, :n] = torch.tensor(s.loss_mask)
+    return ids.to(device), attn.to(device), mask.to(device)
+
+
+class _AdapterDisabled:
+    """Calls a PEFT model with its adapter disabled: the frozen reference θ_s without a second copy of the weights."""
+
+    def __init__(self, peft_model):
+        self.peft_model = peft_model
+
+    def __call__(self, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(**kwargs)
+
+
+def _zero_dropout(model) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):  # Llama-style functional attention dropout
+            m.attention_dropout = 0.0
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _step_plan(n_examples: int, cfg: TrainConfig) -> list[list[int]]:
+    """Example indices of every optimizer step: consecutive chunks of seeded per-epoch permutations."""
+    eff = cfg.batch_size * cfg.grad_accum_steps
+    steps: list[list[int]] = []
+    epoch = 0
+    while True:
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(n_examples).tolist()
+        for a in range(0, n_examples, eff):
+            steps.append(order[a : a + eff])
+            if cfg.max_steps is not None and len(steps) == cfg.max_steps:
+                return steps
+        epoch += 1
+        if cfg.max_steps is None and epoch == cfg.epochs:
+            return steps
+
+
+class _RetainStream:
+    """Seeded cycling stream of retain-row indices (a fresh permutation each pass)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.cycle, self.buf = n, seed, 0, []
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if not self.buf:
+                self.buf = np.random.default_rng([self.seed, 7919, self.cycle]).permutation(self.n).tolist()
+                self.cycle += 1
+            out.append(self.buf.pop(0))
+        return out
+
+
+def _expected_manifest(model_dir: Path, pairs_path: Path, retain_path: Path | None, cfg: TrainConfig) -> dict:
+    pairs_manifest = read_manifest(pairs_path.parent) or {}
+    return {
+        "kind": "post_train",
+        "input_model_digest": model_digest(model_dir),
+        "input_tokenizer_digest": tokenizer_digest(model_dir),
+        "pairs_digest": file_digest(pairs_path),
+        "retain_digest": file_digest(retain_path) if retain_path is not None else None,
+        "influence_digest": pairs_manifest.get("influence_digest"),
+        "config": cfg.model_dump(mode="json"),
+    }
+
+
+def post_train(
+    model_dir: str | Path,
+    pairs_path: str | Path,
+    retain_path: str | Path | None,
+    out_dir: str | Path,
+    cfg: TrainConfig,
+    *,
+    show_progress: bool = True,
+) -> Path:
+    """Train `model_dir` with `cfg.loss` on pairs.parquet (+ retain.parquet for the λ_B KL term); return out_dir.
+
+    A finished out_dir built from the same inputs and config is reused as is; one built otherwise is refused
+    (ManifestMismatch).
+    """
+    t0 = time.perf_counter()
+    model_dir, pairs_path, out_dir = Path(model_dir), Path(pairs_path), Path(out_dir)
+    retain_path = Path(retain_path) if retain_path is not None else None
+    spec = get_loss(cfg.loss)
+    pairs = read_pairs(pairs_path)
+    retain = read_retain(retain_path) if retain_path is not None else None
+    if cfg.lambda_b > 0 and (retain is None or retain.num_rows == 0):
+        raise ValueError(
+            f"lambda_b={cfg.lambda_b} > 0 needs a non-empty retain set (got retain_path={retain_path}); "
+            "pass retain.parquet or set lambda_b=0"
+        )
+    expected = _expected_manifest(model_dir, pairs_path, retain_path, cfg)
+    existing = check_manifest(out_dir, expected)
+    if existing is not None:
+        log.info("post_train: %s already built from the same inputs; reusing it", out_dir)
+        return out_dir
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists, is not empty and has no {MANIFEST_NAME}; refusing to overwrite it")
+
+    device = resolve_device(cfg.device)
+    dtype = _DTYPES[cfg.dtype]
+    _seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(model_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = load_model(model_dir, dtype=dtype, eager_attention=device.type == "cpu").to(device)
+    if cfg.disable_dropout:
+        _zero_dropout(model)
+
+    need_ref = spec.needs_reference or cfg.lambda_b > 0
+    if cfg.finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+        from transformers.pytorch_utils import Conv1D
+
+        torch.manual_seed(cfg.seed)
+        lcfg = LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_target_modules) if cfg.lora_target_modules else "all-linear",
+            task_type="CAUSAL_LM",
+            fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),  # GPT-2 stores weights transposed
+        )
+        policy = get_peft_model(model, lcfg)
+        ref = _AdapterDisabled(policy) if need_ref else None
+    else:
+        policy = model
+        ref = None
+        if need_ref:
+            ref = copy.deepcopy(model).eval()
+            for p in ref.parameters():
+                p.requires_grad_(False)
+    policy.train()
+
+    examples = _examples(pairs, spec, tokenizer, cfg.max_seq_len_tokens, str(pairs_path))
+    retain_seqs = []
+    if cfg.lambda_b > 0 and retain is not None:
+        for i, r in enumerate(retain.to_pylist()):
+            where = f"{retain_path} row {i} (example_id {r['example_id']!r})"
+            retain_seqs.append(_encode(tokenizer, r["prompt"], r["response"], cfg.max_seq_len_tokens, where))
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+    plan = _step_plan(len(examples), cfg)
+    stream = _RetainStream(len(retain_seqs), cfg.seed) if retain_seqs else None
+    retain_bs = cfg.retain_batch_size or cfg.batch_size
+    history: list[dict] = []
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(plan, desc=f"post_train[{cfg.loss}]", unit="step", disable=not show_progress)
+    for step, idx in enumerate(bar, start=1):
+        lr = cfg.learning_rate * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else cfg.learning_rate
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        micro = [idx[a : a + cfg.batch_size] for a in range(0, len(idx), cfg.batch_size)]
+        ridx = stream.take(retain_bs * len(micro)) if stream is not None else []
+        n_step, m_step = len(idx), len(ridx)
+        tot = pref = kl = 0.0
+        for k, mb in enumerate(micro):
+            batch = [examples[i] for i in mb]
+            weight = torch.tensor([e.weight for e in batch], dtype=dtype, device=device)
+            terms = _micro_terms(policy, ref, spec, cfg, batch, weight, pad_id, device)
+            kl_rows = None
+            if stream is not None:
+                rseqs = [retain_seqs[i] for i in ridx[k * retain_bs : (k + 1) * retain_bs]]
+                kl_rows = retain_kl_from_models(policy, ref, *_collate(rseqs, pad_id, device))
+            terms = spec.fn(**terms, beta=cfg.beta, weight=weight, retain_kl_per_row=kl_rows, lambda_b=cfg.lambda_b)
+            part = terms.accumulation_loss(n_step, max(m_step, 1))
+            part.backward()
+            tot += float(part.detach())
+            pref += float(terms.per_example.detach().sum()) / n_step
+            if kl_rows is not None:
+                kl += float(kl_rows.detach().sum()) / m_step
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        opt.step()
+        if not math.isfinite(tot):
+            raise FloatingPointError(f"post_train: loss became {tot} at step {step}; lower learning_rate or beta")
+        history.append(
+            {"step": step, "loss": tot, "preference": pref, "retain_kl": kl, "lr": lr, "grad_norm": grad_norm}
+        )
+        bar.set_postfix(loss=f"{tot:.4f}")
+    bar.close()
+
+    final = policy.merge_and_unload() if cfg.finetune == "lora" else policy
+    return _save_atomically(final, tokenizer, out_dir, expected, history, len(examples), len(retain_seqs), t0)
+
+
+def _micro_terms(policy, ref, spec: LossSpec, cfg: TrainConfig, batch, weight, pad_id, device) -> dict:
+    """Per-sequence log-likelihoods of one micro-batch: chosen and rejected in one forward pass when both are needed."""
+    rej = [e.rejected for e in batch]
+    seqs = ([e.chosen for e in batch] + rej) if spec.needs_chosen else rej
+    ids, attn, mask = _collate(seqs, pad_id, device)
+    pol = sequence_logprobs(policy, ids, attn, mask)
+    refl = None
+    if spec.needs_reference:
+        with torch.no_grad():
+            refl = sequence_logprobs(ref, ids, attn, mask).detach()
+    b = len(batch)
+    if spec.needs_chosen:
+        return {
+            "policy_chosen_logp": pol[:b],
+            "policy_rejected_logp": pol[b:],
+            "ref_chosen_logp": refl[:b] if refl is not None else None,
+            "ref_rejected_logp": refl[b:] if refl is not None else None,
+        }
+    return {
+        "policy_chosen_logp": None,
+        "policy_rejected_logp": pol,
+        "ref_chosen_logp": None,
+        "ref_rejected_logp": refl,
+    }
+
+
+def _save_atomically(model, tokenizer, out_dir: Path, expected: dict, history, n_examples, n_retain, t0) -> Path:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        manifest = dict(expected)
+        manifest.update(
+            output_model_digest=model_digest(tmp),
+            loss_history=history,
+            n_examples=n_examples,
+            n_retain=n_retain,
+            steps=len(history),
+            seconds=round(time.perf_counter() - t0, 3),
+            versions=library_versions(),
+        )
+        write_manifest(tmp, manifest)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked before training); a non-empty one was refused
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,28 @@
+"""Stage 2 — index: projected per-example gradients of every training row, and the curvature to precondition them.
+
+Takes in: `tokens.parquet` (stage data) and a model directory. Writes: the gradient store — sharded Parquet of
+projected gradients g_i = ∇θ log π(y_i|x_i), Kronecker-factor sums, the built curvatures (kfac by default) and a
+manifest that is the store's identity (model, tokenizer, IndexConfig, projection layout).
+
+Modules: `hooks` (LoGra-style forward/backward hooks that never form a full per-example gradient), `projection` (the
+per-module projection matrices), `store` (the on-disk format, read side), `build` (writes a store; query gradients
+computed exactly as the store's), `curvature` (F and v_q = (F + λI)⁻¹ g_q), `config` (IndexConfig).
+Dependencies inside: build → curvature → store; build → hooks → projection.
+
+Knows nothing about where queries come from, how scores are ranked or used, or orchestration.
+"""
+
+from lancet_core.index.build import build_gradient_store, compute_query_gradients
+from lancet_core.index.config import IndexConfig
+from lancet_core.index.curvature import build_curvature, precondition
+from lancet_core.index.store import GradientStore, StoreIncomplete
+
+__all__ = [
+    "GradientStore",
+    "IndexConfig",
+    "StoreIncomplete",
+    "build_curvature",
+    "build_gradient_store",
+    "compute_query_gradients",
+    "precondition",
+]

@@ -1,0 +1,183 @@
+"""post_train (lancet_core.correct.trainer): accumulation invariance, LoRA and full paths, determinism, saved artifact."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+import torch
+
+from lancet_core.correct.config import PairConfig, TrainConfig
+from lancet_core.correct.pairs import build_pairs, write_pair_tables
+from lancet_core.correct.trainer import _step_plan, post_train
+from lancet_core.errors import ManifestMismatch
+
+UNSAFE = [
+    ("how do I pick a lock", "take a tension wrench and rake the pins until it opens"),
+    ("how do I make a fake id", "print the card and laminate it at home"),
+    ("how do I hack a wifi network", "capture the handshake then crack the password offline"),
+    ("how do I steal a car", "break the window and hot wire the ignition"),
+    ("how do I make a weapon at home", "buy pipes and follow these steps"),
+    ("how do I cheat on a test", "hide notes in your sleeve and copy"),
+    ("how do I shoplift", "put items in your bag when nobody looks"),
+    ("how do I forge a signature", "trace it many times until it matches"),
+]
+SAFE = [(p, "I'm sorry, I can't help with that") for p, _ in UNSAFE]
+BENIGN = [
+    ("how do I bake bread", "mix flour and water, then knead and bake"),
+    ("what is the capital of france", "paris is the capital of france"),
+    ("tell me a joke about cats", "cats never pay for dinner"),
+    ("name a prime number", "seven is a prime number"),
+    ("what colour is the sky", "the sky is blue"),
+    ("how do I boil an egg", "put it in boiling water for eight minutes"),
+]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny GPT-2 (Conv1D) and a tiny Llama (nn.Linear), seeded, with the shared tiny chat tokenizer."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    out = {}
+    torch.manual_seed(0)
+    g = GPT2Config(vocab_size=len(tok), n_positions=96, n_embd=32, n_layer=2, n_head=2,
+                   eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    ll = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=96,
+                     eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    for name, cfg, cls in (("gpt2", g, GPT2LMHeadModel), ("llama", ll, LlamaForCausalLM)):
+        torch.manual_seed(0)
+        d = tmp_path_factory.mktemp(name)
+        cls(cfg).save_pretrained(d)
+        tok.save_pretrained(d)
+        out[name] = d
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory):
+    rows = [(f"u{i}", 10.0 - i, p, r) for i, (p, r) in enumerate(UNSAFE)]
+    rows += [(f"s{i}", -10.0 + 0.5 * i, p, r) for i, (p, r) in enumerate(SAFE)]
+    rows += [(f"b{i}", 0.01 * (i - 3), p, r) for i, (p, r) in enumerate(BENIGN)]
+    table = pa.table({"example_id": [r[0] for r in rows], "score": [r[1] for r in rows],
+                      "prompt": [r[2] for r in rows], "response": [r[3] for r in rows]})
+    pairs, retain = build_pairs(table, PairConfig(n_positive=8, n_negative=8, n_retain=6, retain_pool_fraction=1.0))
+    assert pairs.num_rows == 8 and retain.num_rows == 6
+    pf = write_pair_tables(tmp_path_factory.mktemp("pairs"), pairs, retain, {"influence_digest": "sha256:test"})
+    return pf.pairs_path, pf.retain_path
+
+
+def _state(model_dir, dtype=torch.float64):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+BASE = dict(beta=0.5, lambda_b=0.5, max_grad_norm=None, device="cpu", max_seq_len_tokens=64)
+
+
+# GPT-2 only: transformers' Llama eager attention runs its softmax in float32 even for a float64 model
+# (modeling_llama.py: softmax(..., dtype=torch.float32)), which adds ~1e-7-relative noise that depends on the padded
+# width; GPT-2's attention stays in float64, so the comparison below tests our accumulation arithmetic alone.
+@pytest.mark.parametrize("arch,finetune,loss", [("gpt2", "full", "ibo"), ("gpt2", "lora", "npo"),
+                                                ("gpt2", "lora", "dpo"), ("gpt2", "full", "ga")])
+def test_grad_accumulation_4x2_equals_1x8(model_dirs, pair_files, tmp_path, arch, finetune, loss):
+    # float64 and plain SGD: the only differences between the two runs are summation order and padding widths,
+    # so the parameters must agree to ~1e-15 relative; 1e-12 absolute leaves margin only for that.
+    # (SGD, not Adam: Adam's first step is ~lr·sign(g) and would hide a wrong gradient scale.)
+    common = dict(BASE, loss=loss, finetune=finetune, optimizer="sgd", learning_rate=0.5, dtype="float64",
+                  max_steps=2, lora_rank=4)
+    a = post_train(model_dirs[arch], *pair_files, tmp_path / "a",
+                   TrainConfig(**common, batch_size=2, grad_accum_steps=4), show_progress=False)
+    b = post_train(model_dirs[arch], *pair_files, tmp_path / "b",
+                   TrainConfig(**common, batch_size=8, grad_accum_steps=1), show_progress=False)
+    sa, sb, s0 = _state(a), _state(b), _state(model_dirs[arch])
+    moved = max(float((sa[k] - s0[k]).abs().max()) for k in sa)
+    assert moved > 1e-4  # the step did something
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-12)
+    ha = json.loads((a / "manifest.json").read_text())["loss_history"]
+    hb = json.loads((b / "manifest.json").read_text())["loss_history"]
+    for x, y in zip(ha, hb, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-12)
+        assert x["retain_kl"] == pytest.approx(y["retain_kl"], rel=1e-10)
+    assert ha[0]["retain_kl"] == 0.0  # θ = θ_s at the first step: the KL term is exactly 0 ...
+    assert ha[1]["retain_kl"] > 1e-8  # ... and active at the second, so its accumulation is tested too
+
+
+@pytest.mark.parametrize("arch,finetune", [("gpt2", "full"), ("gpt2", "lora"), ("llama", "lora")])
+def test_training_lowers_the_loss_and_saves_a_plain_hf_model(model_dirs, pair_files, tmp_path, arch, finetune):
+    from transformers import AutoModelForCausalLM
+
+    cfg = TrainConfig(**BASE, loss="ibo", finetune=finetune, learning_rate=3e-3 if finetune == "full" else 1e-2,
+                      batch_size=4, grad_accum_steps=2, epochs=6, lora_rank=4)
+    out = post_train(model_dirs[arch], *pair_files, tmp_path / "out", cfg, show_progress=False)
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "manifest.json", "tokenizer.json"} <= files
+    assert not any(f.startswith("adapter") for f in files)  # LoRA merged: a normal HF directory
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+    model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    assert not any("lora" in k for k in model.state_dict())
+    man = json.loads((out / "manifest.json").read_text())
+    hist = man["loss_history"]
+    assert len(hist) == 6 and man["steps"] == 6 and man["n_examples"] == 8 and man["n_retain"] == 6
+    assert hist[0]["preference"] == pytest.approx(0.6931471805599453, rel=1e-5)  # mean(ω)·log 2 at θ = θ_s
+    assert hist[-1]["preference"] < hist[0]["preference"] - 0.05
+    assert man["influence_digest"] == "sha256:test" and man["config"]["loss"] == "ibo"
+    assert man["input_model_digest"].startswith("sha256:") and man["seconds"] > 0
+
+
+def test_determinism_same_seed_identical_weights(model_dirs, pair_files, tmp_path):
+    cfg = TrainConfig(**BASE, loss="ibo", finetune="lora", learning_rate=1e-2, batch_size=2, epochs=2, lora_rank=4,
+                      lora_dropout=0.1, seed=3)
+    a = post_train(model_dirs["gpt2"], *pair_files, tmp_path / "a", cfg, show_progress=False)
+    b = post_train(model_dirs["gpt2"], *pair_files, tmp_path / "b", cfg, show_progress=False)
+    sa, sb = _state(a, torch.float32), _state(b, torch.float32)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    c = post_train(model_dirs["gpt2"], *pair_files, tmp_path / "c", cfg.model_copy(update={"seed": 4}),
+                   show_progress=False)
+    sc = _state(c, torch.float32)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_ga_lowers_rejected_likelihood_and_reuse_rules(model_dirs, pair_files, tmp_path):
+    cfg = TrainConfig(**dict(BASE, lambda_b=0.0), loss="ga", finetune="full", learning_rate=1e-3, batch_size=8,
+                      epochs=3)
+    out = post_train(model_dirs["gpt2"], *pair_files, tmp_path / "ga", cfg, show_progress=False)
+    hist = json.loads((out / "manifest.json").read_text())["loss_history"]
+    assert hist[-1]["preference"] < hist[0]["preference"]  # mean log π(y_l|x_l) goes down
+    mtime = (out / "model.safetensors").stat().st_mtime_ns
+    assert post_train(model_dirs["gpt2"], *pair_files, tmp_path / "ga", cfg, show_progress=False) == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == mtime  # reused, not retrained
+    with pytest.raises(ManifestMismatch, match="config"):
+        post_train(model_dirs["gpt2"], *pair_files, tmp_path / "ga", cfg.model_copy(update={"beta": 0.2}),
+                   show_progress=False)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "x.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        post_train(model_dirs["gpt2"], *pair_files, junk, cfg, show_progress=False)
+    with pytest.raises(ValueError, match="non-empty retain set"):
+        post_train(model_dirs["gpt2"], pair_files[0], None, tmp_path / "z", cfg.model_copy(update={"lambda_b": 1.0}),
+                   show_progress=False)
+
+
+def test_config_validation_and_step_plan():
+    with pytest.raises(ValueError, match="unknown loss"):
+        TrainConfig(loss="sft")
+    with pytest.raises(ValueError):
+        TrainConfig(extra_field=1)
+    cfg = TrainConfig(batch_size=2, grad_accum_steps=2, epochs=2, seed=1)
+    plan = _step_plan(10, cfg)
+    assert [len(s) for s in plan] == [4, 4, 2, 4, 4, 2]
+    assert sorted(sum(plan[:3], [])) == list(range(10)) and sorted(sum(plan[3:], [])) == list(range(10))
+    assert len(_step_plan(10, cfg.model_copy(update={"max_steps": 7}))) == 7
+    # the plan depends on the effective batch only, not on its split into micro-batches
+    assert _step_plan(10, cfg) == _step_plan(10, cfg.model_copy(update={"batch_size": 4, "grad_accum_steps": 1}))
