@@ -100,7 +100,7 @@ def build_curvature(
             for _, g in store.iter_batches(dtype=np.float64):
                 for ml in store.layout:
                     G = g[:, ml.offset : ml.offset + ml.size].reshape(-1, ml.eff_out, ml.eff_in)
-                    rot = np.einsum("po,npi,ij->noj", arrays[f"QS:{ml.name}"], G, arrays[f"QA:{ml.name}"])
+                    rot = arrays[f"QS:{ml.name}"].T @ G @ arrays[f"QA:{ml.name}"]  # Q_Sᵀ G_i Q_A, [n, k_out, k_in]
                     ekfac_sums[ml.name] += (rot**2).sum(0)
             for ml in store.layout:
                 arrays[f"w:{ml.name}"] = ekfac_sums[ml.name] / n
@@ -159,9 +159,9 @@ def preconditioner(
             qa, qs = arrays[f"QA:{ml.name}"], arrays[f"QS:{ml.name}"]
             w, lam = arrays[f"w:{ml.name}"], float(arrays[f"lambda:{ml.name}"])
             G = g[:, ml.offset : ml.offset + ml.size].reshape(-1, ml.eff_out, ml.eff_in)
-            rot = np.einsum("so,nsi,ij->noj", qs, G, qa)  # Q_Sᵀ G Q_A
+            rot = qs.T @ G @ qa  # Q_Sᵀ G Q_A
             rot /= w + lam
-            back = np.einsum("os,nsj,ij->noi", qs, rot, qa)  # Q_S (·) Q_Aᵀ
+            back = qs @ rot @ qa.T  # Q_S (·) Q_Aᵀ
             out[:, ml.offset : ml.offset + ml.size] = back.reshape(len(g), -1)
         return out
 
