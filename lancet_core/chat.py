@@ -1,19 +1,32 @@
 """Turn (prompt, response) or chat `messages` into token ids with a loss mask over the response tokens only.
 
-The model's own chat template is used when its tokenizer has one; otherwise the plain concatenation
-`prompt + response + eos`. The mask is found by rendering the conversation up to each assistant turn with
-`add_generation_prompt=True` and checking that it is a token prefix of the full conversation, so it is right for any
-template that renders prefixes consistently (and a clear error otherwise).
+The model's own chat template is used when its tokenizer has one. The mask is found by rendering the conversation up
+to each assistant turn with `add_generation_prompt=True` and checking that it is a token prefix of the full
+conversation, so it is right for any template that renders prefixes consistently (and a clear error otherwise).
+
+Fallback when the tokenizer has NO chat template (a warning is logged once per tokenizer):
+
+    ids = tokenizer(P + "\n", add_special_tokens=True) + tokenizer(R, add_special_tokens=False) + [eos]
+
+with P the contents of the non-assistant turns (system, user) joined by "\n" and R the contents of the assistant
+turns joined by "\n"; eos is appended when the tokenizer has one. The loss mask is 1 on the R and eos tokens. The
+prompt part `tokenizer(P + "\n", add_special_tokens=True)` is built by one function, `_fallback_prompt_ids`, for
+both scoring (`encode_messages`) and generation (`render_prompt_ids`), so a model is prompted with exactly the
+prefix its answers are scored (and were fine-tuned) after.
 
 Knows about tokenizers and chat templates; knows nothing about files, corpora or models.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 Message = dict[str, str]
+log = logging.getLogger(__name__)
+_warned_fallback: weakref.WeakSet = weakref.WeakSet()  # tokenizers already warned about (once each)
 
 
 @dataclass(frozen=True)
@@ -44,12 +57,36 @@ def _ids(x) -> list[int]:
     return list(x["input_ids"])
 
 
+def _warn_fallback(tokenizer) -> None:
+    try:
+        if tokenizer in _warned_fallback:
+            return
+        _warned_fallback.add(tokenizer)
+    except TypeError:  # not weak-referenceable: warn every time rather than never
+        pass
+    log.warning(
+        "tokenizer %r has no chat template: using the plain fallback format "
+        "(prompt turns joined by '\\n', then '\\n', then the response and eos; see lancet_core.chat)",
+        getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
+    )
+
+
+def _fallback_prompt_ids(tokenizer, messages: Sequence[Message]) -> list[int]:
+    """The fallback format's prompt part: the non-assistant turns joined by "\n", then "\n" (special tokens added)."""
+    _warn_fallback(tokenizer)
+    text = "\n".join(m["content"] for m in messages if m["role"] != "assistant")
+    return list(tokenizer(text + "\n", add_special_tokens=True)["input_ids"])
+
+
 def render_prompt_ids(tokenizer, messages: Sequence[Message]) -> list[int]:
-    """Token ids of a conversation ending where the assistant is about to answer (used for generation)."""
+    """Token ids of a conversation ending where the assistant is about to answer (used for generation).
+
+    For a single-turn conversation these are exactly the loss-masked-out prefix of `encode_messages` of the same
+    conversation with its answer, with or without a chat template.
+    """
     if has_chat_template(tokenizer):
         return _ids(tokenizer.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=True))
-    text = "\n".join(m["content"] for m in messages if m["role"] != "assistant")
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
+    return _fallback_prompt_ids(tokenizer, messages)
 
 
 def encode_messages(tokenizer, messages: Sequence[Message], max_seq_len_tokens: int | None = None) -> Encoded:
@@ -77,9 +114,8 @@ def encode_messages(tokenizer, messages: Sequence[Message], max_seq_len_tokens: 
             for t in range(len(start), len(end)):
                 mask[t] = 1
     else:
-        prompt_text = "\n".join(m["content"] for m in messages if m["role"] != "assistant")
         response_text = "\n".join(m["content"] for m in messages if m["role"] == "assistant")
-        prompt_ids = tokenizer(prompt_text + "\n", add_special_tokens=True)["input_ids"]
+        prompt_ids = _fallback_prompt_ids(tokenizer, messages)
         resp_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
             resp_ids = resp_ids + [tokenizer.eos_token_id]

@@ -1,7 +1,10 @@
 """Batched answer generation for prompts, through the model's chat template.
 
-Left-pads a batch of rendered prompts, decodes only the new tokens, and stops at EOS (or the chat template's end
-marker when the tokenizer declares one as eos). Greedy by default; sampling is opt-in and seeded.
+Prompts are rendered by `lancet_core.chat.render_prompt_ids`: the chat template's generation prompt, or, for a
+tokenizer without one, the same fallback prompt prefix (prompt + "\n") that scoring and training encode before the
+response, so generation and scoring see identical prefixes. Left-pads a batch of rendered prompts, decodes only the
+new tokens, and stops at EOS (or the chat template's end marker when the tokenizer declares one as eos). Greedy by
+default; sampling is opt-in and seeded.
 
 Knows about a HF causal LM and its tokenizer; knows nothing about judges, corpora or files.
 """
