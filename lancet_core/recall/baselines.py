@@ -10,7 +10,8 @@ and written by the same writer as influence (`influence_query.rank_scores` + `wr
   query's maximum over the training set, so every query weighs the same). score = mean over queries.
 - `repsim`: representation similarity. Representation = mean of the model's final hidden states over the response
   tokens (loss_mask = 1) of a sequence; score = mean over queries of the cosine between a training row's and the
-  query's representation. Computed in batches (right-padded, attention-masked) with no gradients.
+  query's representation. Computed with no gradients by the model's backbone (no LM head, so no vocabulary-sized
+  logits), in batches of rows of similar length (right-padded, attention-masked), scattered back to corpus order.
 - `identity` (gradient dot / TracIn-like): no code here — it is `influence_query.query_influence` with UNpreconditioned
   query gradients (curvature `identity`), i.e. V = the raw projected query gradients. `IDENTITY_BASELINE` documents
   this for callers that list baselines by name.
@@ -103,17 +104,40 @@ def text_similarity_scores(
     return pa.table({"example_id": pa.array(ids, pa.string()), "score": pa.array(S.mean(axis=0), pa.float64())})
 
 
-def _representations(model, sequences: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int) -> np.ndarray:
-    """Mean final hidden state over the positions with mask 1, per sequence; float64 [N, H]."""
+def _backbone(model):
+    """The model without its LM head (HF `get_decoder()` / `base_model`), or None when it has no separate one."""
     import torch
 
+    for get in (getattr(model, "get_decoder", None), lambda: getattr(model, "base_model", None)):
+        try:
+            body = get() if callable(get) else None
+        except Exception:  # get_decoder raises on a few exotic models
+            body = None
+        if isinstance(body, torch.nn.Module) and body is not model:
+            return body
+    return None
+
+
+def _representations(model, sequences: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int) -> np.ndarray:
+    """Mean final hidden state over the positions with mask 1, per sequence; float64 [N, H].
+
+    Runs the backbone only (no LM head: no [batch, length, vocab] logits) when the model has one, else the whole
+    model with output_hidden_states. Batches hold sequences of similar length (sorted by length, ties in input
+    order); the rows come back in input order.
+    """
+    import torch
+
+    body = _backbone(model)
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
+    out: np.ndarray | None = None
     was_training = model.training
     model.eval()
-    out = []
     try:
         with torch.no_grad():
-            for b in range(0, len(sequences), batch_size):
-                chunk = sequences[b : b + batch_size]
+            for b in range(0, len(order), batch_size):
+                idx = order[b : b + batch_size]
+                chunk = [sequences[i] for i in idx]
                 width = max(len(ids) for ids, _ in chunk)
                 ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
                 attn = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -122,12 +146,22 @@ def _representations(model, sequences: list[tuple[list[int], list[int]]], batch_
                     ids[j, : len(r)] = torch.as_tensor(r, dtype=torch.long)
                     attn[j, : len(r)] = 1
                     mask[j, : len(m)] = torch.as_tensor(m, dtype=torch.float64)
-                h = model(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states[-1]
-                h = h.to(torch.float64)
-                out.append(((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).numpy())
+                ids, attn = ids.to(device), attn.to(device)
+                h = None
+                if body is not None:
+                    h = getattr(body(input_ids=ids, attention_mask=attn), "last_hidden_state", None)
+                    if h is None:  # not a backbone after all (a wrapper that runs the whole LM): stop asking it
+                        body = None
+                if h is None:
+                    h = model(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states[-1]
+                h = h.to(device="cpu", dtype=torch.float64)
+                rep = ((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).numpy()
+                if out is None:
+                    out = np.empty((len(sequences), rep.shape[1]))
+                out[idx] = rep
     finally:
         model.train(was_training)
-    return np.concatenate(out, axis=0)
+    return out if out is not None else np.zeros((0, 0))
 
 
 def repsim_scores(

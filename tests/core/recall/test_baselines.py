@@ -133,3 +133,70 @@ def test_repsim_errors(model_tok):
         repsim_scores(model, tok, bad, [{"prompt": "a", "response": "b"}])
     with pytest.raises(ValueError, match="no training rows"):
         repsim_scores(model, tok, [], [{"prompt": "a", "response": "b"}])
+
+
+def _old_representations(model, sequences, batch_size, pad_id):
+    """The previous implementation, kept as the oracle: the whole LM (logits included) with output_hidden_states,
+    batches in input order."""
+    out = []
+    with torch.no_grad():
+        for b in range(0, len(sequences), batch_size):
+            chunk = sequences[b : b + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attn = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.float64)
+            for j, (r, m) in enumerate(chunk):
+                ids[j, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+                attn[j, : len(r)] = 1
+                mask[j, : len(m)] = torch.as_tensor(m, dtype=torch.float64)
+            h = model(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states[-1].double()
+            out.append(((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).numpy())
+    return np.concatenate(out, axis=0)
+
+
+def _tiny_lm(arch, vocab_size, pad_id):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=2)
+        cls = GPT2LMHeadModel
+    else:
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                          pad_token_id=pad_id)
+        cls = LlamaForCausalLM
+    cfg._attn_implementation = "eager"
+    return cls(cfg).double().eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_repsim_equals_previous_implementation_without_lm_head(tiny_tokenizer_dir, arch, one_thread):
+    """Backbone-only, length-sorted batches == the previous full-LM, corpus-order batches (float64 model), and the
+    LM head is never run."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    model = _tiny_lm(arch, len(tok), tok.pad_token_id)
+    # rows whose lengths are not sorted in corpus order, so sorted batches hold other rows than corpus-order ones
+    train = TRAIN + [("a", "b"), ("how do I bake bread and what is the capital of france", "paris, then knead it")]
+    encs = [encode_example(tok, p, r) for p, r in train]
+    lengths = [len(e.input_ids) for e in encs]
+    assert lengths != sorted(lengths)
+    table = pa.table({"example_id": [f"t{i}" for i in range(len(train))], "input_ids": [e.input_ids for e in encs],
+                      "loss_mask": [e.loss_mask for e in encs]})
+    qs = [{"prompt": "how do I pick a lock", "response": "rake the pins"}, {"prompt": "cats", "response": "meow"},
+          {"prompt": "a much longer question about bread and water and flour", "response": "knead"}]
+    head_calls = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda *a: head_calls.append(1))
+    try:
+        got = repsim_scores(model, tok, table, qs, batch_size=3).column("score").to_numpy()
+    finally:
+        hook.remove()
+    assert head_calls == []
+    R = _old_representations(model, [(e.input_ids, e.loss_mask) for e in encs], 3, tok.pad_token_id)
+    Q = _old_representations(model, [(e.input_ids, e.loss_mask) for e in (encode_example(tok, q["prompt"],
+                             q["response"]) for q in qs)], 3, tok.pad_token_id)
+    want = ((R / np.linalg.norm(R, axis=1, keepdims=True)) @ (Q / np.linalg.norm(Q, axis=1, keepdims=True)).T).mean(1)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
