@@ -553,8 +553,18 @@ def agreement(a: np.ndarray, b: np.ndarray, ids: Sequence[str]) -> dict:
     return out
 
 
-def planted_precision(scores: np.ndarray, labels: np.ndarray, ids: Sequence[str]) -> dict:
-    return {f"p@{k}": round(precision_at_k(scores, labels, k, ids), 4) for k in (10, 50) if k <= len(scores)}
+def planted_precision(scores: np.ndarray, labels: np.ndarray, ids: Sequence[str],
+                      by_kind: dict[str, np.ndarray] | None = None) -> dict:
+    """precision@10/@50 against `labels`; with `by_kind`, also each planted kind's share of the same top-k."""
+    out: dict = {f"p@{k}": round(precision_at_k(scores, labels, k, ids), 4) for k in (10, 50) if k <= len(scores)}
+    if by_kind:
+        out["by_kind"] = {kind: planted_precision(scores, lab, ids) for kind, lab in by_kind.items()}
+    return out
+
+
+def _planted(scores: np.ndarray, labels: dict, qs: str, ids: Sequence[str]) -> dict:
+    """Planted precision of a query set's ranking: against its own kind, or (qs = all) every planted row + by kind."""
+    return planted_precision(scores, labels[qs], ids, {k: labels[k] for k in KINDS} if qs == "all" else None)
 
 
 # ============================================================================================================ main
@@ -817,7 +827,7 @@ def exact_references(model, subset: str, train_tok, q_tok, qsets: dict, labels: 
             for kind, fisher in fishers.items():
                 alt = influence_sets(fisher, v, ratio)
                 report["other_damping"][f"{kind}_{v}@{ratio:g}"] = {
-                    qs: {"planted": planted_precision(alt[qs], labels[qs], ids),
+                    qs: {"planted": _planted(alt[qs], labels, qs, ids),
                          f"vs_{kind}_{v}@{MAIN_RATIO:g}": agreement(alt[qs], scores[f"{kind}_{v}"][qs], ids)}
                     for qs in qsets}
         log(f"  exact {v}: Fishers and influence in {time.perf_counter() - t1:.1f} s; sampled GN relative change "
@@ -825,7 +835,7 @@ def exact_references(model, subset: str, train_tok, q_tok, qsets: dict, labels: 
             f"{conv.get('fisher_rel_diff_to_expectation')}")
         del f_s, f_2s, ef, fishers
     for ref, sc in scores.items():
-        report["planted"][ref] = {qs: planted_precision(sc[qs], labels[qs], ids) for qs in qsets}
+        report["planted"][ref] = {qs: _planted(sc[qs], labels, qs, ids) for qs in qsets}
     pairs = [("gn_whole", "ef_whole"), ("gn_w4", "ef_w4"), ("gnx_whole", "ef_whole"), ("gnx_w4", "ef_w4"),
              ("gnx_whole", "gn_whole"), ("gnx_w4", "gn_w4"), ("gnx_whole", "gnx_w4"), ("gn_whole", "gn_w4"),
              ("ef_whole", "ef_w4"), ("gnx_whole", "id_whole"), ("gn_whole", "id_whole"), ("ef_whole", "id_whole"),
@@ -851,7 +861,7 @@ def _setting_report(scores: dict, refs: dict, labels: dict, ids, config: dict, b
                  "store_seconds": round(store_s, 2), "recall_seconds": round(recall_s, 2),
                  "seconds": round(store_s + recall_s, 2)}
     for qs, sc in scores.items():
-        out[qs] = {"planted": planted_precision(sc, labels[qs], ids),
+        out[qs] = {"planted": _planted(sc, labels, qs, ids),
                    "vs": {ref: agreement(sc, refs[ref][qs], ids) for ref in refs}}
     return out
 
@@ -900,7 +910,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--quick", action="store_true", help="small configuration (< 2 min), for tests")
     p.add_argument("--subset", default=SUBSET_DEFAULT, help="module whose weight the exact references cover")
-    p.add_argument("--samples", type=int, default=16, help="S: sampled labels per row (2S are drawn)")
+    p.add_argument("--samples", type=int, default=32, help="S: sampled labels per row (2S are drawn)")
     p.add_argument("--max-queries", type=int, default=16, help="flagged queries kept per planted kind")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
