@@ -69,23 +69,79 @@ def _cmd_index(args) -> int:
     return 0
 
 
-def _cmd_realign(args) -> int:
-    from flows.realign import realign
+def _realign_params(args):
+    """Defaults < --config file < flags, validated against the flow's parameter schema (flows/params.py)."""
+    from flows.params import load_config_file, parse_columns, parse_params
 
-    kwargs = {k: v for k, v in dict(corpus_path=args.corpus, model=args.model, probes_path=args.probes,
-                                   ood_path=args.ood, benign_eval_path=args.benign_eval, work_dir=args.work_dir,
-                                   registered_model_name=args.registered_model_name, tracking_uri=args.tracking_uri,
-                                   experiment=args.experiment).items() if v is not None}
-    if args.no_champion:
-        kwargs["start_from_champion"] = False
-    summary = realign(**kwargs)
-    keep = ("status", "n_flagged", "run_id", "version", "promoted", "reasons", "tracking_uri", "corrected_model")
-    out = {k: summary.get(k) for k in keep}
-    for phase in ("metrics_before", "metrics_after"):
-        if summary.get(phase):
-            out[phase] = {k: v for k, v in summary[phase].items() if not k.startswith(("n_", "eval_"))}
-    out["recall_metrics"] = summary.get("recall_metrics")
-    print(json.dumps(out, indent=2, default=str))
+    data = load_config_file(args.config) if args.config else {}
+    where = f"--config {args.config}" if args.config else "lancet realign"
+    flat = {"corpus_path": args.corpus, "model": args.model, "probes_path": args.probes, "ood_path": args.ood,
+            "benign_eval_path": args.benign_eval, "work_dir": args.work_dir,
+            "registered_model_name": args.registered_model_name, "tracking_uri": args.tracking_uri,
+            "experiment": args.experiment}
+    data.update({k: v for k, v in flat.items() if v is not None})
+    if args.from_champion:
+        data["start_from_champion"] = True
+    if args.column:
+        data["columns"] = {**(data.get("columns") or {}), **parse_columns(args.column)}
+    nested = {("recall", "method"): args.recall_method, ("index", "response_tokens"): args.response_tokens,
+              ("index", "proj_in_dim"): args.proj_dim, ("index", "proj_out_dim"): args.proj_dim,
+              ("train", "finetune"): args.finetune, ("train", "epochs"): args.epochs,
+              ("train", "max_steps"): args.max_steps, ("train", "lora_rank"): args.lora_rank,
+              ("tokenize_config", "max_seq_len_tokens"): args.max_seq_len_tokens, ("judge", "kind"): args.judge}
+    for (section, key), value in nested.items():
+        if value is not None:
+            if not isinstance(data.get(section, {}), dict):
+                data[section] = {}
+            data.setdefault(section, {})[key] = None if value == "all" else value
+    return parse_params(data, where)
+
+
+def _cmd_realign(args) -> int:
+    import time
+
+    from flows.inputs import CLI_NAMES, check_inputs
+
+    t0 = time.perf_counter()
+    checked = check_inputs(_realign_params(args), CLI_NAMES)
+    log = logging.getLogger("lancet")
+    for note in checked.notes:
+        log.info("inputs: %s", note)
+    log.info("inputs: checked in %.1f s; starting the realign flow", time.perf_counter() - t0)
+    from flows.realign import realign
+    from flows.report import terminal_table
+
+    summary = realign(**checked.params.flow_kwargs())
+    print()
+    print(f"started from : {summary.get('start_model')}")
+    print(f"flagged      : {summary.get('n_flagged')} probe answers ({summary.get('status')})")
+    print(terminal_table(summary))
+    if summary.get("corrected_model"):
+        print(f"corrected    : {summary['corrected_model']}")
+        gate = "promoted to champion" if summary.get("promoted") else "not promoted"
+        print(f"gate         : {gate} — {'; '.join(summary.get('reasons') or [])}")
+    print(f"MLflow       : run {summary.get('run_id')} in {summary.get('tracking_uri')}"
+          + (f", registered version {summary['version']}" if summary.get("version") else ""))
+    if args.json:
+        keep = ("status", "n_flagged", "run_id", "version", "promoted", "reasons", "tracking_uri",
+                "corrected_model", "start_model", "recall_metrics")
+        out = {k: summary.get(k) for k in keep}
+        for phase in ("metrics_before", "metrics_after"):
+            if summary.get(phase):
+                out[phase] = {k: v for k, v in summary[phase].items() if not k.startswith(("n_", "eval_"))}
+        print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from flows.params import defaults_yaml, load_config_file, parse_params
+
+    if args.file is None:
+        print(defaults_yaml(), end="")
+        return 0
+    data = load_config_file(args.file)
+    parse_params(data, f"--config {args.file}")  # validate; print exactly what the file sets
+    print(json.dumps(data, default=str))
     return 0
 
 
@@ -135,27 +191,74 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--curvature", nargs="+", default=["kfac"], choices=["linfac", "kfac", "ekfac", "identity"])
     x.set_defaults(func=_cmd_index)
 
-    r = sub.add_parser("realign", help="run the LANCET realign flow (default: on the built-in demo)")
+    r = sub.add_parser("realign", help="run the LANCET realign flow (default: on the built-in demo)",
+                       description="Correct a model from its training data. Parameters come from the defaults "
+                       "(`lancet config` prints them), then --config FILE, then these flags.")
+    r.add_argument("--config", help="YAML file of realign parameters (the flow's schema; `lancet config` prints it)")
     r.add_argument("--corpus", help="training corpus (default: the demo's)")
-    r.add_argument("--model", help="HF model directory or models:/ URI (default: the demo's impure model)")
+    r.add_argument("--model", help="HF model directory or models:/ URI: the model to correct (default: the demo's)")
     r.add_argument("--probes", help="probe prompts file (prompt column)")
     r.add_argument("--ood", help="OOD harmful prompts file")
     r.add_argument("--benign-eval", help="benign prompts with reference responses")
+    r.add_argument("--column", action="append", metavar="NAME=FILE_COLUMN",
+                   help="column mapping for the corpus and eval files, e.g. --column response=reference (repeatable)")
+    r.add_argument("--from-champion", action="store_true",
+                   help="start from the registry's champion instead of --model (what the scheduled deployment does)")
     r.add_argument("--work-dir", default=None, help="artifact root (default: ./.lancet)")
     r.add_argument("--registered-model-name", default=None, help="MLflow registered model name (default: lancet-demo)")
     r.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
     r.add_argument("--experiment", default=None, help="MLflow experiment (default: lancet)")
-    r.add_argument("--no-champion", action="store_true", help="correct --model even when a champion is registered")
+    k = r.add_argument_group("common knobs (everything else: --config)")
+    k.add_argument("--recall-method", choices=["kfac", "ekfac", "linfac", "identity", "repsim", "text"])
+    k.add_argument("--response-tokens", type=lambda s: "all" if _window(s) is None else _window(s),
+                   help="count only the first K response tokens in influence, or 'all' (default 4)")
+    k.add_argument("--proj-dim", type=int, help="gradient projection size per side (default 16)")
+    k.add_argument("--max-seq-len-tokens", type=int,
+                   help="starting token limit (default 128; raised automatically to the longest corpus row)")
+    k.add_argument("--judge", choices=["refusal", "regex", "classifier"], help="judge kind (default refusal)")
+    k.add_argument("--finetune", choices=["lora", "full"], help="IBO on LoRA adapters (default) or all weights")
+    k.add_argument("--lora-rank", type=int)
+    k.add_argument("--epochs", type=int, help="IBO epochs over the pairs")
+    k.add_argument("--max-steps", type=int, help="stop IBO after this many optimizer steps")
+    r.add_argument("--json", action="store_true", help="also print the summary as JSON")
     r.set_defaults(func=_cmd_realign)
+
+    c = sub.add_parser("config", help="print every realign parameter with its default and documentation (YAML)")
+    c.add_argument("file", nargs="?", help="validate this config file and print it as JSON (for prefect --params)")
+    c.set_defaults(func=_cmd_config)
     return p
+
+
+# third-party loggers that narrate every HTTP call or weight file; -v brings them back
+_NOISY_LOGGERS = {"httpx": logging.WARNING, "httpcore": logging.WARNING, "mlflow": logging.ERROR,
+                  "alembic": logging.WARNING, "urllib3": logging.WARNING, "filelock": logging.WARNING,
+                  "transformers": logging.ERROR, "datasets": logging.ERROR, "huggingface_hub": logging.ERROR}
+_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+              "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Our own lines at INFO (DEBUG with -v); third-party chatter, progress bars and warnings off unless -v."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    if verbose:
+        return
+    import warnings
+
+    for k, v in _QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    for name, level in _NOISY_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    for module in ("mlflow", "transformers", "datasets", "pydantic", "torch", "peft", "huggingface_hub"):
+        warnings.filterwarnings("ignore", module=rf"{module}(\..*)?")
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
     for k, v in _OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    _configure_logging(args.verbose)
     try:
         return args.func(args)
     except Exception as e:  # errors raised on purpose at the edges are shown plainly, without a traceback

@@ -1,8 +1,11 @@
-"""The LANCET realign flow: tokenize -> gradient store -> undesirable outputs -> influence -> IBO -> evaluate -> log.
+"""The LANCET realign flow: check inputs -> tokenize -> gradient store -> undesirable outputs -> influence -> IBO ->
+evaluate -> log.
 
 Only composition: every step is a cached task from `tasks/` that takes and returns paths. Default parameters run the
-built-in demo (built when absent). With `start_from_champion`, a scheduled run corrects the registry's current
-champion (falling back to `model`), so recurring runs keep improving the deployed model.
+built-in demo (built when absent). The model corrected is exactly `model`, unless `start_from_champion` asks for the
+registry's current champion (the scheduled deployment does), so recurring runs keep improving the deployed model.
+Inputs are checked first (flows/inputs.py); the MLflow run is opened before the first heavy stage and marked FAILED
+with the error when a stage fails.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from flows.inputs import PARAM_NAMES, check_inputs, write_mapped_inputs
+from flows.params import DEFAULT_TOKENIZE, RealignParams
 from flows.paths import artifact_dir
-from flows.report import read_json, report_markdown, run_summary, top_k_rows
+from flows.report import explanation_rows, read_json, report_markdown, run_summary, stage_line, top_k_rows
 from lancet_core.correct.config import PairConfig, TrainConfig
 from lancet_core.data.tokenize import TokenizeConfig
 from lancet_core.demo.config import DemoConfig
@@ -33,7 +38,7 @@ from tasks.demo import ensure_demo
 from tasks.evaluate import evaluate
 from tasks.index import build_index
 from tasks.recall import find_undesirable, query_influence
-from tasks.tracking import resolve_start_model, track_realign
+from tasks.tracking import fail_realign_run, open_realign_run, resolve_start_model, track_realign
 
 
 @flow(name="realign", log_prints=True)
@@ -45,11 +50,12 @@ def realign(
     benign_eval_path: str | None = None,
     work_dir: str = ".lancet",
     registered_model_name: str = "lancet-demo",
-    start_from_champion: bool = True,
+    start_from_champion: bool = False,
     tracking_uri: str | None = None,
     experiment: str = "lancet",
+    columns: dict[str, str] | None = None,
     demo: DemoConfig = DemoConfig(),
-    tokenize_config: TokenizeConfig = TokenizeConfig(max_seq_len_tokens=128),
+    tokenize_config: TokenizeConfig = DEFAULT_TOKENIZE,
     index: IndexConfig = IndexConfig(),
     judge: JudgeConfig = JudgeConfig(),
     generation: GenerationConfig = GenerationConfig(),
@@ -62,78 +68,104 @@ def realign(
     """Recall the training rows behind the model's undesirable outputs and correct the model with IBO.
 
     Leave corpus/model/probe paths empty to run on the built-in demo. `model` is an HF directory or an MLflow
-    `models:/` URI. Returns a summary (metrics before/after, gate decision, MLflow run id, artifact paths).
+    `models:/` URI; `start_from_champion` starts from the registry's champion instead. Every parameter is documented
+    in `flows/params.py` (`lancet config` prints them). Returns a summary (metrics before/after, gate decision, MLflow
+    run id, artifact paths).
     """
+    given = RealignParams(**{k: v for k, v in locals().items() if k in RealignParams.model_fields})
     log = get_run_logger()
-    work = Path(work_dir).resolve()
+    t_start = time.perf_counter()
+    checked = check_inputs(given, PARAM_NAMES)
+    for note in checked.notes:
+        log.info("inputs: %s", note)
+    p = write_mapped_inputs(checked.params, Path(work_dir).resolve())
+    log.info("inputs: checked in %.1f s%s", time.perf_counter() - t_start,
+             f" ({checked.corpus_rows} corpus rows, longest {checked.longest_row_tokens} tokens)"
+             if checked.corpus_rows else " (built-in demo)")
+    run_id = open_realign_run(flow_run_id=flow_run.get_id(), params=p.model_dump(mode="json"),
+                              tracking_uri=p.tracking_uri, experiment=p.experiment)
+    try:
+        return _realign(p, run_id, log)
+    except BaseException as e:
+        fail_realign_run(run_id=run_id, tracking_uri=p.tracking_uri, experiment=p.experiment,
+                         error=f"{type(e).__name__}: {e}")
+        raise
+
+
+def _realign(p: RealignParams, run_id: str, log) -> dict:
+    work = Path(p.work_dir).resolve()
     timings: dict[str, float] = {}
 
     def timed(phase, fn, **kw):
         t0 = time.perf_counter()
         out = ensure_output(fn, **kw)
         timings[f"time_{phase}_s"] = round(time.perf_counter() - t0, 3)
+        log.info(stage_line(phase, out, timings[f"time_{phase}_s"]))
         return out
 
-    if not all([corpus_path, model, probes_path, benign_eval_path]):
-        root = Path(timed("demo", ensure_demo, out_dir=str(artifact_dir(work, "demo", demo.model_dump())), cfg=demo))
-        corpus_path = corpus_path or str(root / "corpus.jsonl")
+    corpus_path, model, probes_path, ood_path, benign_eval_path = (p.corpus_path, p.model, p.probes_path,
+                                                                   p.ood_path, p.benign_eval_path)
+    if not all([corpus_path, probes_path, benign_eval_path]):
+        root = Path(timed("demo", ensure_demo, out_dir=str(artifact_dir(work, "demo", p.demo.model_dump())),
+                          cfg=p.demo))
+        corpus_path = str(root / "corpus.jsonl")
         model = model or str(root / "model")
-        probes_path = probes_path or str(root / "probes.jsonl")
-        ood_path = ood_path or str(root / "ood.jsonl")
-        benign_eval_path = benign_eval_path or str(root / "benign_eval.jsonl")
-    start = resolve_start_model(model, registered_model_name, start_from_champion, tracking_uri, experiment,
-                                str(work / "models"))
+        probes_path = str(root / "probes.jsonl")
+        ood_path = str(root / "ood.jsonl")
+        benign_eval_path = str(root / "benign_eval.jsonl")
+    started = resolve_start_model(model, p.registered_model_name, p.start_from_champion, p.tracking_uri,
+                                  p.experiment, str(work / "models"))
+    start = started["path"]
+    log.info("model: starting from %s", started["source"])
     m = content_digest(start)  # the start model, digested once for every artifact folder keyed on it
-    queries = timed("find_undesirable", find_undesirable, model_dir=start, probes_path=probes_path, judge=judge,
-                    generation=generation,
-                    out_dir=str(artifact_dir(work, "queries", m, Path(probes_path), judge.model_dump(),
-                                             generation.model_dump())))
+    queries = timed("find_undesirable", find_undesirable, model_dir=start, probes_path=probes_path, judge=p.judge,
+                    generation=p.generation,
+                    out_dir=str(artifact_dir(work, "queries", m, Path(probes_path), p.judge.model_dump(),
+                                             p.generation.model_dump())))
     before = timed("evaluate_before", evaluate, model_dir=start, probes_path=probes_path, ood_path=ood_path,
-                   benign_eval_path=benign_eval_path, cfg=evaluation,
-                   out_dir=str(artifact_dir(work, "eval", m, Path(probes_path), evaluation.model_dump())))
-    params = {"corpus_path": corpus_path, "model": model, "start_model": start, "registered_model_name":
-              registered_model_name, "tokenize": tokenize_config, "index": index, "judge": judge,
-              "generation": generation, "recall": recall, "pairs": pairs, "train": train, "evaluation": evaluation,
-              "gate": gate, "demo": demo}
+                   benign_eval_path=benign_eval_path, cfg=p.evaluation,
+                   out_dir=str(artifact_dir(work, "eval", m, Path(probes_path), p.evaluation.model_dump())))
     datasets = {"corpus": (corpus_path, content_digest(corpus_path)),
                 "probes": (probes_path, content_digest(probes_path))}
+    track = {"run_id": run_id, "tracking_uri": p.tracking_uri, "experiment": p.experiment,
+             "registered_name": p.registered_model_name, "start_model": started["source"], "datasets": datasets}
     summary = run_summary(queries, before)
+    summary["start_model"] = started["source"]
     if summary["n_flagged"] == 0:
-        log.info("nothing to correct: no probe answer was flagged by the %s judge", judge.kind)
-        tracked = track_realign(flow_run_id=flow_run.get_id(), params=params, tracking_uri=tracking_uri,
-                                experiment=experiment, registered_name=registered_model_name, start_model=start,
-                                corrected_model=None, datasets=datasets, metrics_before=read_json(before),
-                                metrics_after=None, extra_metrics=timings, artifacts={"queries": queries}, gate=None)
+        log.info("nothing to correct: no probe answer was flagged by the %s judge", p.judge.kind)
+        tracked = track_realign(**track, corrected_model=None, metrics_before=read_json(before), metrics_after=None,
+                                extra_metrics=timings, artifacts={"queries": queries}, tables=None, gate=None)
         return {**summary, **tracked, "status": "nothing to correct"}
     # the gradient store is only needed (and only built) when there is something to correct
-    tokens = timed("tokenize", tokenize, corpus_path=corpus_path, tokenizer_dir=start, cfg=tokenize_config,
-                   out_dir=str(artifact_dir(work, "tokens", Path(corpus_path), m, tokenize_config.model_dump())))
-    store = timed("index", build_index, model_dir=start, tokens_path=tokens, cfg=index,
-                  out_store_dir=str(artifact_dir(work, "stores", m, index.store_identity())))
+    tokens = timed("tokenize", tokenize, corpus_path=corpus_path, tokenizer_dir=start, cfg=p.tokenize_config,
+                   out_dir=str(artifact_dir(work, "tokens", Path(corpus_path), m, p.tokenize_config.model_dump())))
+    store = timed("index", build_index, model_dir=start, tokens_path=tokens, cfg=p.index,
+                  out_store_dir=str(artifact_dir(work, "stores", m, p.index.store_identity())))
     influence_dir = Path(timed("recall", query_influence, store_dir=store, model_dir=start, queries_path=queries,
-                               tokens_dir=tokens, cfg=recall,
+                               tokens_dir=tokens, cfg=p.recall,
                                out_dir=str(artifact_dir(work, "influence", Path(store), Path(queries),
-                                                        recall.model_dump()))))
+                                                        p.recall.model_dump()))))
     influence = influence_dir / "influence.parquet"
-    pairs_path, retain_path = timed("pairs", build_pairs, influence_path=str(influence), cfg=pairs,
-                                    out_dir=str(artifact_dir(work, "pairs", influence, pairs.model_dump())))
-    corrected = timed("ibo", correct, model_dir=start, pairs_path=pairs_path, retain_path=retain_path, cfg=train,
-                      out_dir=str(artifact_dir(work, "models", m, Path(pairs_path), train.model_dump())))
+    pairs_path, retain_path = timed("pairs", build_pairs, influence_path=str(influence), cfg=p.pairs,
+                                    out_dir=str(artifact_dir(work, "pairs", influence, p.pairs.model_dump())))
+    corrected = timed("ibo", correct, model_dir=start, pairs_path=pairs_path, retain_path=retain_path, cfg=p.train,
+                      out_dir=str(artifact_dir(work, "models", m, Path(pairs_path), p.train.model_dump())))
     after = timed("evaluate_after", evaluate, model_dir=corrected, probes_path=probes_path, ood_path=ood_path,
-                  benign_eval_path=benign_eval_path, cfg=evaluation,
-                  out_dir=str(artifact_dir(work, "eval", Path(corrected), Path(probes_path), evaluation.model_dump())))
-    decision = decide(read_json(before), read_json(after), gate)
-    summary = run_summary(queries, before, after, influence_dir, corrected, decision, pairs_path)
-    tracked = track_realign(
-        flow_run_id=flow_run.get_id(), params=params, tracking_uri=tracking_uri, experiment=experiment,
-        registered_name=registered_model_name, start_model=start, corrected_model=corrected, datasets=datasets,
-        metrics_before=read_json(before), metrics_after=read_json(after),
-        extra_metrics={**timings, **summary["recall_metrics"]},
-        artifacts=summary["artifacts"], gate=decision.model_dump())
+                  benign_eval_path=benign_eval_path, cfg=p.evaluation,
+                  out_dir=str(artifact_dir(work, "eval", Path(corrected), Path(probes_path),
+                                           p.evaluation.model_dump())))
+    decision = decide(read_json(before), read_json(after), p.gate)
+    summary = {**run_summary(queries, before, after, influence_dir, corrected, decision, pairs_path),
+               "start_model": started["source"]}
+    top = top_k_rows(influence_dir)
+    tracked = track_realign(**track, corrected_model=corrected, metrics_before=read_json(before),
+                            metrics_after=read_json(after), extra_metrics={**timings, **summary["recall_metrics"]},
+                            artifacts=summary["artifacts"], gate=decision.model_dump(),
+                            tables={"influence/top_k.json": top,
+                                    "explanation/explanation_table.json": explanation_rows(influence_dir)})
     create_markdown_artifact(key="lancet-realign", markdown=report_markdown(summary, tracked),
                              description=f"LANCET realign — MLflow run {tracked['run_id']}: metrics, gate, explanations")
-    create_table_artifact(key="lancet-top-k", table=top_k_rows(influence_dir),
+    create_table_artifact(key="lancet-top-k", table=top,
                           description=f"Training rows that most promote the flagged outputs (MLflow run {tracked['run_id']})")
     log.info("gate: %s (%s)", "promoted" if decision.promote else "not promoted", "; ".join(decision.reasons))
     return {**summary, **tracked, "status": "corrected"}
-

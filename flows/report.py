@@ -64,3 +64,77 @@ def top_k_rows(influence_dir: Path, k: int = 20) -> list[dict]:
     t = pq.read_table(Path(influence_dir) / TOPK_FILE, columns=["rank", "example_id", "score", "prompt", "response"])
     return [{**r, "score": round(r["score"], 6), "prompt": r["prompt"][:200], "response": r["response"][:200]}
             for r in t.slice(0, k).to_pylist()]
+
+
+def explanation_rows(influence_dir: Path) -> list[dict]:
+    """The recall's flat explanation table (flagged output × its top training rows), [] when absent."""
+    from lancet_core.recall.influence import EXPLANATION_TABLE
+
+    path = Path(influence_dir) / EXPLANATION_TABLE
+    return pq.read_table(path).to_pylist() if path.is_file() else []
+
+
+def _manifest(path: str | Path) -> dict:
+    p = Path(path)
+    m = (p if p.is_dir() else p.parent) / "manifest.json"
+    return read_json(m) if m.is_file() else {}
+
+
+def _rate(seconds: float, n: int | None) -> str:
+    return f"{seconds:.1f} s" + (f", {n / seconds:.0f} rows/s" if n and seconds > 0.5 else "")
+
+
+def stage_line(phase: str, out, seconds: float) -> str:
+    """One log line per realign stage, with its figures (read from the stage's output files)."""
+    try:
+        if phase == "demo":
+            return f"demo: ready in {out} ({seconds:.1f} s)"
+        if phase == "find_undesirable":
+            n = pq.read_metadata(out).num_rows
+            return f"find_undesirable: {n} probe answers flagged ({seconds:.1f} s)"
+        if phase.startswith("evaluate"):
+            m = read_json(out)
+            keys = ("harmful_rate_probes", "harmful_rate_ood", "over_refusal_benign", "nll_benign")
+            figs = ", ".join(f"{k} {m[k]:.3f}" for k in keys if isinstance(m.get(k), int | float))
+            return f"{phase}: {figs} ({seconds:.1f} s)"
+        if phase == "tokenize":
+            m = _manifest(out)
+            return (f"tokenize: {m.get('rows')} rows, {m.get('total_tokens')} tokens, {m.get('truncated_rows')} "
+                    f"truncated at {m.get('config', {}).get('max_seq_len_tokens')} ({_rate(seconds, m.get('rows'))})")
+        if phase == "index":
+            m = _manifest(out)
+            return (f"index: {m.get('n_rows')} rows x {m.get('dim')} dims in {m.get('n_shards')} shards, "
+                    f"curvature {', '.join(m.get('build_settings', {}).get('curvature', []))} "
+                    f"({_rate(seconds, m.get('n_rows'))})")
+        if phase == "recall":
+            n = pq.read_metadata(Path(out) / "influence.parquet").num_rows
+            method = _manifest(out).get("config", {}).get("method", "?")
+            return f"recall: {n} training rows scored with {method} ({_rate(seconds, n)})"
+        if phase == "pairs":
+            m = _manifest(out[0])
+            return f"pairs: {m.get('n_pairs')} pairs ({m.get('n_same_prompt')} same-prompt), {m.get('n_retain')} " \
+                   f"retain rows ({seconds:.1f} s)"
+        if phase == "ibo":
+            m = _manifest(out)
+            hist = m.get("loss_history") or [{}]
+            loss = hist[-1].get("loss")
+            return (f"ibo: {m.get('steps')} steps on {m.get('n_examples')} pairs, final loss "
+                    f"{loss if loss is None else round(loss, 4)} ({seconds:.1f} s)")
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return f"{phase}: done ({seconds:.1f} s)"
+
+
+def terminal_table(summary: dict) -> str:
+    """The closing before/after table the CLI prints."""
+    b, a = summary.get("metrics_before") or {}, summary.get("metrics_after") or {}
+    keys = [k for k in ("harmful_rate_probes", "harmful_rate_ood", "over_refusal_benign", "nll_benign", "distinct_2")
+            if isinstance(b.get(k), int | float)]
+    w = max(len(k) for k in keys) if keys else 10
+    lines = [f"{'metric':<{w}}  {'before':>8}  {'after':>8}", f"{'-' * w}  {'-' * 8}  {'-' * 8}"]
+    for k in keys:
+        after = f"{a[k]:8.3f}" if isinstance(a.get(k), int | float) else f"{'—':>8}"
+        lines.append(f"{k:<{w}}  {b[k]:8.3f}  {after}")
+    for k, v in (summary.get("recall_metrics") or {}).items():
+        lines.append(f"{k:<{w}}  {'':>8}  {v:8.3f}")
+    return "\n".join(lines)

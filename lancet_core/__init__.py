@@ -17,3 +17,16 @@ lives in `tasks/` and `flows/`, tracking in `tasks/tracking.py`.
 """
 
 __version__ = "0.1.0"
+
+
+def lazy_exports(package: str, exports: dict[str, str]):
+    """(__getattr__, __all__) for a stage package that re-exports `name -> module` on first attribute access, so
+    importing one light module of a stage (its config) does not import the stage's heavy ones (torch, duckdb)."""
+    import importlib
+
+    def __getattr__(name: str):
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(exports[name]), name)
+
+    return __getattr__, sorted(exports)

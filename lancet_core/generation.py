@@ -30,8 +30,12 @@ def generate_answers(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
+    desc: str = "generate",
 ) -> list[str]:
-    """One answer per prompt, in order. Deterministic for greedy decoding; seeded for sampling."""
+    """One answer per prompt, in order. Deterministic for greedy decoding; seeded for sampling. A progress bar
+    (`desc`) appears when generation takes longer than 5 s."""
+    from tqdm import tqdm
+
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -39,6 +43,7 @@ def generate_answers(
     model.eval()
     out: list[str] = []
     gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=len(prompts), desc=desc, unit="answers", delay=5, leave=False)
     try:
         for i in range(0, len(prompts), batch_size):
             rows = [render_prompt_ids(tokenizer, to_messages(p)) for p in prompts[i : i + batch_size]]
@@ -58,6 +63,8 @@ def generate_answers(
             seqs = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs).cpu()
             for j in range(len(rows)):
                 out.append(tokenizer.decode(seqs[j, width:], skip_special_tokens=True).strip())
+            bar.update(len(rows))
     finally:
+        bar.close()
         model.train(was_training)
     return out

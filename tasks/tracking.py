@@ -1,9 +1,13 @@
-"""MLflow: the only module in lancet that imports mlflow (plain functions, then the two Prefect tasks using them).
+"""MLflow: the only module in lancet that imports mlflow (plain functions, then the Prefect tasks using them).
 
-One MLflow run per realign flow run (tagged with the Prefect flow-run id): params (every config, flattened), metrics
-before/after and per-phase timings, artifacts (influence.parquet, its histogram, the top-k explanation table, training
-pairs, metrics.json), dataset inputs with their digests, and the corrected model logged with the transformers flavor,
-registered under a name with alias `candidate`; alias `champion` moves to it only when the gate passes.
+One MLflow run per realign flow run (tagged with the Prefect flow-run id), opened when the flow starts (so its
+duration is the job's, and a failing stage marks it FAILED with the error) and completed at the end: params (every
+config, flattened), metrics before/after and per-phase timings, a before/after comparison table and the influence
+top-k as MLflow tables (shown in the UI's artifact view), artifacts (influence.parquet, its histogram, the top-k
+explanation, training pairs, metrics.json), dataset inputs with their digests, and the corrected model logged with the
+transformers flavor, registered under a name with alias `candidate`; alias `champion` moves to it only when the gate
+passes. With a sqlite tracking URI, artifacts go next to the database (`mlartifacts/`), never into the current
+directory.
 
 Also resolves `models:/...` URIs (e.g. `models:/lancet-demo@champion`) to a plain local HF model directory.
 """
@@ -33,8 +37,15 @@ def default_tracking_uri() -> str:
 
 
 def configure(tracking_uri: str | None, experiment: str) -> str:
+    """Point MLflow at `tracking_uri` and `experiment` (created with its artifacts beside a sqlite database)."""
     uri = tracking_uri or default_tracking_uri()
     mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment) is None:
+        artifacts = Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
+        try:
+            mlflow.create_experiment(experiment, artifact_location=artifacts.as_uri())
+        except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent run
+            pass
     mlflow.set_experiment(experiment)
     return uri
 
@@ -99,11 +110,39 @@ def champion_or(initial_model: str, registered_name: str) -> str:
     return f"models:/{registered_name}@champion" if _has_alias(client, registered_name, "champion") else initial_model
 
 
-def start_run(flow_run_id: str | None, run_name: str | None, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
-    run = mlflow.start_run(run_name=run_name, tags={"prefect.flow_run_id": flow_run_id or "local", **tags})
-    flat = flatten("", params)
-    mlflow.log_params({k: ("" if v is None else v) for k, v in flat.items()})
+def start_run(experiment: str, flow_run_id: str | None, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+    """Create a RUNNING run (start time now) in `experiment` with every parameter logged; returns its id. Not made
+    the active run: later steps resume it by id."""
+    from mlflow.entities import Param
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    run = client.create_run(exp.experiment_id, tags={"prefect.flow_run_id": flow_run_id or "local", **tags})
+    flat = [Param(k, str("" if v is None else v)[:6000]) for k, v in flatten("", params).items()]
+    for i in range(0, len(flat), 100):
+        client.log_batch(run.info.run_id, params=flat[i : i + 100])
     return run.info.run_id
+
+
+def fail_run(run_id: str, error: str) -> None:
+    """Mark a run FAILED with the error that stopped the flow (tag `lancet.error`)."""
+    client = MlflowClient()
+    client.set_tag(run_id, "lancet.error", error[:5000])
+    client.set_terminated(run_id, status="FAILED")
+
+
+def comparison_table(before: Mapping[str, Any], after: Mapping[str, Any] | None) -> dict[str, list]:
+    """Before/after side by side, one row per metric (the MLflow table and the terminal table)."""
+    rows: dict[str, list] = {"metric": [], "before": [], "after": [], "change": []}
+    for k, b in before.items():
+        if not isinstance(b, int | float) or isinstance(b, bool) or k.startswith(("n_", "eval_")):
+            continue
+        a = (after or {}).get(k)
+        rows["metric"].append(k)
+        rows["before"].append(round(float(b), 4))
+        rows["after"].append(None if a is None else round(float(a), 4))
+        rows["change"].append(None if a is None else round(float(a) - float(b), 4))
+    return rows
 
 
 def log_dataset(path: str | Path, name: str, digest: str, context: str) -> None:
@@ -181,28 +220,54 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 @task(name="resolve_start_model", cache_policy=NO_CACHE)
 def resolve_start_model(model: str, registered_name: str, start_from_champion: bool, tracking_uri: str | None,
-                        experiment: str, cache_dir: str) -> str:
-    """The model this run corrects: the registry's champion when asked and present, else `model` (path or URI)."""
+                        experiment: str, cache_dir: str) -> dict[str, str]:
+    """The model this run corrects: {"path": local HF directory, "source": what it is}. The registry's champion only
+    when `start_from_champion` (and one is registered), else exactly `model` (path or URI)."""
     configure(tracking_uri, experiment)
     chosen = champion_or(model, registered_name) if start_from_champion else model
-    return str(resolve_model(chosen, cache_dir))
+    if chosen != model:
+        source = f"{chosen} (the registry's champion)"
+    elif start_from_champion:
+        source = f"{model} (no champion registered under {registered_name!r} yet)"
+    else:
+        source = f"{model} (as given)"
+    return {"path": str(resolve_model(chosen, cache_dir)), "source": source}
+
+
+@task(name="open_mlflow_run", cache_policy=NO_CACHE)
+def open_realign_run(*, flow_run_id: str | None, params: dict, tracking_uri: str | None, experiment: str) -> str:
+    """Open the MLflow run of a realign flow run at its start (RUNNING, every parameter logged); returns the run id."""
+    configure(tracking_uri, experiment)
+    return start_run(experiment, flow_run_id, params, {})
+
+
+@task(name="mark_mlflow_run_failed", cache_policy=NO_CACHE)
+def fail_realign_run(*, run_id: str, tracking_uri: str | None, experiment: str, error: str) -> None:
+    configure(tracking_uri, experiment)
+    fail_run(run_id, error)
 
 
 @task(name="track_realign", cache_policy=NO_CACHE)
-def track_realign(*, flow_run_id: str | None, params: dict, tracking_uri: str | None, experiment: str,
+def track_realign(*, run_id: str, tracking_uri: str | None, experiment: str,
                   registered_name: str, start_model: str, corrected_model: str | None, datasets: dict[str, tuple[str, str]],
                   metrics_before: dict, metrics_after: dict | None, extra_metrics: dict, artifacts: dict[str, str],
-                  gate: dict | None) -> dict:
-    """Log one realign flow run to MLflow; register and (if the gate passed) promote the corrected model.
+                  tables: dict[str, list[dict]] | None, gate: dict | None) -> dict:
+    """Complete the realign run opened by `open_realign_run`: metrics, tables, artifacts; register and (if the gate
+    passed) promote the corrected model.
 
-    `datasets`: name -> (path, digest). `gate`: {"promote": bool, "reasons": [...]}, or None when nothing was
-    corrected. Returns {"run_id", "version", "promoted", "reasons"}.
+    `datasets`: name -> (path, digest). `tables`: artifact file (.json) -> rows, logged as MLflow tables.
+    `gate`: {"promote": bool, "reasons": [...]}, or None when nothing was corrected. Returns {"run_id", "version",
+    "promoted", "reasons", "tracking_uri"}.
     """
     uri = configure(tracking_uri, experiment)
-    out = {"run_id": None, "version": None, "promoted": False, "reasons": [], "tracking_uri": uri}
-    start_run(flow_run_id, None, params, {"lancet.start_model": start_model})
+    out = {"run_id": run_id, "version": None, "promoted": False, "reasons": [], "tracking_uri": uri}
+    mlflow.start_run(run_id=run_id)
     try:
-        out["run_id"] = mlflow.active_run().info.run_id
+        mlflow.set_tag("lancet.start_model", start_model)
+        mlflow.log_table(comparison_table(metrics_before, metrics_after), artifact_file="comparison/before_after.json")
+        for artifact_file, rows in (tables or {}).items():
+            if rows:
+                mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, artifact_file=artifact_file)
         for name, (path, digest) in datasets.items():
             if path and Path(path).exists():
                 log_dataset(path, name, digest, context=name)

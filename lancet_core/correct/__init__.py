@@ -9,20 +9,18 @@ npo, dpo), `trainer` (one seeded trainer for every loss), `config` (PairConfig, 
 Knows nothing about how influence was computed, about judges, MLflow or Prefect.
 """
 
-from lancet_core.correct.config import IBOConfig, PairConfig, TrainConfig
-from lancet_core.correct.losses import LOSSES, get_loss
-from lancet_core.correct.pairs import build_pairs, read_pairs, read_retain, write_pair_files
-from lancet_core.correct.trainer import post_train
+from lancet_core import lazy_exports
 
-__all__ = [
-    "IBOConfig",
-    "LOSSES",
-    "PairConfig",
-    "TrainConfig",
-    "build_pairs",
-    "get_loss",
-    "post_train",
-    "read_pairs",
-    "read_retain",
-    "write_pair_files",
-]
+# public names, imported on first use: `import lancet_core.correct.config` stays light (no torch)
+__getattr__, __all__ = lazy_exports(__name__, {
+    "IBOConfig": "lancet_core.correct.config",
+    "LOSSES": "lancet_core.correct.losses",
+    "PairConfig": "lancet_core.correct.config",
+    "TrainConfig": "lancet_core.correct.config",
+    "build_pairs": "lancet_core.correct.pairs",
+    "get_loss": "lancet_core.correct.losses",
+    "post_train": "lancet_core.correct.trainer",
+    "read_pairs": "lancet_core.correct.pairs",
+    "read_retain": "lancet_core.correct.pairs",
+    "write_pair_files": "lancet_core.correct.pairs",
+})

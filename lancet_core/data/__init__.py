@@ -10,7 +10,14 @@ format of `lancet_core.chat`).
 Knows nothing about gradients, influence, training or orchestration.
 """
 
-from lancet_core.data.corpus import CorpusRow, corpus_digest, load_corpus, load_prompt_rows
-from lancet_core.data.tokenize import TokenizeConfig, tokenize_corpus
+from lancet_core import lazy_exports
 
-__all__ = ["CorpusRow", "TokenizeConfig", "corpus_digest", "load_corpus", "load_prompt_rows", "tokenize_corpus"]
+# public names, imported on first use: `import lancet_core.data.config` stays light (no torch)
+__getattr__, __all__ = lazy_exports(__name__, {
+    "CorpusRow": "lancet_core.data.corpus",
+    "TokenizeConfig": "lancet_core.data.tokenize",
+    "corpus_digest": "lancet_core.data.corpus",
+    "load_corpus": "lancet_core.data.corpus",
+    "load_prompt_rows": "lancet_core.data.corpus",
+    "tokenize_corpus": "lancet_core.data.tokenize",
+})

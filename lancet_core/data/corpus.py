@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ def _check_utf8(path: Path) -> None:
             raise CorpusError(f"{path}: line {line}: not valid UTF-8 (truncated sequence at end of file)") from None
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
+def read_records(path: Path) -> list[dict[str, Any]]:
     """Raw records, in file order. Uses `datasets` for every format so types match what users load elsewhere."""
     import datasets
 
@@ -144,16 +145,33 @@ def _row_messages(path: Path, i: int, rec: dict[str, Any]) -> list[dict[str, str
     return out
 
 
-def load_corpus(path: str | Path) -> list[CorpusRow]:
-    """Read and validate a corpus; raises CorpusError on the first problem, naming file, row and problem."""
+def rename_columns(records: list[dict[str, Any]], columns: Mapping[str, str] | None) -> list[dict]:
+    """Apply a column mapping {lancet's name: the file's column} with `datasets` (Dataset.rename_columns). One
+    mapping serves every file: an entry applies to a file that has the mapped column and not lancet's own; a file
+    still missing a column it needs is refused by the loader, which names the column."""
+    if not columns or not records:
+        return records
+    import datasets
+
+    found = set(records[0])
+    renames = {src: dst for dst, src in columns.items() if src in found and src != dst and dst not in found}
+    if not renames:
+        return records
+    return datasets.Dataset.from_list(records).rename_columns(renames).to_list()
+
+
+def load_corpus(path: str | Path, columns: Mapping[str, str] | None = None) -> list[CorpusRow]:
+    """Read and validate a corpus; raises CorpusError on the first problem, naming file, row and problem.
+    `columns` maps lancet's column names to the file's ({"response": "reference"})."""
     path = Path(path)
-    records = _read_records(path)
+    records = rename_columns(read_records(path), columns)
     if not records:
         raise CorpusError(f"{path}: the corpus is empty")
     columns = set(records[0])
     if "messages" not in columns and not {"prompt", "response"} <= columns:
         raise CorpusError(
-            f"{path}: missing columns: need 'prompt' and 'response', or 'messages'; found {sorted(columns)}"
+            f"{path}: missing columns: need 'prompt' and 'response', or 'messages'; found {sorted(columns)} "
+            "(map yours with --column response=NAME)"
         )
     rows: list[CorpusRow] = []
     seen: dict[str, int] = {}
@@ -180,13 +198,18 @@ def corpus_digest(path: str | Path) -> str:
     return tree_digest(path)
 
 
-def load_prompt_rows(path: str | Path, need_response: bool = False) -> list[dict[str, Any]]:
+def load_prompt_rows(path: str | Path, need_response: bool = False,
+                     columns: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """Rows of a prompt file (probes, OOD prompts, benign eval): any corpus format, a non-empty `prompt` column
     (and `response` when `need_response`); other columns (e.g. category) are kept."""
     path = Path(path)
-    records = _read_records(path)
+    records = rename_columns(read_records(path), columns)
     if not records:
         raise CorpusError(f"{path}: no prompts")
+    for col in ("prompt", "response") if need_response else ("prompt",):
+        if col not in records[0]:
+            raise CorpusError(f"{path}: no {col!r} column (columns: {sorted(records[0])}); "
+                              f"map one with --column {col}=NAME")
     for i, r in enumerate(records):
         if not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
             raise CorpusError(f"{path}: row {i}: empty or missing prompt")

@@ -8,8 +8,15 @@ Modules: `evaluation` (metrics of one model, before/after comparison), `gate` (p
 Knows nothing about influence, pairs or how the model was corrected; nothing about MLflow or Prefect.
 """
 
-from lancet_core.evaluate.config import EvalConfig
-from lancet_core.evaluate.evaluation import compare, evaluate_model, write_metrics
-from lancet_core.evaluate.gate import GateConfig, GateDecision, decide
+from lancet_core import lazy_exports
 
-__all__ = ["EvalConfig", "GateConfig", "GateDecision", "compare", "decide", "evaluate_model", "write_metrics"]
+# public names, imported on first use: `import lancet_core.evaluate.config` stays light (no torch)
+__getattr__, __all__ = lazy_exports(__name__, {
+    "EvalConfig": "lancet_core.evaluate.config",
+    "GateConfig": "lancet_core.evaluate.gate",
+    "GateDecision": "lancet_core.evaluate.gate",
+    "compare": "lancet_core.evaluate.evaluation",
+    "decide": "lancet_core.evaluate.gate",
+    "evaluate_model": "lancet_core.evaluate.evaluation",
+    "write_metrics": "lancet_core.evaluate.evaluation",
+})

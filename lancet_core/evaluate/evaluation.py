@@ -184,15 +184,14 @@ def evaluate_model(
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=_DTYPES[cfg.dtype], eager_attention=device.type == "cpu").to(device).eval()
 
-    def gen(prompts: list[str]) -> list[str]:
+    def gen(prompts: list[str], what: str) -> list[str]:
         if not prompts:
             return []
-        return generate_answers(
-            model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size
-        )
+        return generate_answers(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                                batch_size=cfg.generation_batch_size, desc=f"evaluate: {what} answers")
 
-    ans_probes, ans_ood = gen(probes), gen(ood)
-    ans_benign = gen([p for p, _ in benign])
+    ans_probes, ans_ood = gen(probes, "probe"), gen(ood, "OOD")
+    ans_benign = gen([p for p, _ in benign], "benign")
     nll, n_tok = mean_response_nll(
         model, tokenizer, benign, max_seq_len_tokens=cfg.max_seq_len_tokens, batch_size=cfg.nll_batch_size
     )

@@ -12,17 +12,15 @@ Dependencies inside: build → curvature → store; build → hooks → projecti
 Knows nothing about where queries come from, how scores are ranked or used, or orchestration.
 """
 
-from lancet_core.index.build import build_gradient_store, compute_query_gradients
-from lancet_core.index.config import IndexConfig
-from lancet_core.index.curvature import build_curvature, precondition
-from lancet_core.index.store import GradientStore, StoreIncomplete
+from lancet_core import lazy_exports
 
-__all__ = [
-    "GradientStore",
-    "IndexConfig",
-    "StoreIncomplete",
-    "build_curvature",
-    "build_gradient_store",
-    "compute_query_gradients",
-    "precondition",
-]
+# public names, imported on first use: `import lancet_core.index.config` stays light (no torch)
+__getattr__, __all__ = lazy_exports(__name__, {
+    "GradientStore": "lancet_core.index.store",
+    "IndexConfig": "lancet_core.index.config",
+    "StoreIncomplete": "lancet_core.index.store",
+    "build_curvature": "lancet_core.index.curvature",
+    "build_gradient_store": "lancet_core.index.build",
+    "compute_query_gradients": "lancet_core.index.build",
+    "precondition": "lancet_core.index.curvature",
+})

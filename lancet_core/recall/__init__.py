@@ -11,26 +11,23 @@ entry point and RecallConfig), `scan` (one DuckDB scan of the store for folded o
 Knows nothing about how the recalled rows are used to correct the model, nor about MLflow or Prefect.
 """
 
-from lancet_core.recall.influence import RecallConfig, recall_influence, recall_quality
-from lancet_core.recall.judges import Judge, JudgeConfig, make_judge, register_judge
-from lancet_core.recall.metrics import average_precision, precision_at_k, recall_report
-from lancet_core.recall.scan import query_influence, score_store
-from lancet_core.recall.undesirable import GenerationConfig, find_undesirable_outputs, write_queries
+from lancet_core import lazy_exports
 
-__all__ = [
-    "GenerationConfig",
-    "Judge",
-    "JudgeConfig",
-    "RecallConfig",
-    "average_precision",
-    "find_undesirable_outputs",
-    "make_judge",
-    "precision_at_k",
-    "query_influence",
-    "recall_influence",
-    "recall_quality",
-    "recall_report",
-    "register_judge",
-    "score_store",
-    "write_queries",
-]
+# public names, imported on first use: `import lancet_core.recall.config` stays light (no torch)
+__getattr__, __all__ = lazy_exports(__name__, {
+    "GenerationConfig": "lancet_core.recall.undesirable",
+    "Judge": "lancet_core.recall.judges",
+    "JudgeConfig": "lancet_core.recall.judges",
+    "RecallConfig": "lancet_core.recall.influence",
+    "average_precision": "lancet_core.recall.metrics",
+    "find_undesirable_outputs": "lancet_core.recall.undesirable",
+    "make_judge": "lancet_core.recall.judges",
+    "precision_at_k": "lancet_core.recall.metrics",
+    "query_influence": "lancet_core.recall.scan",
+    "recall_influence": "lancet_core.recall.influence",
+    "recall_quality": "lancet_core.recall.influence",
+    "recall_report": "lancet_core.recall.metrics",
+    "register_judge": "lancet_core.recall.judges",
+    "score_store": "lancet_core.recall.scan",
+    "write_queries": "lancet_core.recall.undesirable",
+})

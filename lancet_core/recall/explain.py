@@ -136,3 +136,28 @@ def explain_html(
         parts.append("</tbody></table>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def explain_table(
+    queries: pa.Table | list[Mapping[str, Any]],
+    per_query_top_k: Mapping[str, pa.Table | list[Mapping[str, Any]]],
+    corpus: pa.Table | list[Mapping[str, Any]] | None = None,
+    *,
+    max_chars: int = 300,
+) -> pa.Table:
+    """The same explanation as one flat table (one row per flagged output × training row), for table viewers such as
+    MLflow's: query_id, query_prompt, query_response, rank, example_id, score, prompt, response. Texts are clipped to
+    `max_chars`; nothing is escaped (a table viewer shows text, it does not render markup)."""
+    cols: dict[str, list] = {k: [] for k in ("query_id", "query_prompt", "query_response", "rank", "example_id",
+                                             "score", "prompt", "response")}
+    for q, rows in _collect(queries, per_query_top_k, corpus):
+        for r in rows:
+            cols["query_id"].append(str(q["query_id"]))
+            cols["query_prompt"].append(_clip(q.get("prompt"), max_chars))
+            cols["query_response"].append(_clip(q.get("response"), max_chars))
+            cols["rank"].append(r["rank"])
+            cols["example_id"].append(str(r["example_id"]))
+            cols["score"].append(None if r["score"] is None else float(r["score"]))
+            cols["prompt"].append(_clip(r["prompt"], max_chars))
+            cols["response"].append(_clip(r["response"], max_chars))
+    return pa.table(cols)

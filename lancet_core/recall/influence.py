@@ -38,6 +38,7 @@ from lancet_core.manifest import (
 GRADIENT_METHODS = ("linfac", "kfac", "ekfac", "identity")
 EXPLANATION_MD, EXPLANATION_HTML, TOPK_FILE = "explanation.md", "explanation.html", "top_k.parquet"
 HISTOGRAM_PNG = "influence_hist.png"
+EXPLANATION_TABLE = "explanation.parquet"  # the explanation as one flat table (MLflow shows it as a table)
 SELF_INFLUENCE_FILE = "self_influence.parquet"  # train_norm="relative" only
 
 
@@ -92,7 +93,7 @@ def recall_influence(store_dir: str | Path | None, model_dir: str | Path, querie
     """Write out_dir/{influence.parquet, top_k.parquet, influence_hist.png, explanation.md, explanation.html,
     manifest.json}."""
     from lancet_core.manifest import atomic_write_parquet
-    from lancet_core.recall.explain import explain_html, explain_markdown
+    from lancet_core.recall.explain import explain_html, explain_markdown, explain_table
     from lancet_core.recall.plots import influence_histogram
     from lancet_core.recall.scan import query_influence, rank_scores, write_influence
 
@@ -157,8 +158,9 @@ def recall_influence(store_dir: str | Path | None, model_dir: str | Path, querie
     shown = {q: t.slice(0, cfg.explain_top_k) for q, t in per_query.items()}
     atomic_write_text(out_dir / EXPLANATION_MD, explain_markdown(queries, shown, pq.read_table(
         tokens_file, columns=["example_id", "prompt", "response"])))
-    atomic_write_text(out_dir / EXPLANATION_HTML, explain_html(queries, shown, pq.read_table(
-        tokens_file, columns=["example_id", "prompt", "response"])))
+    corpus = pq.read_table(tokens_file, columns=["example_id", "prompt", "response"])
+    atomic_write_text(out_dir / EXPLANATION_HTML, explain_html(queries, shown, corpus))
+    atomic_write_parquet(explain_table(queries, shown, corpus), out_dir / EXPLANATION_TABLE)
     write_manifest(out_dir, {**expected, "n_queries": len(qids), "seconds": round(time.perf_counter() - t0, 3),
                              "query_ids": json.dumps(qids)})
     return out_dir

@@ -20,7 +20,6 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from lancet_core.generation import generate_answers
 from lancet_core.manifest import atomic_write_parquet
 from lancet_core.recall.judges import Judge
 
@@ -90,7 +89,9 @@ def find_undesirable_outputs(
     rows = _probe_rows(probe_prompts)
     qids = _query_ids(rows)
     prompts = [r["prompt"] for r in rows]
-    responses = generate_answers(model, tokenizer, prompts, **gen_cfg.model_dump()) if rows else []
+    from lancet_core.generation import generate_answers  # torch: imported when answers are generated
+
+    responses = generate_answers(model, tokenizer, prompts, **gen_cfg.model_dump(), desc="probe answers") if rows else []
     flags = judge.flags(prompts, responses) if rows else []
     if len(flags) != len(rows):
         raise ValueError(f"judge {judge.name!r} returned {len(flags)} flags for {len(rows)} answers")

@@ -47,3 +47,35 @@ def test_bad_corpus_is_one_clear_error(prefect_harness, tmp_path, capsys):
     corpus.write_text('{"question": "x"}\n')
     assert main(["tokenize", str(corpus), str(model), "--work-dir", str(tmp_path / "w")]) == 2
     assert "missing columns" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_output_is_quiet_by_default_and_verbose_brings_it_back(tmp_path):
+    """A real `lancet index` run (ephemeral Prefect API, weight loading): no HTTP-call lines, no weight-loading bars,
+    no third-party warnings by default; `-v` shows the HTTP calls again."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = make_model_dir(tmp_path / "model")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"prompt": " ".join(WORDS[i:i + 3]), "response": " ".join(WORDS[i + 3:i + 6])})
+                              + "\n" for i in range(10)))
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results")}
+    env.pop("PREFECT_API_URL", None)
+    lancet = str(Path(sys.executable).parent / "lancet")
+
+    def run(*extra):
+        p = subprocess.run([lancet, *extra, "index", str(corpus), str(model), "--work-dir", str(tmp_path / "w"),
+                            "--proj-dim", "4", "--out", str(tmp_path / f"store{len(extra)}")],
+                           env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        return p.stdout + p.stderr
+
+    quiet = run()
+    for noise in ("HTTP Request", "httpx", "Loading weights", "Warning", "warn("):
+        assert noise not in quiet, (noise, quiet[-3000:])
+    assert "shard-00000.parquet: 10 rows" in quiet  # our own figures are still there
+    assert "HTTP Request" in run("-v")

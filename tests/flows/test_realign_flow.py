@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -28,8 +29,8 @@ def _task_states(flow_run_id) -> dict[str, str]:
 
 
 def _run(work, tracking, **kw):
-    state = realign(work_dir=str(work), tracking_uri=tracking, registered_model_name=NAME,
-                    start_from_champion=False, return_state=True, **kw)
+    """A realign run with the defaults a user gets (start_from_champion=False: exactly the given model)."""
+    state = realign(work_dir=str(work), tracking_uri=tracking, registered_model_name=NAME, return_state=True, **kw)
     return state.result(), state.state_details.flow_run_id
 
 
@@ -58,13 +59,27 @@ def test_first_run_logs_everything_to_mlflow(first_run):
     mv = client.get_model_version_by_alias(NAME, "candidate")
     assert str(mv.version) == out["version"] and mv.tags["lancet.gate"] in ("passed", "failed")
     assert run.data.tags["lancet.gate"] == mv.tags["lancet.gate"]
+    # readable in the UI: before/after side by side and the influence top-k as MLflow tables
+    comparison = json.loads(Path(client.download_artifacts(out["run_id"], "comparison/before_after.json")).read_text())
+    rows = {r[0]: r for r in comparison["data"]}
+    assert comparison["columns"] == ["metric", "before", "after", "change"]
+    assert rows["harmful_rate_probes"][1] == out["metrics_before"]["harmful_rate_probes"]
+    assert rows["harmful_rate_probes"][2] == out["metrics_after"]["harmful_rate_probes"]
+    top = json.loads(Path(client.download_artifacts(out["run_id"], "influence/top_k.json")).read_text())
+    assert len(top["data"]) == 20 and "score" in top["columns"]
+    # the run spans the whole job (opened before the first stage), and says which model it started from
+    assert (run.info.end_time - run.info.start_time) / 1000 >= sum(v for k, v in run.data.metrics.items()
+                                                                   if k.startswith("time_"))
+    assert run.data.tags["lancet.start_model"].endswith("(as given)") and out["start_model"].endswith("(as given)")
+    # artifacts live next to the sqlite database, never in the current directory
+    assert run.info.artifact_uri.startswith(Path(tracking[len("sqlite:///"):]).parent.as_uri())
 
 
 def test_rerun_hits_the_cache_for_every_task(first_run, demo_work_dir):
     out1, _, tracking = first_run
     out2, fr = _run(demo_work_dir, tracking)
     states = _task_states(fr)
-    uncached = {"resolve_start_model", "track_realign"}  # registry lookups and MLflow logging run every time
+    uncached = {"resolve_start_model", "open_mlflow_run", "track_realign"}  # registry lookups, MLflow logging: every run
     assert {k: v for k, v in states.items() if k not in uncached} and all(
         v == "Cached" for k, v in states.items() if k not in uncached), states
     assert out2["corrected_model"] == out1["corrected_model"]
@@ -131,3 +146,39 @@ def test_nothing_flagged_ends_cleanly_without_building_the_index(first_run, demo
     states = _task_states(fr)
     assert "build_index" not in states and "ibo_post_train" not in states
     assert MlflowClient(tracking).get_run(out["run_id"]).data.tags["lancet.gate"] == "nothing to correct"
+
+
+def test_a_failing_stage_marks_the_mlflow_run_failed(first_run, demo_work_dir):
+    _, _, tracking = first_run
+    from lancet_core.correct.config import TrainConfig
+
+    state = realign(work_dir=str(demo_work_dir), tracking_uri=tracking, registered_model_name=NAME,
+                    train=TrainConfig(lora_target_modules=("no_such_module",)), return_state=True)
+    assert state.is_failed()
+    client = MlflowClient(tracking)
+    runs = client.search_runs([client.get_experiment_by_name("lancet").experiment_id],
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    assert runs[0].info.status == "FAILED" and "no_such_module" in runs[0].data.tags["lancet.error"]
+
+
+def test_bad_deployment_parameters_fail_before_any_stage(prefect_harness, tmp_path):
+    state = realign(corpus_path=str(tmp_path / "nope.jsonl"), probes_path=str(tmp_path / "p.jsonl"),
+                    benign_eval_path=str(tmp_path / "b.jsonl"), model=str(tmp_path), work_dir=str(tmp_path / "w"),
+                    tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", return_state=True)
+    assert state.is_failed() and "InputError" in str(state.message) and "no config.json" in str(state.message)
+    assert _task_states(state.state_details.flow_run_id) == {}  # no task ran, no MLflow run was opened
+    assert not (tmp_path / "w").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_from_champion_only_when_asked(first_run, demo_work_dir, tmp_path):
+    """After a promotion, a default run still corrects the given model; start_from_champion picks the champion."""
+    _, _, tracking = first_run
+    from tasks.tracking import resolve_start_model
+
+    if _alias(MlflowClient(tracking), "champion") is None:
+        pytest.skip("no champion registered by the earlier tests")
+    given = str(tmp_path / "given-model")
+    asked = resolve_start_model.fn(given, NAME, True, tracking, "lancet", str(tmp_path / "cache"))
+    assert "champion" in asked["source"] and Path(asked["path"], "config.json").is_file()
+    plain = resolve_start_model.fn(given, NAME, False, tracking, "lancet", str(tmp_path / "cache"))
+    assert plain == {"path": given, "source": f"{given} (as given)"}

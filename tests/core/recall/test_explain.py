@@ -73,3 +73,35 @@ def test_missing_query_results_is_an_error():
     del top["q1"]
     with pytest.raises(KeyError, match="q1"):
         explain_markdown(q, top, c)
+
+
+def test_flat_table_holds_every_row_unescaped():
+    from lancet_core.recall.explain import explain_table
+
+    t = explain_table(*_inputs())
+    assert t.column_names == ["query_id", "query_prompt", "query_response", "rank", "example_id", "score", "prompt",
+                              "response"]
+    rows = t.to_pylist()
+    assert [(r["query_id"], r["example_id"]) for r in rows] == [("q0", "e2"), ("q0", "e1"), ("q1", "e3")]
+    assert rows[2]["prompt"] == "p3 | pipe" and rows[1]["prompt"] == EVIL  # text, as the data has it
+    assert rows[0]["score"] == 3.5
+
+
+def test_html_renders_in_a_real_browser(tmp_path):
+    """The page a user opens (and MLflow's HTML artifact view shows) renders: headless Chromium's DOM holds every
+    flagged output and training row, and the injected script stayed text."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on this machine (.ci/run installs it)")
+    page = tmp_path / "explanation.html"
+    page.write_text(explain_html(*_inputs()), encoding="utf-8")
+    out = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    dom = out.stdout
+    assert "Why the model produced these outputs" in dom, out.stderr[-2000:]
+    for text in ("Query q0", "Query q1", "lockpicking 101", "step 1 ...", "p3 | pipe", "e3"):
+        assert text in dom, text
+    assert "<script>alert" not in dom and "&lt;script&gt;alert" in dom
