@@ -1,4 +1,5 @@
-"""Score EVERY training row of a gradient store against preconditioned query vectors, with DuckDB over Parquet.
+"""Score EVERY training row of a gradient store against preconditioned query vectors: Parquet streamed through Arrow,
+inner products in BLAS, DuckDB for the SQL around them (joins, ranking, corpus columns).
 
 Input: a gradient-store directory (format in `lancet_core.formats`: `shard-NNNNN.parquet` with `example_id`, `grad`
 fixed_size_list<float16|float32|int8>[D], `grad_norm`, `grad_scale`; `manifest.json` with `dim`, `dtype`, `shards`)
@@ -11,8 +12,8 @@ likelihood of the undesirable output q (with v_q the preconditioned gradient of 
 Several queries: each query vector is scaled to unit norm, so every query weighs the same, and the folded score is
 the mean over queries of the per-query scores. Because that is linear, the Q vectors fold into ONE vector
 `v = mean_q(v_q / ‖v_q‖)` and the store is scanned once for one dot product per row. `per_query=True` computes the Q
-normalised dot products in the same single scan (Q `array_inner_product` expressions over one decoded vector) and
-returns per-query top-k; its folded `score` is then the mean of those Q columns, computed in float64 with numpy.
+normalised dot products in the same single scan (one GEMM per block against all Q vectors) and returns per-query
+top-k; its folded `score` is then the mean of those Q columns, in float64.
 
 Train-side normalisation (`train_norm`), against high-norm outliers dominating every ranking:
   - `none`: the raw score.
@@ -20,24 +21,32 @@ Train-side normalisation (`train_norm`), against high-norm outliers dominating e
   - `relative` (relative influence, Barshan et al. 2020): score / sqrt(self_influence_i), with self_influence_i =
     g_iᵀ (F + λI)⁻¹ g_i. This module does not know the curvature, so the self-influence must be provided: either a
     `self_influence` float column in the store's shards, or a Parquet file (`example_id`, `self_influence`) passed
-    as `self_influence_path`. Without either it is a clear error, never a silent fallback. Rows with
-    self_influence = 0 score 0; a negative self-influence is an error.
+    as `self_influence_path` (joined to the store by example_id in DuckDB, before the scan). Without either it is a
+    clear error, never a silent fallback. Rows with self_influence = 0 score 0; a negative one is an error.
 
-How the scan runs: all values (the query vector(s), the list of shard files, k) are DuckDB parameters, never
-formatted into SQL. The only text built into SQL is the dimension D (an `int` checked against the manifest and the
-Parquet schema) and generated column aliases `q0..q{Q-1}`. DuckDB decodes the Parquet column itself, with its own
-threads, casting `grad::DOUBLE[D]` (float64 accumulation, so scores match a float64 oracle to ~1e-12 and rankings are
-not at the mercy of float32 summation order); only `example_id` and the scores come back (Arrow). The vectors are
-never materialised in Python. Ties are broken by `example_id` ascending (byte order of UTF-8, i.e. code points).
+How the scan runs (`scan_store`): each shard is streamed as Arrow record batches (pyarrow `iter_batches`, only
+example_id, grad and the grad_scale / denominator column; column chunks read through a bounded buffer, decoded one
+batch ahead by a reader thread). The fixed-size-list child buffer is viewed as a numpy [n, D] array without a copy
+and cast, in place, into a float64 block of B rows (B a multiple of 64, ~4 MiB); each full block is multiplied by all
+Qc query vectors in ONE BLAS GEMM ([B, D] @ [D, Qc]); int8 rows are then scaled by grad_scale, and normalised. So no
+step holds more than a few blocks of gradients; the per-row scores [N] (and [N, Q] when per-query scores are asked)
+are kept. Float64, because fp16/int8/fp32 values are exact in it and scores then match a float64 oracle to ~1e-12,
+so rankings are not at the mercy of float32 summation order; every block has the same GEMM shape (the last one is
+zero-padded), so identical rows get bit-identical scores and ties stay ties. Top-k (folded and per query) is selected
+while streaming: rows below the running k-th score are skipped, the rest cut with np.partition and merged; ties are
+broken by `example_id` ascending (byte order of UTF-8, i.e. code points), as DuckDB's `ORDER BY score DESC,
+example_id ASC` in `rank_scores` does. DuckDB gets values only as parameters, never formatted into SQL.
 
-Knows about the store's file format, DuckDB and Arrow. Knows nothing about models, gradients' computation,
-curvature or judges.
+Knows about the store's file format, Arrow, BLAS (through numpy) and DuckDB. Knows nothing about models, gradients'
+computation, curvature or judges.
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,10 +206,445 @@ def fold_queries(V: np.ndarray, dim: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------------------- scan
 
+# The GEMM block: B rows of float64 gradients, multiplied by all query vectors at once. B is a multiple of 64 and the
+# SAME for every block of a scan (the last block is zero-padded), so every row goes through an identically shaped BLAS
+# call: OpenBLAS picks kernels (and so the summation order) by shape and by a row's position modulo its unroll, and
+# identical rows must get bit-identical scores for ties to be ties (measured: shapes that are not multiples of 64, or
+# that change between calls, break exact ties by 1 ulp).
+_GEMM_ROW_ALIGN = 64
+_GEMM_BLOCK_BYTES = 4 << 20  # float64 block ~ 4 MiB (512 rows at D = 1024, 64 rows at D >= 8192): stays in cache
+_GEMM_MAX_ROWS = 4096
+_READ_BATCH_BYTES = 16 << 20  # one Arrow record batch holds ~ 16 MiB of stored gradient values
+_READ_BUFFER_BYTES = 8 << 20  # Parquet column chunks are read through an 8 MiB buffered stream, not a whole shard
+_PREFETCH_DEPTH = 2  # record batches decoded ahead by the reader thread
+_TOPK_STAGE_ROWS = 16_384  # rows of scores per top-k selection step
+_STORED_ITEMSIZE = {"float16": 2, "float32": 4, "int8": 4}  # int8 is INT32 physical in Parquet
+
 
 def _check_train_norm(train_norm: str) -> None:
     if train_norm not in _TRAIN_NORMS:
         raise InfluenceQueryError(f"train_norm must be one of {_TRAIN_NORMS}, got {train_norm!r}")
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-int(n) // m) * m
+
+
+def _gemm_rows(dim: int, n_rows: int, batch_rows: int | None) -> int:
+    if batch_rows is None:
+        batch_rows = min(_GEMM_MAX_ROWS, max(1, _GEMM_BLOCK_BYTES // (8 * dim)))
+    if not isinstance(batch_rows, (int, np.integer)) or isinstance(batch_rows, bool) or batch_rows < 1:
+        raise InfluenceQueryError(f"batch_rows must be an integer >= 1, got {batch_rows!r}")
+    return _round_up(min(int(batch_rows), n_rows), _GEMM_ROW_ALIGN)
+
+
+def _read_rows(info: StoreInfo, read_rows: int | None) -> int:
+    if read_rows is None:
+        return max(1, min(65_536, _READ_BATCH_BYTES // (_STORED_ITEMSIZE[info.dtype] * info.dim)))
+    if not isinstance(read_rows, (int, np.integer)) or isinstance(read_rows, bool) or read_rows < 1:
+        raise InfluenceQueryError(f"read_rows must be an integer >= 1, got {read_rows!r}")
+    return int(read_rows)
+
+
+def _relative_denominator_source(info: StoreInfo, self_influence_path: str | Path | None) -> Path | None:
+    """None = the shards' own `self_influence` column; a path = a separate (example_id, self_influence) file."""
+    if self_influence_path is not None:
+        sp = Path(self_influence_path)
+        if not sp.is_file():
+            raise InfluenceQueryError(f"{sp}: self-influence file does not exist")
+        names = pq.read_schema(sp).names
+        if "example_id" not in names or "self_influence" not in names:
+            raise InfluenceQueryError(f"{sp}: needs columns example_id and self_influence (has {names})")
+        return sp
+    if info.has_self_influence:
+        return None
+    raise InfluenceQueryError(
+        "train_norm='relative' needs each row's self-influence g_iᵀ(F+λI)⁻¹g_i: the store's shards have no "
+        "'self_influence' column and no self_influence_path was given"
+    )
+
+
+def _joined_self_influence(
+    info: StoreInfo, path: Path, con: duckdb.DuckDBPyConnection | None
+) -> tuple[np.ndarray, pa.Array]:
+    """self_influence of every store row, in store order, joined by example_id in DuckDB (reads only the store's
+    example_id column). Missing rows are NaN. Returns (values [N] float64, store example_ids)."""
+    sql = (
+        "SELECT g.example_id AS example_id, si.self_influence::DOUBLE AS self_influence "
+        "FROM read_parquet(?, filename='_lancet_file', file_row_number=true) g "
+        "LEFT JOIN read_parquet(?) si ON si.example_id = g.example_id "
+        "ORDER BY list_position(?, g._lancet_file), g.file_row_number"
+    )
+    own = con is None
+    con = duckdb.connect() if own else con
+    try:
+        res = con.sql(sql, params=[list(info.files), str(path.resolve()), list(info.files)]).to_arrow_table()
+    finally:
+        if own:
+            con.close()
+    if res.num_rows != info.n_rows:
+        raise InfluenceQueryError(
+            f"{path}: joining it to the store gives {res.num_rows} rows for {info.n_rows} store rows: duplicate "
+            "example_id values in the self-influence file"
+        )
+    return res.column("self_influence").to_numpy(zero_copy_only=False), res.column("example_id").combine_chunks()
+
+
+def _prefetched(make_iter, depth: int):
+    """Iterate `make_iter()` in a reader thread, `depth` items ahead (Parquet decoding releases the GIL, so it overlaps
+    the conversion and GEMM of the previous batch). Errors in the reader are re-raised here; stopping early stops it.
+    depth 0: no thread, plain iteration."""
+    if depth <= 0:
+        yield from make_iter()
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in make_iter():
+                if not put((None, item)):
+                    return
+            put((None, done))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            put((e, None))
+
+    t = threading.Thread(target=produce, name="lancet-scan-reader", daemon=True)
+    t.start()
+    try:
+        while True:
+            err, item = q.get()
+            if err is not None:
+                raise err
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while True:
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                break
+        t.join()
+
+
+class _RunningTopK:
+    """Top-k of several score columns, streamed block by block, in the order `score DESC, example_id ASC` (DuckDB's
+    and the numpy oracle's order; example_ids compare by code point = UTF-8 byte order).
+
+    Per column: the kept (score, example_id) pairs (at most k once merged), a threshold (the k-th kept score, -inf
+    until k rows were kept) and pending candidates. A block only looks at its rows scoring >= threshold (a row below
+    can never enter: the kept set only improves), cuts them to the block's k best with np.partition (ties at the cut
+    kept) and queues them; pending candidates are merged (np.lexsort by score, then example_id) once they outnumber
+    max(k, 1024), and at the end. Merging late keeps the threshold lower for a while, which costs candidates, never
+    correctness."""
+
+    _MERGE_AT = 1024
+
+    def __init__(self, k: int, n_cols: int):
+        self.k = int(k)
+        self.scores = [np.empty(0, np.float64) for _ in range(n_cols)]
+        self.ids: list[np.ndarray] = [np.empty(0, dtype=object) for _ in range(n_cols)]
+        self.threshold = np.full(n_cols, -np.inf)
+        self.pending: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_cols)]
+        self.n_pending = np.zeros(n_cols, np.int64)
+
+    def push(self, S: np.ndarray, ids: pa.Array) -> None:
+        """S [n, n_cols]: finite scores of n rows whose example_ids are `ids` (an Arrow array of length n)."""
+        mask = S >= self.threshold[None, :]
+        rows_any = np.flatnonzero(mask.any(axis=1))
+        if rows_any.size == 0:
+            return
+        cand_ids = np.array(ids.take(pa.array(rows_any)).to_pylist(), dtype=object)
+        sub = mask[rows_any]
+        for c in np.flatnonzero(sub.any(axis=0)):
+            sel = np.flatnonzero(sub[:, c])
+            s = S[rows_any[sel], c]
+            if sel.size > self.k:
+                kth = np.partition(s, sel.size - self.k)[sel.size - self.k]  # the block's k-th largest
+                keep = s >= kth
+                sel, s = sel[keep], s[keep]
+            self.pending[c].append((s, cand_ids[sel]))
+            self.n_pending[c] += s.size
+            if self.n_pending[c] >= max(self.k, self._MERGE_AT):
+                self._merge(c)
+
+    def _merge(self, c: int) -> None:
+        if not self.pending[c]:
+            return
+        all_s = np.concatenate([self.scores[c]] + [s for s, _ in self.pending[c]])
+        all_ids = np.concatenate([self.ids[c]] + [i for _, i in self.pending[c]])
+        order = np.lexsort((all_ids.astype(str), -all_s))[: self.k]
+        self.scores[c], self.ids[c] = all_s[order], all_ids[order]
+        self.pending[c], self.n_pending[c] = [], 0
+        if len(order) == self.k:
+            self.threshold[c] = self.scores[c][-1]
+
+    def table(self, c: int, id_type: pa.DataType) -> pa.Table:
+        self._merge(c)
+        n = len(self.scores[c])
+        return pa.table(
+            {
+                "example_id": pa.array(self.ids[c].tolist(), id_type),
+                "score": pa.array(self.scores[c], pa.float64()),
+                "rank": pa.array(np.arange(1, n + 1, dtype=np.int64)),
+            }
+        )
+
+
+@dataclass(frozen=True)
+class StoreScan:
+    """What one streaming scan returns. `score` [N] is the folded score (the mean of the Q normalised per-query
+    scores), `query_scores` [N, Q] the per-query scores (per_query=True only), both in store order with
+    `example_ids`; all three are None when the scan kept only top-k (keep_scores=False). `top_k` (example_id, score,
+    rank) and `per_query_top_k` (one such table per query, in V's row order) when a top_k was asked."""
+
+    n_rows: int
+    example_ids: pa.ChunkedArray | None
+    score: np.ndarray | None
+    query_scores: np.ndarray | None
+    top_k: pa.Table | None
+    per_query_top_k: list[pa.Table] | None
+
+    def to_table(self) -> pa.Table:
+        """score_store's table: example_id, score (float64) and, with per-query scores, query_scores list<double>."""
+        if self.score is None:
+            raise InfluenceQueryError("this scan kept only top-k (keep_scores=False): no per-row scores")
+        out = {"example_id": self.example_ids, "score": pa.array(self.score, pa.float64())}
+        if self.query_scores is not None:
+            Q = self.query_scores.shape[1]
+            out["query_scores"] = pa.FixedSizeListArray.from_arrays(
+                pa.array(self.query_scores.reshape(-1), pa.float64()), Q
+            )
+        return pa.table(out)
+
+
+class _Scanner:
+    """The state of one streaming scan: the float64 GEMM block being filled, the per-row outputs, the running top-k."""
+
+    def __init__(
+        self,
+        info: StoreInfo,
+        W: np.ndarray,
+        *,
+        per_query: bool,
+        train_norm: str,
+        with_den: bool,
+        B: int,
+        keep_scores: bool,
+        top_k: int | None,
+    ):
+        self.info, self.W, self.per_query, self.train_norm, self.with_den, self.B = (
+            info,
+            W,
+            per_query,
+            train_norm,
+            with_den,
+            B,
+        )
+        N, D, Qc = info.n_rows, info.dim, W.shape[1]
+        self.block = np.zeros((B, D), np.float64)  # gradients as float64: exact for fp16/fp32/int8 values
+        self.prod = np.empty((B, Qc), np.float64)
+        self.scale = np.ones(B, np.float64)  # int8: grad_scale per row
+        self.den = np.ones(B, np.float64)  # train-norm denominator per row (NaN = missing or invalid)
+        self.seg_ids: list[pa.Array] = []  # example_ids of the rows now in the block
+        self.fill = self.done = self.null_ids = 0
+        self.id_type: pa.DataType | None = None
+        self.kept_ids: list[pa.Array] | None = [] if keep_scores else None
+        self.score = np.empty(N, np.float64) if keep_scores else None
+        self.query_scores = np.empty((N, Qc), np.float64) if keep_scores and per_query else None
+        n_top = 1 + (Qc if per_query else 0)  # column 0: folded; then one per query
+        self.top = _RunningTopK(top_k, n_top) if top_k is not None else None
+        # top-k selection runs on a stage of several GEMM blocks (fewer, larger pushes)
+        self.stage = np.empty((B * max(1, _TOPK_STAGE_ROWS // B), n_top), np.float64) if top_k is not None else None
+        self.stage_n = 0
+        self.stage_ids: list[pa.Array] = []
+
+    def error(self, ids: pa.Array, i: int, what: str) -> InfluenceQueryError:
+        return InfluenceQueryError(f"{self.info.directory}: row example_id={ids[i].as_py()!r}: {what}")
+
+    def add(self, ids: pa.Array, g: np.ndarray, scale: np.ndarray | None, den: np.ndarray | None) -> None:
+        """Rows [n] in store order: example_ids, stored vectors g [n, D] (fp16/fp32/int8 view), int8 scale, den."""
+        self.id_type = ids.type
+        self.null_ids += ids.null_count
+        if self.kept_ids is not None:
+            self.kept_ids.append(ids)
+        n, i, B = len(g), 0, self.B
+        while i < n:
+            f = self.fill
+            m = min(B - f, n - i)
+            np.copyto(self.block[f : f + m], g[i : i + m])  # -> float64, in place
+            if scale is not None:
+                self.scale[f : f + m] = scale[i : i + m]
+            if den is not None:
+                self.den[f : f + m] = den[i : i + m]
+            self.seg_ids.append(ids.slice(i, m))
+            self.fill, i = f + m, i + m
+            if self.fill == B:
+                self.flush()
+
+    def flush(self) -> None:
+        n, at = self.fill, self.done
+        if n == 0:
+            return
+        if n < self.B:
+            self.block[n:] = 0.0  # the last block: the same GEMM shape as every other one, zero rows past the data
+        np.matmul(self.block, self.W, out=self.prod)  # ONE GEMM for all queries: [B, D] @ [D, Qc]
+        S = self.prod[:n]
+        ids = self.seg_ids[0] if len(self.seg_ids) == 1 else pa.concat_arrays(self.seg_ids)
+        if self.info.dtype == "int8":
+            S *= self.scale[:n, None]
+        if self.with_den:
+            d = self.den[:n]
+            if np.isnan(d).any():
+                what = (
+                    "self-influence is missing or negative" if self.train_norm == "relative" else "grad_norm is missing"
+                )
+                raise self.error(ids, int(np.flatnonzero(np.isnan(d))[0]), what)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                S = np.where(d[:, None] > 0, S / np.where(d > 0, d, 1.0)[:, None], 0.0)
+        if not np.isfinite(S).all():
+            i = int(np.flatnonzero(~np.isfinite(S).all(axis=1))[0])
+            raise self.error(ids, i, "has a non-finite score (NaN/inf gradient?)")
+        folded = S.mean(axis=1) if self.per_query else S[:, 0]
+        if self.score is not None:
+            self.score[at : at + n] = folded
+        if self.query_scores is not None:
+            self.query_scores[at : at + n] = S
+        if self.top is not None:
+            if self.stage_n + n > len(self.stage):
+                self.push_stage()
+            self.stage[self.stage_n : self.stage_n + n, 0] = folded
+            if self.per_query:
+                self.stage[self.stage_n : self.stage_n + n, 1:] = S
+            self.stage_n += n
+            self.stage_ids.append(ids)
+        self.seg_ids.clear()
+        self.fill, self.done = 0, at + n
+
+    def push_stage(self) -> None:
+        if self.stage_n:
+            self.top.push(self.stage[: self.stage_n], pa.concat_arrays(self.stage_ids))
+        self.stage_n, self.stage_ids = 0, []
+
+    def finish(self) -> StoreScan:
+        self.flush()
+        info = self.info
+        if self.done != info.n_rows:
+            raise InfluenceQueryError(f"{info.directory}: scanned {self.done} rows, the shards declare {info.n_rows}")
+        if self.null_ids:
+            raise InfluenceQueryError(f"{info.directory}: {self.null_ids} row(s) have a null example_id")
+        id_type = self.id_type if self.id_type is not None else pa.string()
+        top_table = per_q = None
+        if self.top is not None:
+            self.push_stage()
+            top_table = self.top.table(0, id_type)
+            if self.per_query:
+                per_q = [self.top.table(1 + j, id_type) for j in range(self.W.shape[1])]
+        return StoreScan(
+            n_rows=info.n_rows,
+            example_ids=pa.chunked_array(self.kept_ids, id_type) if self.kept_ids is not None else None,
+            score=self.score,
+            query_scores=self.query_scores,
+            top_k=top_table,
+            per_query_top_k=per_q,
+        )
+
+
+def scan_store(
+    store_dir: str | Path,
+    V: np.ndarray,
+    *,
+    train_norm: TrainNorm = "none",
+    per_query: bool = False,
+    self_influence_path: str | Path | None = None,
+    top_k: int | None = None,
+    keep_scores: bool = True,
+    batch_rows: int | None = None,
+    read_rows: int | None = None,
+    con: duckdb.DuckDBPyConnection | None = None,
+) -> StoreScan:
+    """Stream every shard once and score each row against all query vectors with BLAS (see the module docstring).
+
+    `top_k`: also keep the folded and (per_query) per-query top-k, selected while streaming. `keep_scores=False`:
+    keep only that top-k, not the per-row scores. `batch_rows` (rounded up to a multiple of 64) and `read_rows` set
+    the GEMM block and the Arrow record-batch sizes; the defaults are sized from D (for tests and benchmarks)."""
+    _check_train_norm(train_norm)
+    info = open_store(store_dir)
+    U = normalized_queries(V, info.dim)
+    if top_k is not None:
+        _check_k(top_k, info.n_rows)
+    elif not keep_scores:
+        raise InfluenceQueryError("keep_scores=False needs a top_k: the scan would return nothing")
+    D = int(info.dim)
+    W = np.ascontiguousarray((U if per_query else U.mean(axis=0, keepdims=True)).T)  # [D, Qc] float64
+
+    si_file = _relative_denominator_source(info, self_influence_path) if train_norm == "relative" else None
+    si_all = si_ids = None
+    if si_file is not None:
+        si_all, si_ids = _joined_self_influence(info, si_file, con)
+    columns = ["example_id", "grad"] + (["grad_scale"] if info.dtype == "int8" else [])
+    den_col = {"cosine": "grad_norm", "relative": "self_influence" if si_file is None else None}.get(train_norm)
+    columns += [den_col] if den_col is not None else []
+    rows_per_read = _read_rows(info, read_rows)
+    sc = _Scanner(
+        info,
+        W,
+        per_query=per_query,
+        train_norm=train_norm,
+        with_den=train_norm != "none",
+        B=_gemm_rows(D, info.n_rows, batch_rows),
+        keep_scores=keep_scores,
+        top_k=top_k,
+    )
+
+    def batches():
+        for f in info.files:
+            try:
+                yield from pq.ParquetFile(f, buffer_size=_READ_BUFFER_BYTES).iter_batches(
+                    batch_size=rows_per_read, columns=columns
+                )
+            except (pa.ArrowException, OSError) as e:
+                raise InfluenceQueryError(f"{f}: cannot read the shard ({e})") from e
+
+    at = 0  # store row of the batch's first row
+    for rb in _prefetched(batches, _PREFETCH_DEPTH):
+        n = rb.num_rows
+        if n == 0:
+            continue
+        ids, grad = rb.column("example_id"), rb.column("grad")
+        if grad.null_count or grad.values.null_count:
+            bad = grad.is_null().to_numpy(zero_copy_only=False)
+            if not bad.any():  # a null inside a vector
+                bad = grad.flatten().is_null().to_numpy(zero_copy_only=False).reshape(n, D).any(axis=1)
+            raise sc.error(ids, int(np.flatnonzero(bad)[0]), "grad is null or has null values")
+        g = grad.flatten().to_numpy(zero_copy_only=True).reshape(n, D)  # a view of the Arrow buffer, no copy
+        scale = rb.column("grad_scale").to_numpy(zero_copy_only=False) if info.dtype == "int8" else None
+        if den_col is not None:
+            den = rb.column(den_col).to_numpy(zero_copy_only=False).astype(np.float64)
+        elif si_all is not None:
+            if not ids.equals(si_ids.slice(at, n)):
+                raise InfluenceQueryError(f"{info.directory}: the store changed while it was being scanned")
+            den = si_all[at : at + n]
+        else:
+            den = None
+        if den is not None and train_norm == "relative":
+            with np.errstate(invalid="ignore"):
+                den = np.sqrt(np.where(den < 0, np.nan, den))  # a negative self-influence is an error, like missing
+        sc.add(ids, g, scale, den)
+        at += n
+    return sc.finish()
 
 
 def score_store(
@@ -214,82 +658,9 @@ def score_store(
 ) -> pa.Table:
     """One scan of the store. Returns an Arrow table: example_id, score (float64, folded over queries) and, when
     per_query, `query_scores` list<double> (one per query, in V's row order). Rows are in store order (unranked)."""
-    _check_train_norm(train_norm)
-    info = open_store(store_dir)
-    U = normalized_queries(V, info.dim)
-    D = int(info.dim)  # the only value formatted into SQL: an int validated by open_store
-    params: list = []
-    vectors = [U.mean(axis=0)] if not per_query else list(U)
-    scale = " * g.grad_scale" if info.dtype == "int8" else ""  # int8: value = int8 × grad_scale, per row
-    exprs = []
-    for j, vec in enumerate(vectors):
-        exprs.append(f"array_inner_product(g.grad::DOUBLE[{D}], ?::DOUBLE[{D}]){scale} AS q{j}")
-        params.append(vec.tolist())
-    if train_norm == "none":
-        denom, join = None, ""
-    elif train_norm == "cosine":
-        denom, join = "g.grad_norm", ""
-    else:
-        if self_influence_path is not None:
-            sp = Path(self_influence_path)
-            if not sp.is_file():
-                raise InfluenceQueryError(f"{sp}: self-influence file does not exist")
-            names = pq.read_schema(sp).names
-            if "example_id" not in names or "self_influence" not in names:
-                raise InfluenceQueryError(f"{sp}: needs columns example_id and self_influence (has {names})")
-            denom = "sqrt(si.self_influence)"
-            join = "LEFT JOIN read_parquet(?) si ON si.example_id = g.example_id"
-        elif info.has_self_influence:
-            denom, join = "sqrt(g.self_influence)", ""
-        else:
-            raise InfluenceQueryError(
-                "train_norm='relative' needs each row's self-influence g_iᵀ(F+λI)⁻¹g_i: the store's shards have no "
-                "'self_influence' column and no self_influence_path was given"
-            )
-    extra = f", {denom} AS denom" if denom is not None else ""
-    if not join:
-        # a plain projection keeps DuckDB's insertion order: rows come back in store order
-        sql = f"SELECT g.example_id AS example_id, {', '.join(exprs)}{extra} FROM read_parquet(?) g"
-        params.append(list(info.files))
-    else:
-        # a join does not keep order: restore store order (manifest shard order, then row within the shard)
-        sql = (
-            f"SELECT g.example_id AS example_id, {', '.join(exprs)}{extra} "
-            f"FROM read_parquet(?, filename='_lancet_file', file_row_number=true) g {join} "
-            f"ORDER BY list_position(?, g._lancet_file), g.file_row_number"
-        )
-        params += [list(info.files), str(Path(self_influence_path).resolve()), list(info.files)]
-    own = con is None
-    con = duckdb.connect() if own else con
-    try:
-        res = con.sql(sql, params=params).to_arrow_table()
-    finally:
-        if own:
-            con.close()
-    if res.num_rows != info.n_rows:
-        raise InfluenceQueryError(f"{info.directory}: scanned {res.num_rows} rows, the shards declare {info.n_rows}")
-    ids = res.column("example_id")
-    if ids.null_count:
-        raise InfluenceQueryError(f"{info.directory}: {ids.null_count} row(s) have a null example_id")
-    Q = len(vectors)
-    cols = np.stack([res.column(f"q{j}").to_numpy(zero_copy_only=False) for j in range(Q)], axis=1).astype(np.float64)
-    if denom is not None:
-        den = res.column("denom").to_numpy(zero_copy_only=False).astype(np.float64)
-        if np.isnan(den).any():
-            i = int(np.flatnonzero(np.isnan(den))[0])
-            what = "self-influence is missing or negative" if train_norm == "relative" else "grad_norm is missing"
-            raise InfluenceQueryError(f"{info.directory}: row example_id={ids[i].as_py()!r}: {what}")
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cols = np.where(den[:, None] > 0, cols / np.where(den > 0, den, 1.0)[:, None], 0.0)
-    if not np.isfinite(cols).all():
-        i = int(np.flatnonzero(~np.isfinite(cols).all(axis=1))[0])
-        raise InfluenceQueryError(
-            f"{info.directory}: row example_id={ids[i].as_py()!r} has a non-finite score (NaN/inf gradient?)"
-        )
-    out = {"example_id": ids, "score": pa.array(cols.mean(axis=1) if per_query else cols[:, 0], pa.float64())}
-    if per_query:
-        out["query_scores"] = pa.FixedSizeListArray.from_arrays(pa.array(cols.ravel(), pa.float64()), Q)
-    return pa.table(out)
+    return scan_store(
+        store_dir, V, train_norm=train_norm, per_query=per_query, self_influence_path=self_influence_path, con=con
+    ).to_table()
 
 
 # -------------------------------------------------------------------------------------------------- rank & write
@@ -385,32 +756,23 @@ def write_influence(ranked: pa.Table, path: str | Path, query_ids: Sequence[str]
 
 
 def per_query_top_k(scores: pa.Table, query_ids: Sequence[str], k: int) -> dict[str, pa.Table]:
-    """query_id -> top-k rows by that query's normalised score (ties by example_id ascending)."""
+    """query_id -> top-k rows by that query's normalised score (ties by example_id ascending): example_id, score,
+    rank. Selected with the scan's streaming top-k over the [N, Q] scores, block by block."""
     _check_k(k, scores.num_rows)
     if "query_scores" not in scores.column_names:
         raise InfluenceQueryError("scores have no per-query columns: score with per_query=True")
     Q = scores.schema.field("query_scores").type.list_size
     if len(query_ids) != Q:
         raise InfluenceQueryError(f"{len(query_ids)} query ids for {Q} queries")
-    per_q = scores.column("query_scores").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, Q)
-    out = {}
-    con = duckdb.connect()
-    try:
-        for j, qid in enumerate(query_ids):
-            t = pa.table({"example_id": scores.column("example_id"), "score": pa.array(per_q[:, j], pa.float64())})
-            con.register(_SCORES_VIEW, t)
-            try:
-                r = con.sql(
-                    f"SELECT example_id, score, row_number() OVER (ORDER BY score DESC, example_id ASC) AS rank "
-                    f"FROM {_SCORES_VIEW} ORDER BY rank LIMIT ?",
-                    params=[int(k)],
-                ).to_arrow_table()
-            finally:
-                con.unregister(_SCORES_VIEW)
-            out[str(qid)] = r.set_column(2, "rank", r.column("rank").cast(pa.int64()))
-    finally:
-        con.close()
-    return out
+    per_q = scores.column("query_scores").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, Q)
+    if not np.isfinite(per_q).all():
+        raise InfluenceQueryError("per-query scores contain NaN or inf")
+    ids = scores.column("example_id").combine_chunks()
+    top = _RunningTopK(k, Q)
+    step = 65_536
+    for a in range(0, len(per_q), step):
+        top.push(per_q[a : a + step], ids.slice(a, step))
+    return {str(qid): top.table(j, ids.type) for j, qid in enumerate(query_ids)}
 
 
 def query_influence(
@@ -438,15 +800,21 @@ def query_influence(
         query_ids = [f"q{j}" for j in range(Q)]
     if len(query_ids) != Q:
         raise InfluenceQueryError(f"{len(query_ids)} query ids for {Q} query vectors")
-    scores = score_store(
-        store_dir, V, train_norm=train_norm, per_query=per_query, self_influence_path=self_influence_path
+    scan = scan_store(
+        store_dir,
+        V,
+        train_norm=train_norm,
+        per_query=per_query,
+        self_influence_path=self_influence_path,
+        top_k=top_k if per_query else None,
     )
+    scores = scan.to_table()
     ranked = rank_scores(scores, corpus_path)
     path = None
     if out_path is not None:
         p = Path(out_path)
         path = write_influence(ranked, p / INFLUENCE_FILE if p.is_dir() else p, query_ids if per_query else None)
-    pq_top = per_query_top_k(scores, query_ids, top_k) if per_query else {}
+    pq_top = dict(zip((str(q) for q in query_ids), scan.per_query_top_k, strict=True)) if per_query else {}
     top = ranked.slice(0, top_k)
     if "query_scores" in top.column_names:
         top = top.drop_columns(["query_scores"])
