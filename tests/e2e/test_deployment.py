@@ -99,6 +99,7 @@ def test_deployment_run_completes_and_is_tracked(servers, demo_work_dir):
     assert len(runs) == 1
     r = runs[0]
     assert r.info.status == "FINISHED" and r.data.tags["prefect.flow_run_id"] != "local"
+    assert r.data.tags["lancet.start_model"].endswith("(as given)")  # realign/demo corrects the model it was given
     for k in ("before.harmful_rate_probes", "after.harmful_rate_probes", "after.nll_benign", "time_recall_s"):
         assert k in r.data.metrics, k
     assert r.data.metrics["after.harmful_rate_probes"] < r.data.metrics["before.harmful_rate_probes"]

@@ -15,3 +15,16 @@ def prefect_harness(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_tracking_files_in_the_checkout():
+    """Tests use temporary tracking stores only: nothing may appear in the checkout (mlruns/, mlartifacts/, mlflow.db)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    names = ("mlruns", "mlartifacts", "mlflow.db")
+    before = {n for n in names if (root / n).exists()}
+    yield
+    after = {n for n in names if (root / n).exists()}
+    assert after <= before, f"tests wrote tracking files into the checkout: {sorted(after - before)}"

@@ -251,3 +251,46 @@ def test_lancet_config_file_prints_deployment_params(tmp_path, capsys):
     cfg.write_text("recall:\n  method: identity\ntrain:\n  epochs: 2\n")
     assert main(["config", str(cfg)]) == 0
     assert json.loads(capsys.readouterr().out) == {"recall": {"method": "identity"}, "train": {"epochs": 2}}
+
+
+def test_common_knob_flags_land_in_the_parameters(model_dir, files, tmp_path):
+    from flows.cli import _realign_params, build_parser
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("recall:\n  method: ekfac\n  top_k: 7\ntrain:\n  epochs: 5\n")
+    argv = _args(model_dir, files) + ["--config", str(cfg), "--recall-method", "identity", "--response-tokens", "all",
+                                      "--proj-dim", "8", "--epochs", "2", "--finetune", "full", "--from-champion",
+                                      "--column", "response=reference", "--max-seq-len-tokens", "64"]
+    p = _realign_params(build_parser().parse_args(argv))
+    assert p.recall.method == "identity" and p.recall.top_k == 7  # flags override the file, the file the defaults
+    assert p.index.response_tokens is None and p.index.proj_in_dim == p.index.proj_out_dim == 8
+    assert p.train.epochs == 2 and p.train.finetune == "full" and p.start_from_champion is True
+    assert p.columns == {"response": "reference"} and p.tokenize_config.max_seq_len_tokens == 64
+    assert p.model == str(model_dir) and p.corpus_path == str(files["--corpus"])
+
+
+def test_deployments_keep_telemetry_off_and_only_the_scheduled_one_uses_the_champion():
+    from pathlib import Path
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "deployments" / "prefect.yaml").read_text())
+    deps = {d["name"]: d for d in spec["deployments"]}
+    for d in deps.values():
+        env = d["work_pool"]["job_variables"]["env"]
+        assert env["DO_NOT_TRACK"] == "true" and env["MLFLOW_DISABLE_TELEMETRY"] == "true"
+        assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+        parse_params(d.get("parameters") or {}, f"deployment {d['name']}")  # parameters fit the flow's schema
+    assert deps["demo"]["parameters"]["start_from_champion"] is False and not deps["demo"].get("schedules")
+    assert deps["weekly"]["parameters"]["start_from_champion"] is True and deps["weekly"]["schedules"]
+
+
+def test_terminal_table_shows_before_and_after_side_by_side():
+    from flows.report import terminal_table
+
+    table = terminal_table({"metrics_before": {"harmful_rate_probes": 0.8, "nll_benign": 0.3, "n_probes": 60},
+                            "metrics_after": {"harmful_rate_probes": 0.0, "nll_benign": 0.31},
+                            "recall_metrics": {"recall.average_precision": 0.9, "recall.n_rows": 3000}})
+    lines = table.splitlines()
+    assert lines[0].split() == ["metric", "before", "after"]
+    assert lines[2].split() == ["harmful_rate_probes", "0.800", "0.000"]
+    assert lines[3].split() == ["nll_benign", "0.300", "0.310"] and "n_probes" not in table
+    assert lines[4].split() == ["recall.average_precision", "0.900"]

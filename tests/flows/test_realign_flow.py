@@ -71,6 +71,15 @@ def test_first_run_logs_everything_to_mlflow(first_run):
     assert (run.info.end_time - run.info.start_time) / 1000 >= sum(v for k, v in run.data.metrics.items()
                                                                    if k.startswith("time_"))
     assert run.data.tags["lancet.start_model"].endswith("(as given)") and out["start_model"].endswith("(as given)")
+    # one line per stage with its figures, in the flow run's logs (terminal and Prefect UI)
+    with get_client(sync_client=True) as c:
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        logs = [r.message for r in c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+    for prefix in ("inputs: checked", "model: starting from", "find_undesirable: ", "evaluate_before: harmful_rate_probes",
+                   "tokenize: 3000 rows", "index: 3000 rows x", "recall: 3000 training rows scored with kfac",
+                   "pairs: ", "ibo: ", "evaluate_after: ", "gate: "):
+        assert any(m.startswith(prefix) for m in logs), (prefix, logs)
     # artifacts live next to the sqlite database, never in the current directory
     assert run.info.artifact_uri.startswith(Path(tracking[len("sqlite:///"):]).parent.as_uri())
 
