@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("lancet_core", "tasks", "flows")
 # pipeline order: a stage may import the shared plumbing and earlier stages, never a later one
 STAGES = ("data", "index", "recall", "correct", "evaluate", "demo")
-PLUMBING = {"errors", "manifest", "formats", "model_io", "chat", "generation"}
+# gguf: turns a GGUF file into the HF model directory every stage starts from (a model_io concern, split out for its
+# size); no stage consumes GGUF, so it sits beside model_io rather than in one.
+PLUMBING = {"errors", "manifest", "formats", "model_io", "chat", "generation", "gguf"}
 
 
 def _module_name(path: Path) -> str:
