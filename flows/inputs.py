@@ -47,18 +47,19 @@ class Checked:
     longest_row_tokens: int | None = None
 
 
-def _model_context(cfg) -> int | None:
+def _model_context(cfg: dict) -> int | None:
     for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        v = getattr(cfg, key, None)
+        v = cfg.get(key)
         if isinstance(v, int) and v > 0:
             return v
     return None
 
 
-def _check_model(model: str, opt: str):
-    """(config, tokenizer) of a local model directory, or (None, None) for an MLflow URI (resolved later)."""
+def _check_model_dir(model: str, opt: str) -> dict | None:
+    """config.json of a local model directory (checked without importing transformers: files only), or None for an
+    MLflow URI (resolved later)."""
     if model.startswith(("models:/", "runs:/")):
-        return None, None
+        return None
     p = Path(model)
     if not p.exists():
         raise InputError(f"{opt} {p}: directory not found")
@@ -66,19 +67,26 @@ def _check_model(model: str, opt: str):
         raise InputError(f"{opt} {p}: not a directory (expected a Hugging Face model directory with config.json)")
     if not (p / "config.json").is_file():
         raise InputError(f"{opt} {p}: no config.json (not a Hugging Face model directory)")
+    try:
+        cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{opt} {p}/config.json: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise InputError(f"{opt} {p}/config.json: no model_type (not a Hugging Face model config)")
     if not any((p / w).is_file() for w in _WEIGHTS):
         raise InputError(f"{opt} {p}: no weights ({' or '.join(_WEIGHTS[::2])})")
-    from transformers import AutoConfig, AutoTokenizer
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        raise InputError(f"{opt} {p}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    return cfg
+
+
+def _load_tokenizer(model: str, opt: str):
+    from transformers import AutoTokenizer
 
     try:
-        cfg = AutoConfig.from_pretrained(str(p), local_files_only=True)
-    except Exception as e:  # transformers raises several types for a bad config
-        raise InputError(f"{opt} {p}/config.json: cannot be loaded ({str(e).splitlines()[0]})") from None
-    try:
-        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-    except Exception as e:
-        raise InputError(f"{opt} {p}: no loadable tokenizer ({str(e).splitlines()[0][:200]})") from None
-    return cfg, tok
+        return AutoTokenizer.from_pretrained(model, local_files_only=True)
+    except Exception as e:  # transformers raises several types for a broken tokenizer
+        raise InputError(f"{opt} {model}: the tokenizer does not load ({str(e).splitlines()[0][:200]})") from None
 
 
 def _row_lengths(tok, rows) -> list[int]:
@@ -118,9 +126,7 @@ def check_inputs(params: RealignParams, names: dict[str, str] = CLI_NAMES) -> Ch
     def where(key: str, err: Exception) -> InputError:
         return InputError(f"{names.get(key, key)} {err}")
 
-    cfg = tok = None
-    if p.model:
-        cfg, tok = _check_model(p.model, names["model"])
+    cfg = _check_model_dir(p.model, names["model"]) if p.model else None
     if not given:
         return out  # the built-in demo: built and checked by the demo stage
     files = {"corpus_path": p.corpus_path, "probes_path": p.probes_path, "ood_path": p.ood_path,
@@ -147,8 +153,9 @@ def check_inputs(params: RealignParams, names: dict[str, str] = CLI_NAMES) -> Ch
             if src not in seen:
                 raise InputError(f"{names['columns']} {dst}={src}: no file has a column {src!r} "
                                  f"(columns found: {sorted(seen)})")
-    if tok is None:
-        return out
+    if cfg is None:
+        return out  # an MLflow URI: its tokenizer is checked when the model is resolved
+    tok = _load_tokenizer(p.model, names["model"])  # the first transformers import: after every cheap check
     lengths = _row_lengths(tok, rows)
     longest = max(lengths)
     out.longest_row_tokens = longest

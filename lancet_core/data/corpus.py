@@ -65,12 +65,13 @@ def _check_utf8(path: Path) -> None:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """Raw records, in file order. Uses `datasets` for every format so types match what users load elsewhere."""
-    import datasets
-
+    """Raw records, in file order. JSON Lines / JSON are read directly (line numbers in errors); Parquet, CSV and saved
+    datasets with `datasets`, so types match what users load elsewhere."""
     if not path.exists():
         raise CorpusError(f"{path}: corpus not found")
     if path.is_dir():
+        import datasets
+
         try:
             ds = datasets.load_from_disk(str(path))
         except Exception as e:  # datasets raises several types for a non-dataset directory
@@ -104,6 +105,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         if not isinstance(data, list):
             raise CorpusError(f"{path}: a .json corpus must be a list of objects")
         return data
+    import datasets
+
     if suffix == ".parquet":
         ds = datasets.Dataset.from_parquet(str(path))
     elif suffix == ".csv":
