@@ -170,6 +170,49 @@ class _RetainStream:
         return out
 
 
+def _tied_to_embeddings(model) -> set[int]:
+    """Storage pointers of the input/output embedding weights (and anything tied to them)."""
+    ptrs = set()
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        emb = getattr(model, get, lambda: None)()
+        w = getattr(emb, "weight", None)
+        if isinstance(w, torch.Tensor):
+            ptrs.add(w.untyped_storage().data_ptr())
+    return ptrs
+
+
+def lora_target_modules(model) -> tuple[str, ...]:
+    """The modules LoRA adapts when TrainConfig.lora_target_modules is None.
+
+    The same set the influence gradients are taken on (`lancet_core.index.hooks.select_target_modules`): every
+    nn.Linear / GPT-2 Conv1D inside the transformer blocks — q/k/v/o_proj + gate/up/down_proj on Llama and Qwen,
+    c_attn/c_proj/c_fc on GPT-2, query_key_value/dense/dense_h_to_4h/dense_4h_to_h on GPT-NeoX — and never the LM
+    head or an embedding: modules named so are skipped, and so is any module whose weight shares storage with the
+    input or output embeddings, tied or not (merging an adapter into a tied head would rewrite the embeddings too).
+
+    Returned as the short names PEFT matches by suffix ("q_proj", ...) when those match exactly the chosen modules,
+    else as full module names. Raises ValueError when the model has no such layer (name them in lora_target_modules).
+    """
+    from lancet_core.index.hooks import select_target_modules
+
+    try:
+        chosen = select_target_modules(model)
+    except ValueError:
+        raise ValueError(
+            f"{type(model).__name__}: no linear layer found inside numbered transformer blocks; "
+            "name the modules to adapt in TrainConfig.lora_target_modules"
+        ) from None
+    embeddings = _tied_to_embeddings(model)
+    full = [n for n, m in chosen if m.weight.untyped_storage().data_ptr() not in embeddings]
+    if not full:
+        raise ValueError(f"{type(model).__name__}: every candidate LoRA target shares weights with the embeddings")
+    short = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in full))
+    # PEFT adapts a module when its name equals a target or ends with "." + target: short names are safe only when
+    # they catch exactly the chosen modules.
+    caught = {n for n, _ in model.named_modules() if any(n == s or n.endswith("." + s) for s in short)}
+    return tuple(short) if caught == set(full) else tuple(full)
+
+
 def _expected_manifest(model_dir: Path, pairs_path: Path, retain_path: Path | None, cfg: TrainConfig) -> dict:
     pairs_manifest = read_manifest(pairs_path.parent) or {}
     return {
@@ -235,7 +278,7 @@ def post_train(
             r=cfg.lora_rank,
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,
-            target_modules=list(cfg.lora_target_modules) if cfg.lora_target_modules else "all-linear",
+            target_modules=list(cfg.lora_target_modules or lora_target_modules(model)),
             task_type="CAUSAL_LM",
             fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),  # GPT-2 stores weights transposed
         )
