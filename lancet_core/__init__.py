@@ -8,8 +8,8 @@
     demo/      the built-in scenario: generated corpus, tiny impure model, held-out probes
 
 Shared plumbing, used by every stage: `errors`, `manifest` (atomic writes, digests, provenance), `formats` (file names
-and column contracts), `model_io` (load and digest models, pick the device), `chat` (conversation → tokens with a loss
-mask), `generation` (batched greedy answers). A stage imports only the plumbing and earlier stages
+and column contracts), `model_io` (load and digest models, pick the device), `gguf` (a GGUF file → an HF model
+directory, offline), `chat` (conversation → tokens with a loss mask), `generation` (batched greedy answers). A stage imports only the plumbing and earlier stages
 (tests/core/test_architecture.py checks it).
 
 Knows about torch, transformers, datasets, pyarrow and duckdb. Knows nothing about Prefect or MLflow: orchestration

@@ -84,7 +84,8 @@ class TrainConfig(BaseModel):
     lora_alpha: float = Field(16.0, gt=0.0, description="LoRA scaling α (update scaled by α/r)")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
     lora_target_modules: tuple[str, ...] | None = Field(
-        None, description="module names to adapt; None = every linear layer in the blocks (PEFT 'all-linear')"
+        None, description="module names to adapt; None = every linear layer in the transformer blocks, never the LM "
+        "head or an embedding, tied or not (correct.trainer.lora_target_modules; the same modules the index hooks use)"
     )
     disable_dropout: bool = Field(True, description="zero the base model's dropout (policy and reference agree)")
     max_seq_len_tokens: int = Field(512, ge=8, description="sequences longer than this are cut on the right")
