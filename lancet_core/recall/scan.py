@@ -55,6 +55,7 @@ from typing import Literal
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc  # imported with the module, not lazily inside the first query
 import pyarrow.parquet as pq
 
 from lancet_core.errors import LancetError
@@ -371,7 +372,7 @@ class _RunningTopK:
         rows_any = np.flatnonzero(mask.any(axis=1))
         if rows_any.size == 0:
             return
-        cand_ids = np.array(ids.take(pa.array(rows_any)).to_pylist(), dtype=object)
+        cand_ids = np.array(pc.take(ids, pa.array(rows_any)).to_pylist(), dtype=object)
         sub = mask[rows_any]
         for c in np.flatnonzero(sub.any(axis=0)):
             sel = np.flatnonzero(sub[:, c])
