@@ -4,22 +4,12 @@ clear error line and exit code 2."""
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 
 from flows.cli import main
 from lancet_core.index.store import GradientStore
 from tests.core.index.test_gradient_store import WORDS, make_model_dir
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """main() configures root logging onto this test's captured stderr; put the previous handlers back after."""
-    handlers, level = logging.root.handlers[:], logging.root.level
-    yield
-    logging.root.handlers[:] = handlers
-    logging.root.setLevel(level)
 
 
 def test_help_lists_subcommands(capsys):

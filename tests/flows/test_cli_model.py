@@ -3,23 +3,12 @@ exit code 2, with nothing written."""
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
 from flows.cli import main
 from lancet_core.manifest import read_manifest
 from lancet_core.model_io import load_tokenizer
 from tests.core.test_gguf import TEMPLATE, write_tiny_gguf
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """main() configures root logging onto this test's captured stderr; put the previous handlers back after."""
-    handlers, level = logging.root.handlers[:], logging.root.level
-    yield
-    logging.root.handlers[:] = handlers
-    logging.root.setLevel(level)
 
 
 def test_help_lists_the_model_subcommand(capsys):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import logging
 import time
 
 import pytest
@@ -19,13 +18,6 @@ from tests.conftest import make_tiny_tokenizer
 
 LONG = " ".join(["word"] * 60)
 
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    handlers, level = logging.root.handlers[:], logging.root.level
-    yield
-    logging.root.handlers[:] = handlers
-    logging.root.setLevel(level)
 
 
 @pytest.fixture(scope="module")
