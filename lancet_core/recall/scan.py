@@ -25,17 +25,18 @@ Train-side normalisation (`train_norm`), against high-norm outliers dominating e
     clear error, never a silent fallback. Rows with self_influence = 0 score 0; a negative one is an error.
 
 How the scan runs (`scan_store`): each shard is streamed as Arrow record batches (pyarrow `iter_batches`, only
-example_id, grad and the grad_scale / denominator column; column chunks read through a bounded buffer, decoded one
-batch ahead by a reader thread). The fixed-size-list child buffer is viewed as a numpy [n, D] array without a copy
-and cast, in place, into a float64 block of B rows (B a multiple of 64, ~4 MiB); each full block is multiplied by all
-Qc query vectors in ONE BLAS GEMM ([B, D] @ [D, Qc]); int8 rows are then scaled by grad_scale, and normalised. So no
-step holds more than a few blocks of gradients; the per-row scores [N] (and [N, Q] when per-query scores are asked)
-are kept. Float64, because fp16/int8/fp32 values are exact in it and scores then match a float64 oracle to ~1e-12,
-so rankings are not at the mercy of float32 summation order; every block has the same GEMM shape (the last one is
-zero-padded), so identical rows get bit-identical scores and ties stay ties. Top-k (folded and per query) is selected
-while streaming: rows below the running k-th score are skipped, the rest cut with np.partition and merged; ties are
-broken by `example_id` ascending (byte order of UTF-8, i.e. code points), as DuckDB's `ORDER BY score DESC,
-example_id ASC` in `rank_scores` does. DuckDB gets values only as parameters, never formatted into SQL.
+example_id, grad and the grad_scale / denominator column, column chunks read through a bounded buffer), shards
+decoded a few batches ahead by reader threads (two by default) and consumed in store order. The fixed-size-list
+child buffer is viewed as a numpy [n, D] array without a copy and cast, in place, into a float64 block of B rows (B a
+multiple of 64, ~4 MiB); each full block is multiplied by all Qc query vectors in ONE BLAS GEMM ([B, D] @ [D, Qc]);
+int8 rows are then scaled by grad_scale, and normalised. So no step holds more than a few batches and blocks of
+gradients; the per-row scores [N] (and [N, Q] when per-query scores are asked) are kept. Float64, because
+fp16/int8/fp32 values are exact in it and scores then match a float64 oracle to ~1e-12, so rankings are not at the
+mercy of float32 summation order; every block has the same GEMM shape (the last one is zero-padded), so identical
+rows get bit-identical scores and ties stay ties. Top-k (folded and per query) is selected while streaming: rows
+below the running k-th score are skipped, the rest cut with np.partition and merged; ties are broken by
+`example_id` ascending (byte order of UTF-8, i.e. code points), as DuckDB's `ORDER BY score DESC, example_id ASC` in
+`rank_scores` does. DuckDB gets values only as parameters, never formatted into SQL.
 
 Knows about the store's file format, Arrow, BLAS (through numpy) and DuckDB. Knows nothing about models, gradients'
 computation, curvature or judges.
@@ -44,6 +45,7 @@ computation, curvature or judges.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
 import threading
@@ -216,13 +218,17 @@ _GEMM_ROW_ALIGN = 64
 # float64 GEMM block ~ 4 MiB: 512 rows at D = 1024 (in cache); never under 64 rows (27 MiB at D = 54k)
 _GEMM_BLOCK_BYTES = 4 << 20
 _GEMM_MAX_ROWS = 4096
-_READ_BATCH_BYTES = 2 << 20  # one Arrow record batch holds ~ 2 MiB of stored gradient values (measured: larger
-# batches are no faster and each one in flight costs RSS)
+# one Arrow record batch holds ~ 2 MiB of stored gradient values (measured: larger batches are no faster, and each
+# batch in flight costs RSS)
+_READ_BATCH_BYTES = 2 << 20
 # Parquet column chunks are read through a 2 MiB buffered stream (pre_buffer=False). pyarrow's default
 # (pre_buffer=True) reads a whole row group's column chunk first: a whole shard, ~1 GB at D = 54k x 4096 rows;
 # measured also slower (1.4-1.8 s vs 1.15 s for 200k x 1024 fp16).
 _READ_BUFFER_BYTES = 2 << 20
-_PREFETCH_DEPTH = 2  # record batches decoded ahead by the reader thread
+_PREFETCH_DEPTH = 2  # record batches decoded ahead by each reader thread
+# Shards decoded in parallel by default: Parquet decoding of the nested `grad` column is the bottleneck (~0.4 GB/s of
+# fp16 per core measured), and 2 readers is what was measured (on 2 cores); more are allowed through `readers`.
+_DEFAULT_READERS = 2
 _TOPK_STAGE_ROWS = 16_384  # rows of scores per top-k selection step
 _STORED_ITEMSIZE = {"float16": 2, "float32": 4, "int8": 4}  # int8 is INT32 physical in Parquet
 
@@ -242,6 +248,14 @@ def _gemm_rows(dim: int, n_rows: int, batch_rows: int | None) -> int:
     if not isinstance(batch_rows, (int, np.integer)) or isinstance(batch_rows, bool) or batch_rows < 1:
         raise InfluenceQueryError(f"batch_rows must be an integer >= 1, got {batch_rows!r}")
     return _round_up(min(int(batch_rows), n_rows), _GEMM_ROW_ALIGN)
+
+
+def _readers(readers: int | None) -> int:
+    if readers is None:
+        return max(1, min(_DEFAULT_READERS, os.cpu_count() or 1))
+    if not isinstance(readers, (int, np.integer)) or isinstance(readers, bool) or readers < 0:
+        raise InfluenceQueryError(f"readers must be an integer >= 0, got {readers!r}")
+    return int(readers)
 
 
 def _read_rows(info: StoreInfo, read_rows: int | None) -> int:
@@ -296,18 +310,21 @@ def _joined_self_influence(
     return res.column("self_influence").to_numpy(zero_copy_only=False), res.column("example_id").combine_chunks()
 
 
-def _prefetched(make_iter, depth: int):
-    """Iterate `make_iter()` in a reader thread, `depth` items ahead (Parquet decoding releases the GIL, so it overlaps
-    the conversion and GEMM of the previous batch). Errors in the reader are re-raised here; stopping early stops it.
-    depth 0: no thread, plain iteration."""
-    if depth <= 0:
-        yield from make_iter()
+def _read_in_order(files: Sequence[str], read_file, readers: int, depth: int):
+    """Yield `read_file(f)`'s items for every file, in file order, decoded ahead by `readers` threads: thread r reads
+    files r, r + readers, ... into its own queue of `depth` items, and the consumer takes file i from queue
+    i % readers. Parquet decoding releases the GIL, so files decode in parallel and overlap the consumer's GEMMs.
+    Errors in a reader are re-raised here; stopping early stops the readers. readers 0: plain iteration, no thread."""
+    if readers <= 0:
+        for f in files:
+            yield from read_file(f)
         return
-    q: queue.Queue = queue.Queue(maxsize=depth)
+    readers = min(readers, len(files))
+    queues = [queue.Queue(maxsize=max(1, depth)) for _ in range(readers)]
     stop = threading.Event()
-    done = object()
+    end_of_file = object()
 
-    def put(item) -> bool:
+    def put(q: queue.Queue, item) -> bool:
         while not stop.is_set():
             try:
                 q.put(item, timeout=0.05)
@@ -316,33 +333,43 @@ def _prefetched(make_iter, depth: int):
                 continue
         return False
 
-    def produce() -> None:
+    def produce(r: int) -> None:
+        q = queues[r]
         try:
-            for item in make_iter():
-                if not put((None, item)):
+            for f in files[r::readers]:
+                for item in read_file(f):
+                    if not put(q, (None, item)):
+                        return
+                if not put(q, (None, end_of_file)):
                     return
-            put((None, done))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            put((e, None))
+            put(q, (e, None))
 
-    t = threading.Thread(target=produce, name="lancet-scan-reader", daemon=True)
-    t.start()
+    threads = [
+        threading.Thread(target=produce, args=(r,), name="lancet-scan-reader", daemon=True) for r in range(readers)
+    ]
+    for t in threads:
+        t.start()
     try:
-        while True:
-            err, item = q.get()
-            if err is not None:
-                raise err
-            if item is done:
-                return
-            yield item
+        for i in range(len(files)):
+            q = queues[i % readers]
+            while True:
+                err, item = q.get()
+                if err is not None:
+                    raise err
+                if item is end_of_file:
+                    break
+                yield item
     finally:
         stop.set()
-        while True:
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                break
-        t.join()
+        for q in queues:
+            while True:
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    break
+        for t in threads:
+            t.join()
 
 
 class _RunningTopK:
@@ -451,14 +478,8 @@ class _Scanner:
         keep_scores: bool,
         top_k: int | None,
     ):
-        self.info, self.W, self.per_query, self.train_norm, self.with_den, self.B = (
-            info,
-            W,
-            per_query,
-            train_norm,
-            with_den,
-            B,
-        )
+        self.info, self.W, self.B = info, W, B
+        self.per_query, self.train_norm, self.with_den = per_query, train_norm, with_den
         N, D, Qc = info.n_rows, info.dim, W.shape[1]
         self.block = np.zeros((B, D), np.float64)  # gradients as float64: exact for fp16/fp32/int8 values
         self.prod = np.empty((B, Qc), np.float64)
@@ -579,15 +600,18 @@ def scan_store(
     keep_scores: bool = True,
     batch_rows: int | None = None,
     read_rows: int | None = None,
+    readers: int | None = None,
     con: duckdb.DuckDBPyConnection | None = None,
 ) -> StoreScan:
     """Stream every shard once and score each row against all query vectors with BLAS (see the module docstring).
 
     `top_k`: also keep the folded and (per_query) per-query top-k, selected while streaming. `keep_scores=False`:
     keep only that top-k, not the per-row scores. `batch_rows` (rounded up to a multiple of 64) and `read_rows` set
-    the GEMM block and the Arrow record-batch sizes; the defaults are sized from D (for tests and benchmarks)."""
+    the GEMM block and the Arrow record-batch sizes (defaults sized from D); `readers`: threads decoding shards ahead
+    (default min(2, CPUs); 0 = decode in this thread). Results do not depend on any of the three."""
     _check_train_norm(train_norm)
     info = open_store(store_dir)
+    n_readers = _readers(readers)
     U = normalized_queries(V, info.dim)
     if top_k is not None:
         _check_k(top_k, info.n_rows)
@@ -615,17 +639,16 @@ def scan_store(
         top_k=top_k,
     )
 
-    def batches():
-        for f in info.files:
-            try:
-                yield from pq.ParquetFile(f, pre_buffer=False, buffer_size=_READ_BUFFER_BYTES).iter_batches(
-                    batch_size=rows_per_read, columns=columns
-                )
-            except (pa.ArrowException, OSError) as e:
-                raise InfluenceQueryError(f"{f}: cannot read the shard ({e})") from e
+    def read_file(f: str):
+        try:
+            yield from pq.ParquetFile(f, pre_buffer=False, buffer_size=_READ_BUFFER_BYTES).iter_batches(
+                batch_size=rows_per_read, columns=columns
+            )
+        except (pa.ArrowException, OSError) as e:
+            raise InfluenceQueryError(f"{f}: cannot read the shard ({e})") from e
 
     at = 0  # store row of the batch's first row
-    for rb in _prefetched(batches, _PREFETCH_DEPTH):
+    for rb in _read_in_order(info.files, read_file, n_readers, _PREFETCH_DEPTH):
         n = rb.num_rows
         if n == 0:
             continue
@@ -640,7 +663,8 @@ def scan_store(
         if den_col is not None:
             den = rb.column(den_col).to_numpy(zero_copy_only=False).astype(np.float64)
         elif si_all is not None:
-            if not ids.equals(si_ids.slice(at, n)):
+            expected = si_ids.slice(at, n)
+            if not ids.equals(expected if expected.type == ids.type else expected.cast(ids.type)):
                 raise InfluenceQueryError(f"{info.directory}: the store changed while it was being scanned")
             den = si_all[at : at + n]
         else:

@@ -109,6 +109,21 @@ def test_block_size_does_not_change_results(tmp_path, dtype):
                    for a, b in zip(o.per_query_top_k, outs[0].per_query_top_k, strict=True))
 
 
+@pytest.mark.parametrize("readers", [0, 1, 2, 3, 16])
+def test_reader_threads_keep_store_order(tmp_path, readers):
+    """Shards decoded by several threads still come back in store order, bit for bit the same scores."""
+    rng = np.random.default_rng(13)
+    x, _, _ = _rows_with_ties(rng, 400, 12, n_dupes=10)
+    ids, _ = make_store(tmp_path / "s", x, _shuffled_ids(rng, 400), dtype="float16", n_shards=9)
+    V = rng.standard_normal((3, 12))
+    ref = scan_store(tmp_path / "s", V, per_query=True, top_k=7, batch_rows=64, read_rows=11, readers=0)
+    got = scan_store(tmp_path / "s", V, per_query=True, top_k=7, batch_rows=64, read_rows=11, readers=readers)
+    assert got.example_ids.to_pylist() == ids
+    assert np.array_equal(got.query_scores, ref.query_scores) and np.array_equal(got.score, ref.score)
+    assert got.top_k.equals(ref.top_k)
+    assert not _reader_threads()
+
+
 def test_streaming_topk_matches_argsort_under_heavy_ties(tmp_path):
     """Scores with few distinct values (every row ties with dozens of others, across blocks and shards): the
     streaming selection must cut each tie group by example_id exactly as a full sort does, for every k."""
@@ -228,9 +243,10 @@ def test_errors_mid_stream_stop_the_reader(tmp_path):
     x = rng.standard_normal((300, 8)).astype(np.float32)
     x[250, 3] = np.inf  # in the last shard, many batches after the reader thread started
     make_store(tmp_path / "s", x, [f"r{i}" for i in range(300)], n_shards=3)
-    with pytest.raises(InfluenceQueryError, match="example_id='r250'.*non-finite"):
-        scan_store(tmp_path / "s", np.ones(8), batch_rows=64, read_rows=10, top_k=5)
-    assert not _reader_threads()
+    for readers in (1, 2, 3):
+        with pytest.raises(InfluenceQueryError, match="example_id='r250'.*non-finite"):
+            scan_store(tmp_path / "s", np.ones(8), batch_rows=64, read_rows=10, top_k=5, readers=readers)
+        assert not _reader_threads()
     # a null value inside a vector: named
     path = tmp_path / "s" / "shard-00001.parquet"
     t = pq.read_table(path)
@@ -262,6 +278,9 @@ def test_scan_argument_errors(tmp_path):
             scan_store(tmp_path / "s", np.ones(4), batch_rows=bad)
         with pytest.raises(InfluenceQueryError, match="read_rows"):
             scan_store(tmp_path / "s", np.ones(4), read_rows=bad)
+    for bad in (-1, True, 1.5):
+        with pytest.raises(InfluenceQueryError, match="readers"):
+            scan_store(tmp_path / "s", np.ones(4), readers=bad)
     with pytest.raises(InfluenceQueryError, match="larger than the number of training rows"):
         scan_store(tmp_path / "s", np.ones(4), top_k=11)
     with pytest.raises(InfluenceQueryError, match="per-query scores contain NaN"):
