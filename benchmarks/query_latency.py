@@ -11,7 +11,7 @@ full projected layout) only fp16. For each case, "the query" is `scan_store(...,
 row scored, top-k kept (k = --top-k):
 
 - warm: the query repeated in this process (files in the page cache, nothing else kept between queries; median of
-  --repeats) vs numpy on the same data held in RAM: the fp32 matrix times one vector (sgemv), and the fp16 matrix
+  --repeats; with the default reader threads, and with one) vs numpy on the same data held in RAM: the fp32 matrix times one vector (sgemv), and the fp16 matrix
   upcast to fp32 in chunks and multiplied. Goal: query <= 2x the fp32 matvec.
 - cold: the query as the first thing a FRESH PROCESS does after the stores were written, vs a fresh process reading
   the `grad` column with pyarrow (pq.read_table of all shards, its default threads; and iter_batches streamed like
@@ -51,6 +51,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lancet_core.recall import scan as scan_mod  # noqa: E402
 from lancet_core.recall.scan import open_store, scan_store  # noqa: E402
 
 _PA = {"float16": pa.float16(), "float32": pa.float32(), "int8": pa.int8()}
@@ -249,6 +250,7 @@ def bench(
         V32 = _queries(d, 32, seed)
         scan_store(main, v, top_k=k, keep_scores=False)  # warm-up
         warm_q1 = _timed(lambda: scan_store(main, v, top_k=k, keep_scores=False), repeats)
+        warm_q1_r1 = _timed(lambda: scan_store(main, v, top_k=k, keep_scores=False, readers=1), repeats)
         warm_q32 = _timed(lambda: scan_store(main, V32, per_query=True, top_k=k, keep_scores=False), repeats)
         warm_q32_fold = _timed(lambda: scan_store(main, V32, top_k=k, keep_scores=False), max(1, repeats // 2))
         m32 = _load_numpy(main, np.float32)
@@ -268,6 +270,8 @@ def bench(
         res["warm"] = {
             "query_seconds": _r(warm_q1["seconds"]),
             "query_cpu_seconds": _r(warm_q1["cpu_seconds"]),
+            "query_1_reader_thread_seconds": _r(warm_q1_r1["seconds"]),
+            "query_1_reader_thread_cpu_seconds": _r(warm_q1_r1["cpu_seconds"]),
             "numpy_fp32_in_ram_seconds": _r(np_f32["seconds"]),
             "numpy_fp16_in_ram_upcast_seconds": _r(np_f16["seconds"]),
             "ratio_vs_numpy_fp32": _r(warm_q1["seconds"] / np_f32["seconds"], 2),
@@ -397,6 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     out = {
         "benchmark": "influence_query_latency",
         "engine": "lancet_core.recall.scan.scan_store: pyarrow iter_batches -> float64 GEMM blocks -> streaming top-k",
+        "reader_threads_default": scan_mod._readers(None),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
