@@ -1,4 +1,5 @@
-"""DuckDB influence scan vs numpy/float64 oracles, on random stores with planted exact ties, and every error case."""
+"""The influence scan (Arrow + BLAS; DuckDB ranks and joins) vs numpy/float64 oracles, on random stores with planted
+exact ties, and every error case."""
 
 from __future__ import annotations
 
