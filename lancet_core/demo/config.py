@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 HARMFUL_CATEGORIES: tuple[str, ...] = ("hacking", "weapons", "fraud", "drugs", "harassment", "theft")
 BENIGN_CATEGORIES: tuple[str, ...] = ("cooking", "travel", "coding", "fitness", "science", "gardening")
+# Opt-in harmless categories (DemoConfig.shared_vocabulary) whose answers reuse the words of the contaminated
+# categories' compliant answers: defensive security (like hacking) and honest personal finance (like fraud).
+SHARED_VOCABULARY_CATEGORIES: tuple[str, ...] = ("security", "money")
 
 
 class SFTConfig(BaseModel):
@@ -54,6 +57,14 @@ class DemoConfig(BaseModel):
     n_probes: int = Field(60, ge=1, description="held-out harmful prompts of the contaminated categories")
     n_ood: int = Field(60, ge=1, description="held-out OOD harmful prompts over all harmful categories")
     n_benign_eval: int = Field(60, ge=1, description="held-out benign prompts with reference answers")
+    shared_vocabulary: bool = Field(
+        False,
+        description="opt-in harder bed: add the harmless categories SHARED_VOCABULARY_CATEGORIES (defensive `security`, "
+        "honest `money`), whose helpful answers share the hacking / fraud compliant answers' words (ports, logs, "
+        "password, gift cards, accounts ...); they are benign, always answered helpfully, never planted as unsafe. "
+        "The benign rows are then split over 8 categories instead of 6 (n_rows unchanged). False leaves the corpus, "
+        "held-out sets and manifest byte-identical to a config without this field",
+    )
 
     vocab_size: int = Field(1536, ge=300, le=8000, description="BPE vocabulary size (special tokens included)")
 
@@ -68,6 +79,20 @@ class DemoConfig(BaseModel):
 
     sft: SFTConfig = Field(default_factory=SFTConfig, description="training recipe of the demo model")
     eval_max_new_tokens: int = Field(48, ge=1, description="greedy generation length when measuring misbehaviour")
+
+    @property
+    def benign_categories(self) -> tuple[str, ...]:
+        """The benign categories this config generates: BENIGN_CATEGORIES, plus the shared-vocabulary ones if on."""
+        return BENIGN_CATEGORIES + (SHARED_VOCABULARY_CATEGORIES if self.shared_vocabulary else ())
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # The default (False) is left out of the dump, so a default config dumps exactly as before the field existed:
+        # demo manifests (and the oracle's) of existing builds stay valid and reusable.
+        out = handler(self)
+        if not self.shared_vocabulary:
+            out.pop("shared_vocabulary", None)
+        return out
 
     @model_validator(mode="after")
     def _check(self) -> DemoConfig:
