@@ -1,0 +1,196 @@
+"""Recall quality on several beds at once (evidence for choosing recall defaults); prints ONE JSON object.
+
+    .venv/bin/python benchmarks/recall_beds.py --work /tmp/beds/work                      # demo:0..4 + shared:0
+    .venv/bin/python benchmarks/recall_beds.py --beds demo:0,shared:0 --reuse demo:0=/tmp/demo0 --work /tmp/b
+
+A bed is `demo:N` (the default demo, DemoConfig(seed=N)) or `shared:N` (the shared-vocabulary variant,
+DemoConfig(seed=N, shared_vocabulary=True): harmless `security` / `money` rows reuse the hacking / fraud compliant
+answers' words). Per bed:
+1. the demo is built in-process with lancet_core.demo.build_demo under WORK/<bed>/demo (a build there with the same
+   config is reused; so is a directory given with --reuse BED=DIR, read only);
+2. benchmarks/recall_quality.py's main() runs on it (imported, same code path and defaults), with two more settings
+   than it lists itself: ekfac and identity on the whole-response store; its JSON is kept as
+   WORK/<bed>/recall_quality.json and reused on a rerun (delete it to measure again).
+
+Reported per bed and as the mean over beds, for every setting: precision@|planted| and average precision. Settings:
+kfac / ekfac / linfac / identity on the default store (IndexConfig(): the first 4 response tokens) and on the
+whole-response store (`*_whole_response`), RepSim, TF-IDF and BM25. `margin_over_best_baseline` is each setting's
+mean minus the best baseline's mean (baselines: repsim, text_tfidf, text_bm25). `goal` checks, per setting: mean
+precision@planted >= 0.9 and >= 0.05 above each of BM25, TF-IDF, RepSim and the plain dot product (identity on the
+same store). Progress goes to stderr; only the final JSON goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import recall_quality as rq  # noqa: E402
+
+from lancet_core.demo.config import DemoConfig  # noqa: E402
+
+DEFAULT_BEDS = "demo:0,demo:1,demo:2,demo:3,demo:4,shared:0"
+EXTRA_METHODS: dict[str, dict] = {
+    "ekfac_whole_response": {"method": "ekfac", "store": "whole_response"},
+    "identity_whole_response": {"method": "identity", "store": "whole_response"},
+}
+SETTINGS: tuple[str, ...] = (
+    "kfac", "ekfac", "linfac", "identity",
+    "kfac_whole_response", "ekfac_whole_response", "linfac_whole_response", "identity_whole_response",
+    "repsim", "text_tfidf", "text_bm25",
+)  # fmt: skip
+BASELINES: tuple[str, ...] = ("repsim", "text_tfidf", "text_bm25")
+GOAL_P, GOAL_MARGIN = 0.9, 0.05
+
+
+def log(msg: str) -> None:
+    print(f"[recall_beds {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_bed(bed: str) -> DemoConfig:
+    kind, _, seed = bed.partition(":")
+    if kind not in ("demo", "shared") or not seed.lstrip("-").isdigit():
+        raise SystemExit(f"bad bed {bed!r}: expected demo:N or shared:N")
+    return DemoConfig(seed=int(seed), shared_vocabulary=kind == "shared")
+
+
+def _bed_dirname(bed: str) -> str:
+    return bed.replace(":", "")
+
+
+def run_bed(bed: str, work: Path, reuse: dict[str, str], threads: int) -> dict:
+    """Build (or reuse) the bed's demo, run recall_quality on it; its report, cached as WORK/<bed>/recall_quality.json."""
+    from lancet_core.demo.build import build_demo
+
+    bed_work = work / _bed_dirname(bed)
+    cached = bed_work / "recall_quality.json"
+    if cached.exists():
+        log(f"{bed}: reusing {cached}")
+        return json.loads(cached.read_text())
+    bed_work.mkdir(parents=True, exist_ok=True)
+    cfg = parse_bed(bed)
+    t = time.perf_counter()
+    if bed in reuse:
+        demo = Path(reuse[bed])
+        log(f"{bed}: reusing demo {demo}")
+    else:
+        log(f"{bed}: building demo under {bed_work / 'demo'}")
+    # build_demo on an existing directory checks that its manifest's config is this bed's (refuses otherwise).
+    demo = Path(build_demo(Path(reuse.get(bed, bed_work / "demo")), cfg).root)
+    demo_seconds = time.perf_counter() - t
+    log(f"{bed}: demo ready in {demo_seconds:.0f} s; recall_quality ...")
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # recall_quality prints its JSON; ours is the only stdout
+        report = rq.main(["--demo", str(demo), "--work", str(bed_work / "rq"), "--threads", str(threads),
+                          "--methods", *SETTINGS])  # fmt: skip
+    report["bed"] = bed
+    report["seconds"]["demo_build_or_reuse"] = round(demo_seconds, 2)
+    report["seconds"]["recall_quality_total"] = round(time.perf_counter() - t, 2)
+    manifest = json.loads((demo / "manifest.json").read_text())
+    report["demo_figures"] = manifest.get("figures")
+    cached.write_text(json.dumps(report, indent=1))
+    log(f"{bed}: done in {time.perf_counter() - t:.0f} s")
+    return report
+
+
+def bed_scores(report: dict) -> dict[str, dict[str, float]]:
+    k = report["n_planted"]
+    return {
+        name: {"p_at_planted": m[f"precision_at_{k}"], "ap": m["average_precision"]}
+        for name, m in report["methods"].items()
+        if name in SETTINGS
+    }
+
+
+def summarise(reports: dict[str, dict]) -> dict:
+    per_bed = {bed: bed_scores(r) for bed, r in reports.items()}
+    names = [s for s in SETTINGS if all(s in scores for scores in per_bed.values())]
+    mean = {
+        s: {m: round(statistics.fmean(per_bed[b][s][m] for b in per_bed), 4) for m in ("p_at_planted", "ap")}
+        | {"min_p_at_planted": round(min(per_bed[b][s]["p_at_planted"] for b in per_bed), 4)}
+        for s in names
+    }
+    base = [b for b in BASELINES if b in mean]
+    best = {m: max(base, key=lambda b, m=m: mean[b][m]) for m in ("p_at_planted", "ap")} if base else {}
+    margin = {
+        s: {m: round(mean[s][m] - mean[best[m]][m], 4) for m in ("p_at_planted", "ap")}
+        | {f"best_baseline_{m}": best[m] for m in ("p_at_planted", "ap")}
+        for s in names
+        if best
+    }
+    goal = {}
+    for s in names:
+        if s in BASELINES or s.startswith("identity"):
+            continue
+        plain = "identity_whole_response" if s.endswith("_whole_response") else "identity"
+        against = [b for b in (*BASELINES, plain) if b in mean]
+        margins = {b: round(mean[s]["p_at_planted"] - mean[b]["p_at_planted"], 4) for b in against}
+        goal[s] = {
+            "mean_p_at_planted": mean[s]["p_at_planted"],
+            "margin_p_at_planted_over": margins,
+            "met": mean[s]["p_at_planted"] >= GOAL_P and all(v >= GOAL_MARGIN for v in margins.values()),
+        }
+    winner = {m: max(names, key=lambda s, m=m: mean[s][m]) for m in ("p_at_planted", "ap")} if names else {}
+    return {"per_bed": per_bed, "mean": mean, "margin_over_best_baseline": margin, "goal": goal, "winner": winner}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--beds", default=DEFAULT_BEDS, help=f"comma-separated demo:N / shared:N (default {DEFAULT_BEDS})")
+    ap.add_argument("--work", default="/tmp/lancet-recall-beds", help="work directory, one sub-directory per bed")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (shared 2-core box: 1-2)")
+    ap.add_argument("--reuse", default="", help="comma-separated BED=DIR: use this built demo for BED (read only)")
+    args = ap.parse_args(argv)
+    beds = [b.strip() for b in args.beds.split(",") if b.strip()]
+    for b in beds:
+        parse_bed(b)
+    reuse = dict(x.split("=", 1) for x in args.reuse.split(",") if x.strip())
+    unknown = set(reuse) - set(beds)
+    if unknown:
+        raise SystemExit(f"--reuse names beds that are not in --beds: {sorted(unknown)}")
+    rq.METHODS.update(EXTRA_METHODS)
+    work = Path(args.work)
+    t0 = time.perf_counter()
+    reports = {b: run_bed(b, work, reuse, args.threads) for b in beds}
+    out = {
+        "benchmark": "recall_beds",
+        "beds": beds,
+        "settings": list(SETTINGS),
+        "baselines": list(BASELINES),
+        "metrics": {"p_at_planted": "precision@|planted|", "ap": "average precision"},
+        "goal_rule": f"mean p_at_planted >= {GOAL_P} and >= {GOAL_MARGIN} above bm25, tfidf, repsim and identity",
+        "bed_info": {
+            b: {
+                "n_rows": r["n_rows"],
+                "n_planted": r["n_planted"],
+                "n_queries": r["n_queries"],
+                "demo_figures": r.get("demo_figures"),
+                "seconds": r.get("seconds"),
+            }
+            for b, r in reports.items()
+        },  # fmt: skip
+        **summarise(reports),
+        "recall_default": next(iter(reports.values()))["settings"]["recall_default"] if reports else None,
+        "machine": {"processor": platform.processor() or platform.machine(), "torch_threads": args.threads},
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    print(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
