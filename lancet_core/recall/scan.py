@@ -379,7 +379,7 @@ class _RunningTopK:
     Per column: the kept (score, example_id) pairs (at most k once merged), a threshold (the k-th kept score, -inf
     until k rows were kept) and pending candidates. A block only looks at its rows scoring >= threshold (a row below
     can never enter: the kept set only improves), cuts them to the block's k best with np.partition (ties at the cut
-    kept) and queues them; pending candidates are merged (np.lexsort by score, then example_id) once they outnumber
+    kept) and queues them; pending candidates are merged (sorted by score, then example_id) once they outnumber
     max(k, 1024), and at the end. Merging late keeps the threshold lower for a while, which costs candidates, never
     correctness."""
 
@@ -418,7 +418,8 @@ class _RunningTopK:
             return
         all_s = np.concatenate([self.scores[c]] + [s for s, _ in self.pending[c]])
         all_ids = np.concatenate([self.ids[c]] + [i for _, i in self.pending[c]])
-        order = np.lexsort((all_ids.astype(str), -all_s))[: self.k]
+        # Python's str order is code point order, as DuckDB's; numpy's 'U' strings would drop trailing NULs
+        order = np.array(sorted(range(len(all_s)), key=lambda i: (-all_s[i], all_ids[i]))[: self.k], np.int64)
         self.scores[c], self.ids[c] = all_s[order], all_ids[order]
         self.pending[c], self.n_pending[c] = [], 0
         if len(order) == self.k:

@@ -172,6 +172,19 @@ def test_running_topk_random_chunks_vs_lexsort():
                                           [S[order[i], c] for i in got.column("example_id").to_pylist()])
 
 
+def test_running_topk_orders_ids_by_code_point():
+    """Ties cut by example_id in code point order (= UTF-8 byte order, DuckDB's), trailing NULs and non-ASCII too."""
+    ids = ["b", "a\x00", "a", "é", "z", "\U0001f600", "ab", ""]
+    top = scan_mod._RunningTopK(len(ids), 1)
+    top.push(np.zeros((len(ids), 1)), pa.array(ids))
+    want = sorted(ids, key=lambda i: i.encode())
+    assert top.table(0, pa.string()).column("example_id").to_pylist() == want
+    import duckdb
+
+    got = duckdb.sql("SELECT i FROM (SELECT unnest(?) AS i) ORDER BY i", params=[ids]).fetchall()
+    assert [r[0] for r in got] == want
+
+
 def test_query_influence_per_query_tables_are_the_streaming_topk(tmp_path):
     rng = np.random.default_rng(10)
     x, _, _ = _rows_with_ties(rng, 400, 16, n_dupes=30)
