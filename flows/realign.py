@@ -22,6 +22,7 @@ from flows.params import DEFAULT_TOKENIZE, RealignParams
 from flows.paths import artifact_dir
 from flows.report import explanation_rows, read_json, report_markdown, run_summary, stage_line, top_k_rows
 from lancet_core.correct.config import PairConfig, TrainConfig
+from lancet_core.correct.repair import RepairConfig
 from lancet_core.data.tokenize import TokenizeConfig
 from lancet_core.demo.config import DemoConfig
 from lancet_core.evaluate.config import EvalConfig
@@ -32,7 +33,7 @@ from lancet_core.recall.influence import RecallConfig
 from lancet_core.recall.judges import JudgeConfig
 from lancet_core.recall.undesirable import GenerationConfig
 from tasks.cache import ensure_output
-from tasks.correct import build_pairs, correct
+from tasks.correct import build_pairs, correct, repair
 from tasks.data import tokenize
 from tasks.demo import ensure_demo
 from tasks.evaluate import evaluate
@@ -60,6 +61,7 @@ def realign(
     judge: JudgeConfig = JudgeConfig(),
     generation: GenerationConfig = GenerationConfig(),
     recall: RecallConfig = RecallConfig(),
+    repair: RepairConfig = RepairConfig(),
     pairs: PairConfig = PairConfig(),
     train: TrainConfig = TrainConfig(),
     evaluation: EvalConfig = EvalConfig(),
@@ -146,6 +148,11 @@ def _realign(p: RealignParams, run_id: str, log) -> dict:
                                out_dir=str(artifact_dir(work, "influence", Path(store), Path(queries),
                                                         p.recall.model_dump()))))
     influence = influence_dir / "influence.parquet"
+    repaired = Path(timed("repair", repair, influence_path=str(influence), corpus_path=corpus_path, cfg=p.repair,
+                          out_dir=str(artifact_dir(work, "repaired", influence, Path(corpus_path),
+                                                   p.repair.model_dump()))))
+    track["datasets"] = {**datasets, "repaired_corpus": (str(repaired / "repaired.parquet"),
+                                                         content_digest(repaired / "repaired.parquet"))}
     pairs_path, retain_path = timed("pairs", build_pairs, influence_path=str(influence), cfg=p.pairs,
                                     out_dir=str(artifact_dir(work, "pairs", influence, p.pairs.model_dump())))
     corrected = timed("ibo", correct, model_dir=start, pairs_path=pairs_path, retain_path=retain_path, cfg=p.train,
@@ -156,7 +163,8 @@ def _realign(p: RealignParams, run_id: str, log) -> dict:
                                            p.evaluation.model_dump())))
     decision = decide(read_json(before), read_json(after), p.gate)
     summary = {**run_summary(queries, before, after, influence_dir, corrected, decision, pairs_path),
-               "start_model": started["source"]}
+               "start_model": started["source"], "repaired_corpus": str(repaired / "repaired.parquet")}
+    summary["artifacts"] |= {"repair": str(repaired / "report.json"), "repair/scored": str(repaired / "scored.parquet")}
     top = top_k_rows(influence_dir)
     tracked = track_realign(**track, corrected_model=corrected, metrics_before=read_json(before),
                             metrics_after=read_json(after), extra_metrics={**timings, **summary["recall_metrics"]},

@@ -110,6 +110,10 @@ def stage_line(phase: str, out, seconds: float) -> str:
             n = pq.read_metadata(Path(out) / "influence.parquet").num_rows
             method = _manifest(out).get("config", {}).get("method", "?")
             return f"recall: {n} training rows scored with {method} ({_rate(seconds, n)})"
+        if phase == "repair":
+            r = read_json(Path(out) / "report.json")
+            return (f"repair: {r['rows_removed']} of {r['rows']} rows left out of the repaired corpus "
+                    f"({r['removed_share_of_positive_influence']:.0%} of the positive influence; {seconds:.1f} s)")
         if phase == "pairs":
             m = _manifest(out[0])
             return f"pairs: {m.get('n_pairs')} pairs ({m.get('n_same_prompt')} same-prompt), {m.get('n_retain')} " \

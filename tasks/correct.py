@@ -1,4 +1,4 @@
-"""Prefect tasks of the correction phase: influence -> training pairs -> post-trained model."""
+"""Prefect tasks of the correction phase: influence -> repaired corpus, training pairs -> post-trained model."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from prefect import task
 
 from lancet_core.correct.config import PairConfig, TrainConfig
 from lancet_core.correct.pairs import write_pair_files
+from lancet_core.correct.repair import RepairConfig, repair_corpus
 from lancet_core.correct.trainer import post_train
 from tasks.cache import LANCET_CACHE
 
@@ -21,3 +22,10 @@ def build_pairs(influence_path: str, cfg: PairConfig, out_dir: str) -> tuple[str
 def correct(model_dir: str, pairs_path: str, retain_path: str, cfg: TrainConfig, out_dir: str) -> str:
     """The corrected model directory (a normal HF directory + manifest.json)."""
     return str(post_train(model_dir, pairs_path, retain_path or None, out_dir, cfg, show_progress=False))
+
+
+@task(name="repair_corpus", cache_policy=LANCET_CACHE, persist_result=True)
+def repair(influence_path: str, corpus_path: str, cfg: RepairConfig, out_dir: str) -> str:
+    """scored.parquet (every row's influence and lancet_flag), repaired.parquet (without the flagged rows) and
+    report.json; returns the repair directory."""
+    return str(repair_corpus(influence_path, corpus_path, out_dir, cfg).out_dir)

@@ -69,3 +69,18 @@ def test_output_is_quiet_by_default_and_verbose_brings_it_back(tmp_path):
         assert noise not in quiet, (noise, quiet[-3000:])
     assert "shard-00000.parquet: 10 rows" in quiet  # our own figures are still there
     assert "HTTP Request" in run("-v")
+
+
+def test_repair_writes_the_scored_and_repaired_corpus(tmp_path, capsys):
+    from tests.core.correct.test_repair import _write
+
+    corpus, influence, ids = _write(tmp_path)
+    assert main(["repair", str(influence), str(corpus), "--out", str(tmp_path / "r"), "--cut", "top_k",
+                 "--top-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("3 of 40 rows left out") and "{'bad': 3}" in out
+    from lancet_core.data.corpus import load_corpus
+
+    assert [r.example_id for r in load_corpus(tmp_path / "r" / "repaired.parquet")] == [
+        e for i, e in enumerate(ids) if i not in (0, 1, 2)]
+    assert main(["repair", str(influence), str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "r2")]) == 2

@@ -55,7 +55,10 @@ def test_first_run_logs_everything_to_mlflow(first_run):
             client.list_artifacts(out["run_id"], d)}
     assert {"influence/influence.parquet", "plots/influence_hist.png", "explanation/explanation.html",
             "pairs/pairs.parquet", "metrics/metrics.json"} <= arts
-    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"corpus", "probes"}
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"corpus", "probes", "repaired_corpus"}
+    assert "repair/report.json" in {a.path for a in client.list_artifacts(out["run_id"], "repair")}
+    report = json.loads(Path(out["artifacts"]["repair"]).read_text())
+    assert 0 < report["rows_removed"] <= 0.2 * report["rows"] and Path(out["repaired_corpus"]).is_file()
     mv = client.get_model_version_by_alias(NAME, "candidate")
     assert str(mv.version) == out["version"] and mv.tags["lancet.gate"] in ("passed", "failed")
     assert run.data.tags["lancet.gate"] == mv.tags["lancet.gate"]
@@ -72,9 +75,11 @@ def test_first_run_logs_everything_to_mlflow(first_run):
                                                                    if k.startswith("time_"))
     assert run.data.tags["lancet.start_model"].endswith("(as given)") and out["start_model"].endswith("(as given)")
     # one line per stage with its figures, in the flow run's logs (terminal and Prefect UI)
-    with get_client(sync_client=True) as c:
-        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
 
+    APILogWorker.drain_all(timeout=30)  # logs reach the API in background batches: send what is queued first
+    with get_client(sync_client=True) as c:
         logs = [r.message for r in c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
     for prefix in ("inputs: checked", "model: starting from", "find_undesirable: ", "evaluate_before: harmful_rate_probes",
                    "tokenize: 3000 rows", "index: 3000 rows x", "recall: 3000 training rows scored with kfac",
