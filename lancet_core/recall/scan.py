@@ -70,7 +70,7 @@ _DTYPES = {"float16": pa.float16(), "float32": pa.float32(), "int8": pa.int8()}
 _SHARD_NAME = re.compile(r"^shard-\d{5,}\.parquet$")
 # Columns of tokens.parquet/corpus that are NOT copied into influence.parquet (model inputs, not for reading).
 _NOT_CARRIED = frozenset(TOKEN_COLUMNS) - {"example_id", "prompt", "response"}
-_SCORES_VIEW = "lancet_scores"  # name under which an Arrow table of scores is registered in DuckDB
+_SCORES_VIEW = "lancet_scores"  # name under which an Arrow table of scores is registered in DuckDB (the SQL says it)
 
 
 class InfluenceQueryError(LancetError, ValueError):
@@ -735,26 +735,23 @@ def rank_scores(
         con.register(_SCORES_VIEW, scores)
         try:
             dup = con.sql(
-                f"SELECT example_id, count(*) c FROM {_SCORES_VIEW} GROUP BY example_id HAVING c > 1 LIMIT 1"
+                "SELECT example_id, count(*) c FROM lancet_scores GROUP BY example_id HAVING c > 1 LIMIT 1"
             ).fetchall()
             if dup:
                 raise InfluenceQueryError(f"example_id {dup[0][0]!r} appears {dup[0][1]} times in the scores")
-            ranked = (
-                f"SELECT s.*, row_number() OVER (ORDER BY s.score DESC, s.example_id ASC) AS rank FROM {_SCORES_VIEW} s"
-            )
+            ranked = ("WITH ranked AS (SELECT s.*, row_number() OVER (ORDER BY s.score DESC, s.example_id ASC) AS rank "
+                      "FROM lancet_scores s) ")
             if corpus_path is None:
-                sql = f"SELECT * FROM ({ranked}) ORDER BY rank"
+                sql = ranked + "SELECT * FROM ranked ORDER BY rank"
                 params: list = []
             else:
                 cp = Path(corpus_path)
                 if not cp.is_file():
                     raise InfluenceQueryError(f"{cp}: corpus/tokens file does not exist")
                 carried = _corpus_columns(cp)
-                sel = "".join(f", c.{_quote(c)}" for c in carried)
-                sql = (
-                    f"SELECT r.*{sel}, c.example_id IS NULL AS _missing FROM ({ranked}) r "
-                    f"LEFT JOIN read_parquet(?) c ON c.example_id = r.example_id ORDER BY r.rank"
-                )
+                sel = "".join(", c." + _quote(c) for c in carried)  # identifiers from the file's schema, quoted
+                sql = (ranked + "SELECT r.*" + sel + ", c.example_id IS NULL AS _missing FROM ranked r "
+                       "LEFT JOIN read_parquet(?) c ON c.example_id = r.example_id ORDER BY r.rank")
                 params = [str(cp.resolve())]
             out = con.sql(sql, params=params).to_arrow_table()
         finally:
