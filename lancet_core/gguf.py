@@ -21,13 +21,18 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from lancet_core.errors import LancetError
-from lancet_core.manifest import MANIFEST_NAME, check_manifest, file_digest, library_versions, write_manifest
+from lancet_core.manifest import (
+    MANIFEST_NAME,
+    check_manifest,
+    file_digest,
+    library_versions,
+    publishing_dir,
+    write_manifest,
+)
 from lancet_core.model_io import model_digest, tokenizer_digest
 
 log = logging.getLogger(__name__)
@@ -275,9 +280,7 @@ def import_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32") -
     t_load = time.perf_counter() - t0
     plain = _plain_copy(model, torch_dtype)
     del model
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    with publishing_dir(out, expected, _IDENTITY_KEYS) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         from lancet_core.model_io import load_tokenizer
@@ -308,17 +311,5 @@ def import_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32") -
             "versions": versions,
         }
         write_manifest(tmp, manifest)
-        if out.exists():
-            out.rmdir()  # empty (checked above); a non-empty one was refused
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            # Someone else finished the same import first: theirs is as good as ours if the identity agrees.
-            if check_manifest(out, expected, _IDENTITY_KEYS) is None:
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("import_gguf: %s → %s (%s, %.1f s)", src.name, out, dtype, time.perf_counter() - t0)
     return out

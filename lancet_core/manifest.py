@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +169,27 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = "absent"
     return out
+
+
+@contextmanager
+def publishing_dir(out: str | Path, expected: Mapping[str, Any], keys: Iterable[str] | None = None) -> Iterator[Path]:
+    """Build a directory artifact atomically: yield a fresh temporary directory beside `out`; when the block ends
+    without error (having written the manifest there), rename it into place. An empty `out` is replaced. If another
+    process published `out` first, theirs is kept when its manifest agrees with `expected` on `keys` (else the
+    rename error is raised). On error the temporary directory is removed and nothing is published."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        yield tmp
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if check_manifest(out, expected, keys) is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -22,10 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +41,7 @@ from lancet_core.manifest import (
     check_manifest,
     file_digest,
     library_versions,
+    publishing_dir,
     tree_digest,
     write_manifest,
 )
@@ -172,22 +170,8 @@ def build_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> DemoPaths:
             return DemoPaths.under(out)
         if any(out.iterdir()):
             raise LancetError(f"{out}: exists, is not empty and has no {MANIFEST_NAME}; refusing to overwrite it")
-        out.rmdir()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
-        manifest = _build_into(tmp, cfg)
-        write_manifest(tmp, manifest)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            # Someone else finished the same build first: theirs is as good as ours if the config agrees.
-            if check_manifest(out, expected, _CHECKED_KEYS) is None:
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with publishing_dir(out, expected, _CHECKED_KEYS) as tmp:
+        write_manifest(tmp, _build_into(tmp, cfg))
     return DemoPaths.under(out)
 
 
