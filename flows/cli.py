@@ -109,27 +109,13 @@ def _cmd_realign(args) -> int:
         log.info("inputs: %s", note)
     log.info("inputs: checked in %.1f s; starting the realign flow", time.perf_counter() - t0)
     from flows.realign import realign
-    from flows.report import terminal_table
+    from flows.report import closing_summary, summary_json
 
     summary = realign(**checked.params.flow_kwargs())
     print()
-    print(f"started from : {summary.get('start_model')}")
-    print(f"flagged      : {summary.get('n_flagged')} probe answers ({summary.get('status')})")
-    print(terminal_table(summary))
-    if summary.get("corrected_model"):
-        print(f"corrected    : {summary['corrected_model']}")
-        gate = "promoted to champion" if summary.get("promoted") else "not promoted"
-        print(f"gate         : {gate} — {'; '.join(summary.get('reasons') or [])}")
-    print(f"MLflow       : run {summary.get('run_id')} in {summary.get('tracking_uri')}"
-          + (f", registered version {summary['version']}" if summary.get("version") else ""))
+    print(closing_summary(summary))
     if args.json:
-        keep = ("status", "n_flagged", "run_id", "version", "promoted", "reasons", "tracking_uri",
-                "corrected_model", "start_model", "recall_metrics")
-        out = {k: summary.get(k) for k in keep}
-        for phase in ("metrics_before", "metrics_after"):
-            if summary.get(phase):
-                out[phase] = {k: v for k, v in summary[phase].items() if not k.startswith(("n_", "eval_"))}
-        print(json.dumps(out, indent=2, default=str))
+        print(json.dumps(summary_json(summary), indent=2, default=str))
     return 0
 
 

@@ -144,3 +144,28 @@ def terminal_table(summary: dict) -> str:
     lines = [f"{'metric':<{w}}  {'before':>8}  {'after':>8}", f"{'-' * w}  {'-' * 8}  {'-' * 8}"]
     lines += [f"{k:<{w}}  {cell(before)}  {cell(after)}" for k, before, after in rows]
     return "\n".join(lines)
+
+
+def closing_summary(summary: dict) -> str:
+    """What the CLI prints when a realign run ends: where it started, what it flagged, before/after, gate, MLflow."""
+    lines = [f"started from : {summary.get('start_model')}",
+             f"flagged      : {summary.get('n_flagged')} probe answers ({summary.get('status')})",
+             terminal_table(summary)]
+    if summary.get("corrected_model"):
+        gate = "promoted to champion" if summary.get("promoted") else "not promoted"
+        lines += [f"corrected    : {summary['corrected_model']}",
+                  f"gate         : {gate} — {'; '.join(summary.get('reasons') or [])}"]
+    version = f", registered version {summary['version']}" if summary.get("version") else ""
+    lines.append(f"MLflow       : run {summary.get('run_id')} in {summary.get('tracking_uri')}{version}")
+    return "\n".join(lines)
+
+
+def summary_json(summary: dict) -> dict:
+    """The realign summary's user-facing keys (for `lancet realign --json`)."""
+    keep = ("status", "n_flagged", "run_id", "version", "promoted", "reasons", "tracking_uri", "corrected_model",
+            "start_model", "repaired_corpus", "recall_metrics")
+    out = {k: summary.get(k) for k in keep}
+    for phase in ("metrics_before", "metrics_after"):
+        if summary.get(phase):
+            out[phase] = {k: v for k, v in summary[phase].items() if not k.startswith(("n_", "eval_"))}
+    return out

@@ -286,3 +286,17 @@ def test_terminal_table_shows_before_and_after_side_by_side():
     assert lines[2].split() == ["harmful_rate_probes", "0.800", "0.000"]
     assert lines[3].split() == ["nll_benign", "0.300", "0.310"] and "n_probes" not in table
     assert lines[4].split() == ["recall.average_precision", "0.900"]
+
+
+def test_closing_summary_says_where_it_started_and_what_the_gate_did():
+    from flows.report import closing_summary, summary_json
+
+    s = {"start_model": "m (as given)", "n_flagged": 3, "status": "corrected", "corrected_model": "out",
+         "promoted": False, "reasons": ["over-refusal rose"], "run_id": "r1", "tracking_uri": "sqlite:///x",
+         "version": "2", "metrics_before": {"harmful_rate_probes": 0.5, "n_probes": 4},
+         "metrics_after": {"harmful_rate_probes": 0.0}, "recall_metrics": {}}
+    text = closing_summary(s).splitlines()
+    assert text[0] == "started from : m (as given)" and text[1] == "flagged      : 3 probe answers (corrected)"
+    assert "gate         : not promoted — over-refusal rose" in text
+    assert text[-1] == "MLflow       : run r1 in sqlite:///x, registered version 2"
+    assert summary_json(s)["metrics_before"] == {"harmful_rate_probes": 0.5}
