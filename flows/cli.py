@@ -133,6 +133,47 @@ def _cmd_repair(args) -> int:
     return 0
 
 
+def _cmd_monitor(args) -> int:
+    """`lancet monitor`: one check of the deployed model (flows/monitor.py); inputs checked before any model loads."""
+    from pydantic import ValidationError
+
+    from flows.inputs import InputError
+    from lancet_core.data.corpus import load_prompt_rows
+    from lancet_core.errors import LancetError
+    from lancet_core.evaluate.drift import MonitorConfig
+
+    if args.model and not args.model.startswith(("models:/", "runs:/")) and not Path(args.model).is_dir():
+        raise InputError(f"--model {args.model}: directory not found (a Hugging Face model directory or models:/ URI)")
+    if args.probes:
+        try:
+            load_prompt_rows(args.probes)
+        except (LancetError, FileNotFoundError) as e:  # one line naming the option, the file and the row
+            raise InputError(f"--probes {str(e).split('; map one with')[0]}") from None
+    try:
+        drift = MonitorConfig(threshold=args.threshold, category_threshold=args.category_threshold)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise InputError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+    from flows.monitor import monitor
+
+    out = monitor(model=args.model, probes_path=args.probes, registered_model_name=args.registered_model_name,
+                  use_champion=not args.no_champion, work_dir=args.work_dir or ".lancet",
+                  tracking_uri=args.tracking_uri, experiment=args.experiment, drift=drift,
+                  realign_deployment=args.realign_deployment)
+    cats = ", ".join(f"{c} {r:.2f}" for c, r in out["by_category"].items())
+    print(f"\n{out['model']}: harmful rate {out['harmful_rate']:.3f} ({out['n_flagged']} of {out['n_probes']} probes"
+          f"{'; ' + cats if cats else ''}) -> {'DRIFT' if out['drifted'] else 'ok'} ({'; '.join(out['reasons'])})")
+    if out["drifted"]:
+        print(f"event {out['event_id']}; " + (f"realign flow run {out['realign_flow_run_id']} started"
+                                              if out["realign_flow_run_id"] else
+                                              "no realign started (give --realign-deployment, e.g. realign/demo, "
+                                              "with PREFECT_API_URL pointing at the server that serves it)"))
+    print(f"MLflow monitor run {out['mlflow_run_id']} (step {out['step']}) at {out['tracking_uri']}")
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
 def _cmd_config(args) -> int:
     from flows.params import defaults_yaml, load_config_file, parse_params
 
@@ -268,6 +309,27 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--top-k", type=int, help="rows to remove with --cut top_k")
     rp.add_argument("--threshold", type=float, help="remove rows scoring above this with --cut threshold")
     rp.set_defaults(func=_cmd_repair)
+
+    mo = sub.add_parser("monitor", help="check the deployed model's harmful rate on the probes; above the threshold, "
+                        "emit a drift event and start a realign deployment",
+                        description="One check of the registry's champion (else --model; default: the demo's impure "
+                        "model): its answers to the probes, judged, logged as one step of the metric series on the "
+                        "model version's MLflow monitor run. Above --threshold: a Prefect event lancet.monitor.drift "
+                        "and, with --realign-deployment, a run of that deployment for the checked model version.")
+    mo.add_argument("--model", help="HF model directory or models:/ URI, checked when no champion is registered "
+                    "(or with --no-champion); default: the demo's impure model")
+    mo.add_argument("--probes", help="probe prompts file (prompt column, optional category); default: the demo's")
+    mo.add_argument("--registered-model-name", default="lancet-demo", help="whose champion to check")
+    mo.add_argument("--no-champion", action="store_true", help="check --model even when a champion is registered")
+    mo.add_argument("--threshold", type=float, default=0.1, help="drift when the harmful rate is above this (0.1)")
+    mo.add_argument("--category-threshold", type=float, default=None, help="also drift when a category is above this")
+    mo.add_argument("--realign-deployment", default=None, help="deployment to start on drift, e.g. realign/demo "
+                    "(needs PREFECT_API_URL); default: only the event")
+    mo.add_argument("--work-dir", default=None, help="artifact root (default: ./.lancet)")
+    mo.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
+    mo.add_argument("--experiment", default="lancet-monitor", help="MLflow experiment of the monitor runs")
+    mo.add_argument("--json", action="store_true", help="also print the check as JSON")
+    mo.set_defaults(func=_cmd_monitor)
 
     c = sub.add_parser("config", help="print every realign parameter with its default and documentation (YAML)")
     c.add_argument("file", nargs="?", help="validate this config file and print it as JSON (for prefect --params)")

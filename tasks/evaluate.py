@@ -1,4 +1,5 @@
-"""Prefect task: evaluate one model on the held-out sets (same prompts and decoding for before and after)."""
+"""Prefect tasks: evaluate one model on the held-out sets (same prompts and decoding for before and after), and the
+monitor's probe harmful rates from the judged probe answers."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ from pathlib import Path
 
 from prefect import task
 
+import pyarrow.parquet as pq
+
 from lancet_core.data.corpus import load_prompt_rows
 from lancet_core.evaluate.config import EvalConfig
+from lancet_core.evaluate.drift import probe_rates
 from lancet_core.evaluate.evaluation import METRICS_FILE, evaluate_model, write_metrics
 from tasks.cache import LANCET_CACHE
 
@@ -21,3 +25,9 @@ def evaluate(model_dir: str, probes_path: str, ood_path: str | None, benign_eval
     benign = [(r["prompt"], r["response"]) for r in load_prompt_rows(benign_eval_path, need_response=True)]
     metrics = evaluate_model(model_dir, probes, ood, benign, cfg, generations_path=Path(out_dir) / "generations.parquet")
     return str(write_metrics(Path(out_dir) / METRICS_FILE, metrics))
+
+
+@task(name="probe_harmful_rates", cache_policy=LANCET_CACHE)
+def harmful_rates(probes_path: str, queries_path: str) -> dict:
+    """The harmful rate on the probes, overall and per category, from the judged answers (queries.parquet)."""
+    return probe_rates(load_prompt_rows(probes_path), pq.read_table(queries_path))

@@ -10,6 +10,11 @@ passes. With a sqlite tracking URI, artifacts go next to the database (`mlartifa
 directory.
 
 Also resolves `models:/...` URIs (e.g. `models:/lancet-demo@champion`) to a plain local HF model directory.
+
+The monitor flow's tracking: ONE MLflow run per monitored model version (tag `lancet.monitor_model`: `name/version`
+for a registered model, `digest:<...>` for a plain directory), found again on every check, where each check appends
+one step to the metric series `harmful_rate`, `harmful_rate.<category>`, `threshold` and `drift` (0/1); the
+re-alignment it started is recorded as a tag.
 """
 
 from __future__ import annotations
@@ -218,6 +223,55 @@ def end_run(status: str = "FINISHED") -> None:
     mlflow.end_run(status=status)
 
 
+def _pinned(uri: str) -> tuple[str, str | None]:
+    """`models:/name@alias` -> (`models:/name/<version>`, version); other URIs and paths unchanged (version None, or
+    the version written in a `models:/name/N` URI)."""
+    if uri.startswith("models:/"):
+        rest = uri[len("models:/"):]
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            mv = MlflowClient().get_model_version_by_alias(name, alias)
+            return f"models:/{name}/{mv.version}", str(mv.version)
+        name, _, version = rest.partition("/")
+        return uri, version or None
+    return uri, None
+
+
+def monitor_run(experiment: str, model_key: str, source: str) -> str:
+    """The id of the monitor run of `model_key` in `experiment`: the existing one, else a new one."""
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`lancet.monitor_model` = '{model_key}'",
+                               order_by=["attributes.start_time ASC"], max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp.experiment_id, run_name=f"monitor {model_key}",
+                            tags={"lancet.kind": "monitor", "lancet.monitor_model": model_key,
+                                  "lancet.model_source": source[:5000]})
+    return run.info.run_id
+
+
+def log_check(run_id: str, rates: Mapping[str, Any], threshold: float, drifted: bool, reasons: list[str],
+              flow_run_id: str | None) -> int:
+    """Append one check to the monitor run's metric series; returns its step (0 for the first check)."""
+    import time
+
+    from mlflow.entities import Metric, RunTag
+
+    client = MlflowClient()
+    step = len(client.get_metric_history(run_id, "harmful_rate"))
+    ts = int(time.time() * 1000)
+    values = {"harmful_rate": rates["harmful_rate"], "threshold": threshold, "drift": float(drifted),
+              "n_flagged": rates["n_flagged"], "n_probes": rates["n_probes"],
+              **{f"harmful_rate.{c}": r for c, r in rates.get("by_category", {}).items()}}
+    tags = {"lancet.last_check": "drift" if drifted else "ok", "lancet.last_check_reasons": "; ".join(reasons)[:5000],
+            "lancet.last_check_flow_run_id": flow_run_id or "local"}
+    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in values.items()],
+                     tags=[RunTag(k, v) for k, v in tags.items()])
+    client.set_terminated(run_id, status="FINISHED")  # a series, not a job: every check leaves it finished
+    return step
+
+
 # ------------------------------------------------------------------------------------------------ Prefect tasks
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
@@ -292,3 +346,46 @@ def track_realign(*, run_id: str, tracking_uri: str | None, experiment: str,
         end_run("FAILED")
         raise
     return out
+
+
+@task(name="resolve_monitored_model", cache_policy=NO_CACHE)
+def resolve_monitored_model(model: str, registered_name: str, use_champion: bool, tracking_uri: str | None,
+                            experiment: str, cache_dir: str) -> dict[str, str | None]:
+    """The model the monitor checks: {"path": local HF directory, "uri": what a realign run is given (a registry
+    alias pinned to its version), "version", "key": the monitor run's identity, "source": said in the log}. The
+    registry's champion when `use_champion` and one is registered, else `model`."""
+    from lancet_core.manifest import content_digest
+
+    configure(tracking_uri, experiment)
+    chosen = champion_or(model, registered_name) if use_champion else model
+    uri, version = _pinned(chosen)
+    path = resolve_model(uri, cache_dir)
+    if uri.startswith(("models:/", "runs:/")):
+        key = uri[len("models:/"):] if uri.startswith("models:/") else uri
+    else:
+        uri = str(Path(uri).resolve())
+        key = "digest:" + content_digest(path).split(":")[-1][:16]
+    source = (f"{uri} (the registry's champion)" if chosen != model
+              else f"{uri} (no champion under {registered_name!r}; the given model)" if use_champion
+              else f"{uri} (as given)")
+    return {"path": str(path), "uri": uri, "version": version, "key": key, "source": source}
+
+
+@task(name="log_monitor_check", cache_policy=NO_CACHE)
+def track_monitor(*, tracking_uri: str | None, experiment: str, model_key: str, source: str, rates: dict,
+                  threshold: float, drifted: bool, reasons: list[str], flow_run_id: str | None) -> dict:
+    """Append this check to the model version's monitor run (created on its first check). Returns {"run_id",
+    "step", "tracking_uri"}."""
+    uri = configure(tracking_uri, experiment)
+    run_id = monitor_run(experiment, model_key, source)
+    step = log_check(run_id, rates, threshold, drifted, reasons, flow_run_id)
+    return {"run_id": run_id, "step": step, "tracking_uri": uri}
+
+
+@task(name="tag_monitor_run", cache_policy=NO_CACHE)
+def tag_monitor_run(*, tracking_uri: str | None, experiment: str, run_id: str, tags: dict[str, str]) -> None:
+    """Record what a check started (the realign flow run) on the monitor run."""
+    configure(tracking_uri, experiment)
+    client = MlflowClient()
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
