@@ -4,87 +4,24 @@ Every process started here is stopped by PID (the worker needs SIGINT after SIGT
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
+from tests.e2e.servers import BIN, ROOT, prefect, start_worker
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 NAME = "lancet-e2e"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen, log) -> None:
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGINT, 10), (signal.SIGKILL, 5)):
-        if proc.poll() is not None:
-            return
-        proc.send_signal(sig)
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            continue
-    log.close()
-
-
-def _prefect(env, *args, timeout=120) -> subprocess.CompletedProcess:
-    p = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=timeout)
-    assert p.returncode == 0, f"prefect {' '.join(args)} failed:\n{p.stdout}\n{p.stderr}"
-    return p
-
-
-@pytest.fixture
-def servers(tmp_path):
-    port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PREFECT_LOGGING_LEVEL": "INFO"}
-    env.pop("PREFECT_PROFILES_PATH", None)
-    procs = []
-    server_log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              cwd=tmp_path, env=env, stdout=server_log, stderr=subprocess.STDOUT)
-    procs.append((server, server_log))
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
-                break
-            except OSError as e:
-                if server.poll() is not None or time.time() > deadline:
-                    log = (tmp_path / "server.log").read_text()
-                    raise RuntimeError(f"prefect server did not start:\n{log}") from e
-                time.sleep(1)
-        yield env, tmp_path, procs
-    finally:
-        for p, log in reversed(procs):
-            _stop(p, log)
 
 
 def test_deployment_run_completes_and_is_tracked(servers, demo_work_dir):
     env, tmp, procs = servers
-    _prefect(env, "work-pool", "create", "lancet-pool", "--type", "process")
-    _prefect(env, "deploy", "--prefect-file", "deployments/prefect.yaml", "--all", timeout=300)
-    worker_log = open(tmp / "worker.log", "w")
-    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "lancet-pool"], cwd=ROOT, env=env,
-                              stdout=worker_log, stderr=subprocess.STDOUT)
-    procs.append((worker, worker_log))
+    prefect(env, "work-pool", "create", "lancet-pool", "--type", "process")
+    prefect(env, "deploy", "--prefect-file", "deployments/prefect.yaml", "--all", timeout=300)
+    for scheduled in ("realign/weekly", "monitor/daily"):  # only the run this test starts may reach the worker
+        prefect(env, "deployment", "schedule", "clear", scheduled, "-y")
+    worker = start_worker(env, tmp, procs)
     run = subprocess.run(
         [str(BIN / "prefect"), "--no-prompt", "deployment", "run", "realign/demo", "--watch", "--watch-timeout", "1200",
          "--param", f"work_dir={demo_work_dir}", "--param", f"registered_model_name={NAME}"],
