@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-
 import pyarrow.parquet as pq
+from prefect import task
 
 from lancet_core.data.corpus import load_prompt_rows
 from lancet_core.evaluate.config import EvalConfig

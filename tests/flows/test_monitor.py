@@ -49,7 +49,7 @@ def deployment(prefect_harness):
 
 def _flow_runs(deployment_name: str):
     from prefect import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.client.schemas.filters import DeploymentFilter
 
     with get_client(sync_client=True) as c:
         dep = c.read_deployment_by_name(deployment_name)
