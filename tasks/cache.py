@@ -54,9 +54,17 @@ class ContentInputs(CachePolicy):
 LANCET_CACHE: CachePolicy = TASK_SOURCE + ContentInputs()
 
 
+def _gone(result) -> bool:
+    """A returned path (or any non-empty path in a returned tuple/list) that no longer exists."""
+    if isinstance(result, tuple | list):
+        return any(_gone(r) for r in result)
+    return isinstance(result, str | Path) and str(result) != "" and not Path(result).exists()
+
+
 def ensure_output(task, **kwargs):
-    """Call `task(**kwargs)`; if it returned a cached path that no longer exists, run it again without the cache."""
+    """Call `task(**kwargs)`; if it returned a cached path (or tuple of paths) that no longer exists, run it again
+    without the cache."""
     result = task(**kwargs)
-    if isinstance(result, str | Path) and not Path(result).exists():
+    if _gone(result):
         result = task.with_options(refresh_cache=True)(**kwargs)
     return result
