@@ -1,7 +1,7 @@
 """Proof that corpus repair works: retrain the demo's recipe on the repaired corpus; prints ONE JSON object.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/repair_retrain.py --demo DIR --work /tmp/repair_work
-    ... --cuts mass:0.7,mass:0.5,threshold:0,top_k:n_queries     # the cuts to measure (the first is the default)
+    ... --cuts mass:0.8,mass:0.7,mass:0.5     # the cuts to measure (the first is the default)
 
 Steps (each cached under --work by its own manifest, so a re-run only redoes what changed):
   1. recall exactly as the realign flow does (benchmarks/correction.py `recall_stage`: tokenize -> gradient store ->
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", required=True, help="a built demo directory (read only)")
     p.add_argument("--work", default=".lancet/bench-repair", help="cache of every intermediate artifact")
-    p.add_argument("--cuts", default="mass:0.7,mass:0.5,mass:0.6,mass:0.65,mass:0.8,threshold:0,top_k:n_queries,"
+    p.add_argument("--cuts", default="mass:0.8,mass:0.5,mass:0.6,mass:0.65,mass:0.7,threshold:0,top_k:n_queries,"
                    "top_k:64",
                    help="comma list of cuts to retrain on; the first is reported as the default")
     p.add_argument("--no-ibo", action="store_true", help="skip the IBO correction")

@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", required=True, help="output directory (scored.parquet, repaired.parquet, report.json)")
     rp.add_argument("--cut", choices=["mass", "top_k", "threshold"], default="mass",
                     help="mass (default): the smallest top set holding --mass of the positive influence")
-    rp.add_argument("--mass", type=float, help="share of the positive influence to remove (default 0.7)")
+    rp.add_argument("--mass", type=float, help="share of the positive influence to remove (default 0.8)")
     rp.add_argument("--top-k", type=int, help="rows to remove with --cut top_k")
     rp.add_argument("--threshold", type=float, help="remove rows scoring above this with --cut threshold")
     rp.set_defaults(func=_cmd_repair)
