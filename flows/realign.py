@@ -58,6 +58,8 @@ def realign(
     demo: DemoConfig = DemoConfig(),
     tokenize_config: TokenizeConfig = DEFAULT_TOKENIZE,
     index: IndexConfig = IndexConfig(),
+    runner: str = "local",
+    ray_address: str | None = None,
     judge: JudgeConfig = JudgeConfig(),
     generation: GenerationConfig = GenerationConfig(),
     recall: RecallConfig = RecallConfig(),
@@ -141,8 +143,8 @@ def _realign(p: RealignParams, run_id: str, log) -> dict:
     # the gradient store is only needed (and only built) when there is something to correct
     tokens = timed("tokenize", tokenize, corpus_path=corpus_path, tokenizer_dir=start, cfg=p.tokenize_config,
                    out_dir=str(artifact_dir(work, "tokens", Path(corpus_path), m, p.tokenize_config.model_dump())))
-    store = timed("index", build_index, model_dir=start, tokens_path=tokens, cfg=p.index,
-                  out_store_dir=str(artifact_dir(work, "stores", m, p.index.store_identity())))
+    store = timed("index", build_index, model_dir=start, tokens_path=tokens, cfg=p.index, runner=p.runner,
+                  ray_address=p.ray_address, out_store_dir=str(artifact_dir(work, "stores", m, p.index.store_identity())))
     influence_dir = Path(timed("recall", query_influence, store_dir=store, model_dir=start, queries_path=queries,
                                tokens_dir=tokens, cfg=p.recall,
                                out_dir=str(artifact_dir(work, "influence", Path(store), Path(queries),

@@ -180,8 +180,9 @@ def build_gradient_store(
         if progress is not None and rows_done:
             progress(rows_done, plan.n_rows)
         for job in plan.todo:
-            base = rows_done
-            entry = compute_shard(plan, job, None if progress is None else lambda r: progress(base + r, plan.n_rows))
+            entry = compute_shard(
+                plan, job, None if progress is None else lambda r, base=rows_done: progress(base + r, plan.n_rows)
+            )
             entries[job.index] = entry
             record_shards(plan, entries.values())
             rows_done += entry["rows"]
