@@ -3,11 +3,12 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/query_latency.py --rows 100000 --wide-rows 5000   # quick
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/query_latency.py                                 # 1M x 1024 + wide
 
-Stores are written shard by shard like lancet_core.index.build writes them (pq.write_table, snappy, NO dictionary
-encoding, --shard-rows rows per shard = IndexConfig.rows_per_shard's default 4096), from the SAME random rows (row
+Stores (format 2: `grad` fixed_size_binary, raw values) are written shard by shard like lancet_core.index.build
+writes them, in a child process whose peak RSS is reported (pq.write_table, snappy, NO dictionary encoding, --shard-rows rows per shard = IndexConfig.rows_per_shard's default 4096), from the SAME random rows (row
 norms spread over a decade; real gradients are more structured). The main case (N = --rows, D = --dim) writes fp16
 (the default storage), fp32 and int8 stores; the wide case (--wide-rows x --wide-dim, D ~ 54k as for a 7B model's
-full projected layout) only fp16. For each case, "the query" is `scan_store(..., top_k=k, keep_scores=False)`: every
+full projected layout) only fp16; its numpy references hold only --wide-numpy-rows rows in RAM and are scaled
+linearly to N. For each case, "the query" is `scan_store(..., top_k=k, keep_scores=False)`: every
 row scored, top-k kept (k = --top-k):
 
 - warm: the query repeated in this process (files in the page cache, nothing else kept between queries; median of
@@ -22,8 +23,10 @@ row scored, top-k kept (k = --top-k):
   <= 1.5x. Also the folded Q = 32 query (one vector).
 - peak RSS (VmHWM) of a fresh process running the query (Q = 1 and Q = 32 per-query), with its RSS before the
   query (imports) beside it.
-- the scan DuckDB used to run (`array_inner_product(grad::DOUBLE[D], ?)` per row, folded Q = 1, DuckDB's default
-  threads), once, warm, as the before/after reference (--no-reference skips it).
+- main case, references (--no-reference skips them): the same fp16 rows as a FORMAT-1 store (grad
+  fixed_size_list<float16>[D]): the time just to decode its grad column (fresh process, iter_batches), vs format 2's
+  whole query; and the scan DuckDB used to run on it (`array_inner_product(grad::DOUBLE[D], ?)` per row, folded
+  Q = 1, DuckDB's default threads), once, warm.
 - main case only: bytes per dim on disk, and the top-100 overlap of the fp16 and int8 rankings with fp32's (>= 0.95).
 
 Every timing is given as wall seconds and as CPU seconds of the process (the machine may be shared: wall includes
@@ -414,17 +417,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--wide-rows",
         type=int,
-        default=20_000,
-        help="rows of the wide case (0 = skip); 100k x 54k would need 21.6 GB of RAM for the fp32 numpy "
-        "comparison and 10.8 GB of fp16 on disk, so the default is 20k",
+        default=100_000,
+        help="rows of the wide case (0 = skip); 100k x 54k is 10.8 GB of fp16 on disk",
     )
     ap.add_argument("--wide-dim", type=int, default=54_000, help="D of the wide case")
     ap.add_argument(
-        "--numpy-rows",
+        "--wide-numpy-rows",
         type=int,
-        default=0,
-        help="rows held in RAM for the numpy references (0 = all; at 100k x 54k fp32 would need 21.6 GB): "
-        "measured on that many rows and scaled linearly to N (a matvec is linear in N)",
+        default=20_000,
+        help="wide case: rows held in RAM for the numpy references (100k x 54k fp32 would need 21.6 GB): measured on "
+        "that many rows and scaled linearly to N (a matvec is linear in N); the main case holds all rows",
     )
     ap.add_argument("--shard-rows", type=int, default=4096, help="rows per shard (IndexConfig.rows_per_shard default)")
     ap.add_argument("--wide-shard-rows", type=int, default=1024, help="rows per shard in the wide case")
@@ -453,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
             a.workdir,
             ("float16", "float32", "int8"),
             not a.no_reference,
-            a.numpy_rows or a.rows,
+            a.rows,
         )
     ]
     if a.wide_rows:
@@ -468,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
                 a.workdir,
                 ("float16",),
                 False,
-                a.numpy_rows or a.wide_rows,
+                min(a.wide_numpy_rows, a.wide_rows),
             )
         )
     out = {

@@ -47,11 +47,21 @@ class ShardsLost(LancetError):
 
 
 @task(name="index_shard", cache_policy=NO_CACHE, persist_result=False, retries=0)
-def index_shard(plan: BuildPlan, job: ShardJob) -> dict:
-    """Compute one shard of the store (files written atomically); returns its manifest entry with its timing."""
-    t0 = time.perf_counter()
-    entry = compute_shard(plan, job)
-    return {**entry, "_seconds": time.perf_counter() - t0, "_host": _host()}
+def index_shard(plan: BuildPlan, job: ShardJob, threads: int | None = None) -> dict:
+    """Compute one shard of the store (files written atomically); returns its manifest entry with its timing.
+    `threads`: torch threads for the computation (a Ray task: the CPUs it reserved; float32 reductions, so the
+    bytes, depend on it); None = this process's setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        t0 = time.perf_counter()
+        entry = compute_shard(plan, job)
+        return {**entry, "_seconds": time.perf_counter() - t0, "_host": _host(), "_threads": torch.get_num_threads()}
+    finally:
+        torch.set_num_threads(before)
 
 
 def _host() -> str:
@@ -63,14 +73,15 @@ def _host() -> str:
 
 @contextmanager
 def task_runner(runner: str = "local", ray_address: str | None = None):
-    """The task runner that shards are mapped over, started; and the remote options each shard asks for."""
+    """The task runner that shards are mapped over, started; the remote options each shard asks for; the torch
+    threads a shard computes with (None: the process's own)."""
     if runner not in RUNNERS:
         raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
     if runner == "local":
         from prefect.task_runners import ThreadPoolTaskRunner
 
         with ThreadPoolTaskRunner(max_workers=1) as tr:
-            yield tr, {}
+            yield tr, {}, None
         return
     import ray
     from prefect_ray import RayTaskRunner
@@ -79,10 +90,10 @@ def task_runner(runner: str = "local", ray_address: str | None = None):
     if ray_address is None:
         init["include_dashboard"] = False
     with RayTaskRunner(address=ray_address, init_kwargs=init) as tr:
-        options = {"max_retries": 0}
+        options = {"max_retries": 0, "num_cpus": 1}
         if ray.cluster_resources().get("GPU", 0) > 0:
             options["num_gpus"] = 1
-        yield tr, options
+        yield tr, options, options["num_cpus"]
 
 
 @task(name="build_index", cache_policy=LANCET_CACHE, persist_result=True)
@@ -94,9 +105,10 @@ def build_index(model_dir: str, tokens_path: str, out_store_dir: str, cfg: Index
 
 
 def run_index_build(model_dir: str, tokens_path: str, store_dir: str, cfg: IndexConfig, *, runner: str = "local",
-                    ray_address: str | None = None) -> str:
+                    ray_address: str | None = None, timings: list | None = None) -> str:
     """The coordinator (inside a Prefect flow or task): plan, map the shards, record them as they finish,
-    finalise. Returns store_dir; raises ShardsLost after recording every shard that did finish."""
+    finalise. Returns store_dir; raises ShardsLost after recording every shard that did finish. `timings`: a list
+    that gets {index, seconds, worker, finished_at} per computed shard (for benchmarks)."""
     from prefect_ray.context import remote_options
 
     t0 = time.perf_counter()
@@ -104,10 +116,11 @@ def run_index_build(model_dir: str, tokens_path: str, store_dir: str, cfg: Index
         plan = plan_build(Path(model_dir), Path(tokens_path), Path(store_dir), cfg)
         entries = {e["index"]: e for e in plan.done}
         failed: list[tuple[int, str]] = []
-        timings: list[dict] = []
+        timings = [] if timings is None else timings
         if plan.todo:
-            with task_runner(runner, ray_address) as (tr, options), remote_options(**options):
-                futures = tr.map(index_shard, {"plan": unmapped(plan), "job": list(plan.todo)})
+            with task_runner(runner, ray_address) as (tr, options, threads), remote_options(**options):
+                futures = tr.map(index_shard, {"plan": unmapped(plan), "job": list(plan.todo),
+                                               "threads": unmapped(threads)})
                 job_of = {f.task_run_id: j for f, j in zip(futures, plan.todo, strict=True)}
                 with tqdm(total=len(plan.todo), desc=f"index: shards ({runner})", unit="shard", leave=False) as bar:
                     for f in as_completed(futures):
@@ -118,7 +131,8 @@ def run_index_build(model_dir: str, tokens_path: str, store_dir: str, cfg: Index
                             failed.append((job.index, f"{type(e).__name__}: {e}".splitlines()[0][:300]))
                         else:
                             timings.append({"index": job.index, "seconds": round(got.pop("_seconds"), 3),
-                                            "worker": got.pop("_host")})
+                                            "worker": got.pop("_host"), "threads": got.pop("_threads"),
+                                            "finished_at": round(time.perf_counter() - t0, 3)})
                             entries[job.index] = got
                             record_shards(plan, entries.values())
                         bar.update(1)

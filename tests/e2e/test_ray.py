@@ -1,6 +1,7 @@
 """End to end on a real Ray cluster: `ray start --head` on 127.0.0.1 plus a second node process (`ray start
 --address`), the gradient store built through the index flow with prefect-ray's RayTaskRunner, one Prefect task per
-shard. Checked: the store is byte-identical to the serial in-process build (same manifest shard entries and digests,
+shard. Checked: the store is byte-identical to the serial in-process build on as many torch threads as a Ray task
+gets (1) (same manifest shard entries and digests,
 same shard and Kronecker-factor files); a `kill -9` of a Ray worker process computing a shard loses only that shard
 (the run fails naming it, the finished shards are in the manifest), and the re-run recomputes only the lost shard(s)
 and gives the identical store. Every process started here is stopped by PID (and checked gone)."""
@@ -150,7 +151,14 @@ def test_ray_build_is_byte_identical_and_loses_only_a_killed_shard(ray_cluster, 
 
     model = make_model_dir(tmp_path / "model")
     tokens, *_ = write_tokens(tmp_path / "tokens.parquet", n=N_ROWS)
-    serial = build_gradient_store(model, tokens, tmp_path / "serial", CFG)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a Ray task (1 CPU): torch's float32 reductions depend on the thread count
+    try:
+        serial = build_gradient_store(model, tokens, tmp_path / "serial", CFG)
+    finally:
+        torch.set_num_threads(threads)
     store = tmp_path / "ray"
     addr = ray_cluster["address"]
     with prefect_test_harness(server_startup_timeout=90):
