@@ -13,7 +13,8 @@ written to a temp dir; then, side by side in this process:
   cluster is started before the timing (a real cluster is long-lived); the first build ("ray_cold") pays each worker
   process's start (imports, model load), the second ("ray_warm", a new store) reuses the workers.
 
-Every build writes a new store; the Prefect and Ray ones must be byte-identical (same shard digests) to a serial
+The baseline of the ratios is the faster of the two serial builds (default threads, 1 thread). Every build writes
+a new store; the Prefect and Ray ones must be byte-identical (same shard digests) to a serial
 build on 1 torch thread (a Ray task runs torch on the 1 CPU it reserves; float32 reductions depend on the thread
 count, so the 2-thread serial store differs in rounding; that one is the timing baseline). Reported: wall seconds, the ratio
 ray / serial (goal <= 1.3 on this 2-core box: the engine's overhead, the speed-up needs more machines), per-shard
@@ -220,9 +221,12 @@ def main() -> None:
                 out[name] = _summary(timings, wall)
         identical = all(_digests(root / n) == ref for n in ("local", "ray_cold", "ray_warm"))
         out["byte_identical_to_serial_1_thread"] = identical
-        out["ratio_ray_cold_vs_serial"] = round(out["ray_cold"]["wall_seconds"] / serial, 3)
-        out["ratio_ray_warm_vs_serial"] = round(out["ray_warm"]["wall_seconds"] / serial, 3)
-        out["ratio_local_prefect_vs_serial"] = round(out["local_prefect"]["wall_seconds"] / serial, 3)
+        # the baseline: the faster of the two serial builds (on a loaded 2-core box torch's 2 threads can lose)
+        best = min(serial, serial_1)
+        out["serial_best_seconds"] = round(best, 2)
+        out["ratio_ray_cold_vs_serial"] = round(out["ray_cold"]["wall_seconds"] / best, 3)
+        out["ratio_ray_warm_vs_serial"] = round(out["ray_warm"]["wall_seconds"] / best, 3)
+        out["ratio_local_prefect_vs_serial"] = round(out["local_prefect"]["wall_seconds"] / best, 3)
         out["goal_ratio_max"] = 1.3
         warm = out["ray_warm"]
         shard_s = warm["shard_seconds_median"]
