@@ -240,8 +240,10 @@ _READ_BATCH_BYTES = 2 << 20
 # measured also slower (1.4-1.8 s vs 1.15 s for 200k x 1024 fp16).
 _READ_BUFFER_BYTES = 2 << 20
 _PREFETCH_DEPTH = 2  # record batches decoded ahead by each reader thread
-# Shards decoded in parallel by default: Parquet decoding of the nested `grad` column is the bottleneck (~0.4 GB/s of
-# fp16 per core measured), and 2 readers is what was measured (on 2 cores); more are allowed through `readers`.
+# Shards read ahead in parallel by default, overlapping Parquet reading with the consumer's conversion and GEMMs.
+# Format 1's nested `grad` column decoded at ~0.4 GB/s per core and needed it; format 2's binary column reads at
+# ~2 GB/s, so the consumer (fp16 -> float64 cast + GEMM) now bounds the scan and readers help little (README,
+# Performance); more are allowed through `readers`, 0 reads in the consumer's thread.
 _DEFAULT_READERS = 2
 _TOPK_STAGE_ROWS = 16_384  # rows of scores per top-k selection step
 
