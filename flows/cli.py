@@ -49,6 +49,10 @@ def _cmd_index(args) -> int:
     problem = runner_problem(args.runner, args.ray_address)
     if problem:
         raise ConfigError(f"lancet index: --runner/--ray-address: {problem}")
+    if args.runner == "ray":
+        from tasks.index import check_ray_reachable
+
+        check_ray_reachable(args.ray_address)
     from tqdm import tqdm
 
     from flows.data import tokenize_flow

@@ -37,7 +37,7 @@ from tasks.correct import build_pairs, correct, repair
 from tasks.data import tokenize
 from tasks.demo import ensure_demo
 from tasks.evaluate import evaluate
-from tasks.index import build_index
+from tasks.index import build_index, check_ray_reachable
 from tasks.recall import find_undesirable, query_influence
 from tasks.tracking import fail_realign_run, open_realign_run, resolve_start_model, track_realign
 
@@ -97,6 +97,8 @@ def realign(
 
 
 def _realign(p: RealignParams, run_id: str, log) -> dict:
+    if p.runner == "ray":
+        check_ray_reachable(p.ray_address)  # before any stage: a bad address fails in seconds, not at the index
     work = Path(p.work_dir).resolve()
     timings: dict[str, float] = {}
 

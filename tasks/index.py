@@ -16,6 +16,7 @@ Knows about Prefect, prefect-ray and the build's three steps; knows nothing abou
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +47,10 @@ class ShardsLost(LancetError):
     """Some shard computations failed (e.g. their worker was killed); the store is resumable."""
 
 
+class RayUnavailable(LancetError):
+    """The Ray cluster asked for cannot be reached."""
+
+
 @task(name="index_shard", cache_policy=NO_CACHE, persist_result=False, retries=0)
 def index_shard(plan: BuildPlan, job: ShardJob, threads: int | None = None) -> dict:
     """Compute one shard of the store (files written atomically); returns its manifest entry with its timing.
@@ -71,6 +76,23 @@ def _host() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def check_ray_reachable(ray_address: str | None, timeout_s: float = 3.0) -> None:
+    """Fail in seconds (RayUnavailable) when a 'host:port' / 'ray://host:port' address does not accept a TCP
+    connection: ray.init would retry for minutes. None (a new local instance) and 'auto' are not checked here."""
+    import socket
+
+    if ray_address in (None, "auto"):
+        return
+    hostport = ray_address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    host, port = (host, int(port)) if host else (hostport, 10001)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise RayUnavailable(f"runner 'ray': the Ray cluster at {ray_address} does not answer ({e})") from None
+
+
 @contextmanager
 def task_runner(runner: str = "local", ray_address: str | None = None):
     """The task runner that shards are mapped over, started; the remote options each shard asks for; the torch
@@ -86,14 +108,24 @@ def task_runner(runner: str = "local", ray_address: str | None = None):
     import ray
     from prefect_ray import RayTaskRunner
 
+    check_ray_reachable(ray_address)
     init = {"logging_level": logging.WARNING, "log_to_driver": False}
     if ray_address is None:
         init["include_dashboard"] = False
-    with RayTaskRunner(address=ray_address, init_kwargs=init) as tr:
+    runner_cm = RayTaskRunner(address=ray_address, init_kwargs=init)
+    try:
+        tr = runner_cm.__enter__()
+    except (ConnectionError, ray.exceptions.RayError) as e:
+        where = f"the Ray cluster at {ray_address}" if ray_address else "a local Ray instance"
+        raise RayUnavailable(f"runner 'ray': cannot connect to {where}: {str(e).splitlines()[0]} (a cluster with "
+                             "token auth needs RAY_AUTH_MODE=token here)") from e
+    try:
         options = {"max_retries": 0, "num_cpus": 1}
         if ray.cluster_resources().get("GPU", 0) > 0:
             options["num_gpus"] = 1
         yield tr, options, options["num_cpus"]
+    finally:
+        runner_cm.__exit__(*sys.exc_info())
 
 
 @task(name="build_index", cache_policy=LANCET_CACHE, persist_result=True)

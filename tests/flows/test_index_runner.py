@@ -50,3 +50,19 @@ def test_index_cli_refuses_a_bad_runner_before_any_work(tmp_path, capsys):
 def test_realign_cli_refuses_a_bad_ray_address(capsys):
     assert main(["realign", "--runner", "ray", "--ray-address", "ftp://x"]) == 2
     assert "ray_address 'ftp://x'" in capsys.readouterr().err
+
+
+def test_an_unreachable_ray_cluster_is_one_line_in_seconds(tmp_path, capsys):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    missing = tmp_path / "nope"
+    t0 = time.perf_counter()
+    assert main(["index", str(missing / "c.jsonl"), str(missing), "--runner", "ray", "--ray-address",
+                 f"127.0.0.1:{port}"]) == 2
+    assert time.perf_counter() - t0 < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"the Ray cluster at 127.0.0.1:{port} does not answer" in err[0]
