@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -127,6 +128,7 @@ def ray_cluster(monkeypatch):
         _stop_all(procs)
         for log in logs:
             log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _kill_first_shard_worker(node: subprocess.Popen, killed: list, stop: threading.Event) -> None:
