@@ -3,11 +3,12 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/query_latency.py --rows 100000 --wide-rows 5000   # quick
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/query_latency.py                                 # 1M x 1024 + wide
 
-Stores are written shard by shard like lancet_core.index.build writes them (pq.write_table, snappy, NO dictionary
-encoding, --shard-rows rows per shard = IndexConfig.rows_per_shard's default 4096), from the SAME random rows (row
+Stores (format 2: `grad` fixed_size_binary, raw values) are written shard by shard like lancet_core.index.build
+writes them, in a child process whose peak RSS is reported (pq.write_table, snappy, NO dictionary encoding, --shard-rows rows per shard = IndexConfig.rows_per_shard's default 4096), from the SAME random rows (row
 norms spread over a decade; real gradients are more structured). The main case (N = --rows, D = --dim) writes fp16
 (the default storage), fp32 and int8 stores; the wide case (--wide-rows x --wide-dim, D ~ 54k as for a 7B model's
-full projected layout) only fp16. For each case, "the query" is `scan_store(..., top_k=k, keep_scores=False)`: every
+full projected layout) only fp16; its numpy references hold only --wide-numpy-rows rows in RAM and are scaled
+linearly to N. For each case, "the query" is `scan_store(..., top_k=k, keep_scores=False)`: every
 row scored, top-k kept (k = --top-k):
 
 - warm: the query repeated in this process (files in the page cache, nothing else kept between queries; median of
@@ -22,8 +23,10 @@ row scored, top-k kept (k = --top-k):
   <= 1.5x. Also the folded Q = 32 query (one vector).
 - peak RSS (VmHWM) of a fresh process running the query (Q = 1 and Q = 32 per-query), with its RSS before the
   query (imports) beside it.
-- the scan DuckDB used to run (`array_inner_product(grad::DOUBLE[D], ?)` per row, folded Q = 1, DuckDB's default
-  threads), once, warm, as the before/after reference (--no-reference skips it).
+- main case, references (--no-reference skips them): the same fp16 rows as a FORMAT-1 store (grad
+  fixed_size_list<float16>[D]): the time just to decode its grad column (fresh process, iter_batches), vs format 2's
+  whole query; and the scan DuckDB used to run on it (`array_inner_product(grad::DOUBLE[D], ?)` per row, folded
+  Q = 1, DuckDB's default threads), once, warm.
 - main case only: bytes per dim on disk, and the top-100 overlap of the fp16 and int8 rankings with fp32's (>= 0.95).
 
 Every timing is given as wall seconds and as CPU seconds of the process (the machine may be shared: wall includes
@@ -54,13 +57,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lancet_core.recall import scan as scan_mod  # noqa: E402
 from lancet_core.recall.scan import open_store, scan_store  # noqa: E402
 
-_PA = {"float16": pa.float16(), "float32": pa.float32(), "int8": pa.int8()}
+_NP = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "int8": np.dtype("i1")}
 
 
-def _write_stores(root: Path, n: int, d: int, shard_rows: int, seed: int, dtypes: tuple[str, ...]) -> dict[str, Path]:
-    """One store per dtype from the same rows; one shard of float32 rows in memory at a time."""
+def _grad_column(q: np.ndarray) -> pa.Array:
+    """The store's `grad` column (format 2): one fixed_size_binary value of raw little-endian values per row."""
+    q = np.ascontiguousarray(q)
+    n, d = q.shape
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(d * q.itemsize), n, [None, pa.py_buffer(q)])
+
+
+def _write_stores(
+    root: Path, n: int, d: int, shard_rows: int, seed: int, dtypes: tuple[str, ...], format1: bool
+) -> dict[str, Path]:
+    """One store per dtype from the same rows; one shard of float32 rows in memory at a time. `format1`: also the
+    fp16 rows as a format-1 store (grad as fixed_size_list<float16>[D]), for the decoding and DuckDB references."""
     dirs = {dt: root / f"store-{dt}" for dt in dtypes}
-    manifests = {dt: {"dim": d, "dtype": dt, "shards": []} for dt in dtypes}
+    if format1:
+        dirs["float16-format1"] = root / "store-float16-format1"
+    manifests = {dt: {"format_version": 2, "dim": d, "dtype": dt, "shards": []} for dt in dirs}
+    if format1:
+        manifests["float16-format1"].update(format_version=1, dtype="float16")
     for p in dirs.values():
         p.mkdir(parents=True, exist_ok=True)
     for s, a in enumerate(range(0, n, shard_rows)):
@@ -70,17 +87,20 @@ def _write_stores(root: Path, n: int, d: int, shard_rows: int, seed: int, dtypes
         x *= rng.uniform(0.3, 3.0, size=(b - a, 1)).astype(np.float32)
         ids = pa.array([f"ex-{i:08d}" for i in range(a, b)], pa.string())
         norms = pa.array(np.linalg.norm(x, axis=1).astype(np.float32))
-        for dt in dtypes:
+        for dt in dirs:
             cols = {"example_id": ids}
             if dt == "int8":
                 scale = (np.abs(x).max(axis=1) / 127.0).astype(np.float32)
                 q = np.clip(np.rint(x / scale[:, None]), -127, 127).astype(np.int8)
-                cols["grad"] = pa.FixedSizeListArray.from_arrays(pa.array(q.reshape(-1)), d)
+                cols["grad"] = _grad_column(q)
                 cols["grad_norm"] = norms
                 cols["grad_scale"] = pa.array(scale)
                 del q
+            elif dt == "float16-format1":
+                cols["grad"] = pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float16).reshape(-1)), d)
+                cols["grad_norm"] = norms
             else:
-                cols["grad"] = pa.FixedSizeListArray.from_arrays(pa.array(x.astype(dt, copy=False).reshape(-1)), d)
+                cols["grad"] = _grad_column(x.astype(_NP[dt], copy=False))
                 cols["grad_norm"] = norms
             name = f"shard-{s:05d}.parquet"
             pq.write_table(pa.table(cols), dirs[dt] / name, use_dictionary=False)  # as lancet_core.index.build
@@ -90,6 +110,11 @@ def _write_stores(root: Path, n: int, d: int, shard_rows: int, seed: int, dtypes
     for dt, p in dirs.items():
         (p / "manifest.json").write_text(json.dumps(manifests[dt]))
     return dirs
+
+
+def _files(store: Path) -> list[str]:
+    m = json.loads((store / "manifest.json").read_text())
+    return [str(store / s["file"]) for s in m["shards"]]
 
 
 def _status_mb(key: str) -> float:
@@ -105,8 +130,25 @@ def _queries(d: int, q: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, q]).standard_normal((q, d))
 
 
-def _child(mode: str, store: str, seed: int, k: int) -> None:
+def _child(mode: str, store: str, seed: int, k: int, write_args: str | None = None) -> None:
     """Runs in a fresh process: one cold operation; prints seconds, CPU seconds and RSS."""
+    if mode == "write":  # the stores, written shard by shard as the builder does; its peak RSS
+        n, d, shard_rows, dtypes, format1 = json.loads(write_args)
+        rss0 = _status_mb("VmRSS")
+        t0 = time.perf_counter()
+        _write_stores(Path(store), n, d, shard_rows, seed, tuple(dtypes), format1)
+        print(json.dumps({"seconds": time.perf_counter() - t0, "rss_before_mb": rss0, "peak_rss_mb": _status_mb("VmHWM")}))
+        return
+    if mode == "decode_format1":  # the fixed_size_list column of format 1, streamed like the scan reads
+        files = _files(Path(store))
+        c0, t0 = time.process_time(), time.perf_counter()
+        for f in files:
+            for rb in pq.ParquetFile(f, pre_buffer=False, buffer_size=2 << 20).iter_batches(
+                batch_size=1024, columns=["grad"]
+            ):
+                rb.column("grad").flatten().to_numpy(zero_copy_only=True)
+        print(json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}))
+        return
     info = open_store(store)
     pa.array([0])  # pyarrow imports pandas on its first array built from Python: an import, done in every mode
     rss0 = _status_mb("VmRSS")
@@ -137,9 +179,11 @@ def _child(mode: str, store: str, seed: int, k: int) -> None:
     print(json.dumps(out))
 
 
-def _fresh(mode: str, store: Path, seed: int, k: int) -> dict:
+def _fresh(mode: str, store: Path, seed: int, k: int, write_args: list | None = None) -> dict:
+    extra = ["--_write", json.dumps(write_args)] if write_args is not None else []
     out = subprocess.run(
-        [sys.executable, __file__, "--_child", mode, "--_store", str(store), "--seed", str(seed), "--top-k", str(k)],
+        [sys.executable, __file__, "--_child", mode, "--_store", str(store), "--seed", str(seed), "--top-k", str(k)]
+        + extra,
         check=True,
         capture_output=True,
         text=True,
@@ -165,37 +209,42 @@ def _r(x: float, nd: int = 4) -> float:
     return round(float(x), nd)
 
 
-def _load_numpy(store: Path, dtype) -> np.ndarray:
-    """The store's matrix in RAM as `dtype`, filled shard by shard into one preallocated array."""
+def _load_numpy(store: Path, dtype, max_rows: int) -> np.ndarray:
+    """The store's first `max_rows` rows in RAM as `dtype`, filled shard by shard into one preallocated array."""
     info = open_store(store)
-    m = np.empty((info.n_rows, info.dim), dtype=dtype)
+    n = min(info.n_rows, max_rows)
+    m = np.empty((n, info.dim), dtype=dtype)
     i = 0
     for f in info.files:
+        if i >= n:
+            break
         col = pq.read_table(f, columns=["grad"]).column("grad").combine_chunks()
-        blk = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, info.dim)
-        m[i : i + len(blk)] = blk
-        i += len(blk)
+        blk = np.frombuffer(col.buffers()[1], _NP[info.dtype], count=len(col) * info.dim).reshape(-1, info.dim)
+        take = min(len(blk), n - i)
+        m[i : i + take] = blk[:take]
+        i += take
         del col, blk
     return m
 
 
 def _duckdb_reference(store: Path, v: np.ndarray) -> dict:
-    """The scan as it was before the BLAS engine: DuckDB, one array_inner_product per row, folded query."""
+    """The scan as it was before the BLAS engine: DuckDB, one array_inner_product per row, folded query, over the
+    format-1 store (DuckDB cannot cast format 2's raw bytes to an array)."""
     import duckdb
 
-    info = open_store(store)
-    d = int(info.dim)
+    files = _files(store)
+    d = len(v)
     u = (v / np.linalg.norm(v)).tolist()
     sql = f"SELECT example_id, array_inner_product(grad::DOUBLE[{d}], ?::DOUBLE[{d}]) AS q0 FROM read_parquet(?)"
     con = duckdb.connect()
     try:
         threads = con.sql("SELECT current_setting('threads')").fetchall()[0][0]
         c0, t0 = time.process_time(), time.perf_counter()
-        t = con.sql(sql, params=[u, list(info.files)]).to_arrow_table()
+        t = con.sql(sql, params=[u, files]).to_arrow_table()
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
     finally:
         con.close()
-    assert t.num_rows == info.n_rows
+    assert t.num_rows == sum(pq.read_metadata(f).num_rows for f in files)
     return {"seconds": dt, "cpu_seconds": dc, "duckdb_threads": threads}
 
 
@@ -209,17 +258,20 @@ def bench(
     workdir: Path,
     dtypes: tuple[str, ...],
     reference: bool,
+    numpy_rows: int,
 ) -> dict:
     root = Path(tempfile.mkdtemp(prefix=f"lancet-bench-{n}x{d}-", dir=workdir))
     try:
-        t0 = time.perf_counter()
-        stores = _write_stores(root, n, d, shard_rows, seed, dtypes)
+        w = _fresh("write", root, seed, k, [n, d, shard_rows, list(dtypes), reference])
+        stores = {dt: root / f"store-{dt}" for dt in dtypes}
+        format1 = root / "store-float16-format1" if reference else None
         res: dict = {
             "rows": n,
             "dim": d,
             "shard_rows": shard_rows,
             "top_k": k,
-            "generate_seconds": round(time.perf_counter() - t0, 1),
+            "generate_seconds": round(w["seconds"], 1),
+            "store_writer_peak_rss_mb": _r(w["peak_rss_mb"], 1),
         }
         res["bytes_per_dim"] = {
             dt: round(sum(f.stat().st_size for f in p.glob("shard-*.parquet")) / (n * d), 4) for dt, p in stores.items()
@@ -253,11 +305,14 @@ def bench(
         warm_q1_r1 = _timed(lambda: scan_store(main, v, top_k=k, keep_scores=False, readers=1), repeats)
         warm_q32 = _timed(lambda: scan_store(main, V32, per_query=True, top_k=k, keep_scores=False), repeats)
         warm_q32_fold = _timed(lambda: scan_store(main, V32, top_k=k, keep_scores=False), max(1, repeats // 2))
-        m32 = _load_numpy(main, np.float32)
+        # numpy in RAM on the first numpy_rows rows (all of them unless RAM forbids), scaled linearly to N rows
+        m32 = _load_numpy(main, np.float32, numpy_rows)
+        scale_n = n / len(m32)
         u32 = (v[0] / np.linalg.norm(v[0])).astype(np.float32)
         np_f32 = _timed(lambda m=m32: m @ u32, max(repeats, 5))
+        np_f32 = {key: val * scale_n for key, val in np_f32.items()}
         del m32
-        m16 = _load_numpy(main, np.float16)
+        m16 = _load_numpy(main, np.float16, numpy_rows)
 
         def f16_pass(m=m16):
             out = np.empty(len(m), np.float32)
@@ -265,7 +320,7 @@ def bench(
                 out[a : a + 16384] = m[a : a + 16384].astype(np.float32) @ u32
             return out
 
-        np_f16 = _timed(f16_pass, max(repeats, 3))
+        np_f16 = {key: val * scale_n for key, val in _timed(f16_pass, max(repeats, 3)).items()}
         del m16
         res["warm"] = {
             "query_seconds": _r(warm_q1["seconds"]),
@@ -273,6 +328,8 @@ def bench(
             "query_1_reader_thread_seconds": _r(warm_q1_r1["seconds"]),
             "query_1_reader_thread_cpu_seconds": _r(warm_q1_r1["cpu_seconds"]),
             "numpy_fp32_in_ram_seconds": _r(np_f32["seconds"]),
+            "numpy_rows_measured": min(n, numpy_rows),
+            "numpy_scaled_from_rows": scale_n != 1,
             "numpy_fp16_in_ram_upcast_seconds": _r(np_f16["seconds"]),
             "ratio_vs_numpy_fp32": _r(warm_q1["seconds"] / np_f32["seconds"], 2),
             "cpu_ratio_vs_numpy_fp32": _r(warm_q1["cpu_seconds"] / np_f32["cpu_seconds"], 2),
@@ -299,7 +356,16 @@ def bench(
             "store_grad_bytes_mb": _r(n * d * 2 / 2**20, 1),
         }
         if reference:
-            ref = _duckdb_reference(main, v[0])
+            f1 = [_fresh("decode_format1", format1, seed, k) for _ in range(repeats)]
+            res["format1_reference"] = {
+                "what": "the same fp16 rows stored as format 1 (grad fixed_size_list<float16>[D]): decoding the "
+                "column alone (pyarrow iter_batches, fresh process) vs the whole format-2 query",
+                "decode_only_seconds": _r(_med(f1, "seconds")),
+                "decode_only_cpu_seconds": _r(_med(f1, "cpu_seconds")),
+                "format2_cold_query_seconds": _r(q1_cold),
+                "format2_iter_batches_seconds": _r(it),
+            }
+            ref = _duckdb_reference(format1, v[0])
             res["duckdb_array_inner_product_reference"] = {
                 "seconds": _r(ref["seconds"]),
                 "cpu_seconds": _r(ref["cpu_seconds"]),
@@ -351,11 +417,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--wide-rows",
         type=int,
-        default=20_000,
-        help="rows of the wide case (0 = skip); 100k x 54k would need 21.6 GB of RAM for the fp32 numpy "
-        "comparison and 10.8 GB of fp16 on disk, so the default is 20k",
+        default=100_000,
+        help="rows of the wide case (0 = skip); 100k x 54k is 10.8 GB of fp16 on disk",
     )
     ap.add_argument("--wide-dim", type=int, default=54_000, help="D of the wide case")
+    ap.add_argument(
+        "--wide-numpy-rows",
+        type=int,
+        default=20_000,
+        help="wide case: rows held in RAM for the numpy references (100k x 54k fp32 would need 21.6 GB): measured on "
+        "that many rows and scaled linearly to N (a matvec is linear in N); the main case holds all rows",
+    )
     ap.add_argument("--shard-rows", type=int, default=4096, help="rows per shard (IndexConfig.rows_per_shard default)")
     ap.add_argument("--wide-shard-rows", type=int, default=1024, help="rows per shard in the wide case")
     ap.add_argument("--repeats", type=int, default=3, help="repetitions per timing (median)")
@@ -365,9 +437,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()), help="where temp stores go")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     ap.add_argument("--_store", help=argparse.SUPPRESS)
+    ap.add_argument("--_write", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._child:
-        _child(a._child, a._store, a.seed, a.top_k)
+        _child(a._child, a._store, a.seed, a.top_k, a._write)
         return
     import duckdb
 
@@ -382,6 +455,7 @@ def main(argv: list[str] | None = None) -> None:
             a.workdir,
             ("float16", "float32", "int8"),
             not a.no_reference,
+            a.rows,
         )
     ]
     if a.wide_rows:
@@ -395,7 +469,8 @@ def main(argv: list[str] | None = None) -> None:
                 a.seed,
                 a.workdir,
                 ("float16",),
-                not a.no_reference,
+                False,
+                min(a.wide_numpy_rows, a.wide_rows),
             )
         )
     out = {

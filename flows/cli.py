@@ -44,6 +44,15 @@ def _cmd_tokenize(args) -> int:
 
 
 def _cmd_index(args) -> int:
+    from flows.params import ConfigError, runner_problem
+
+    problem = runner_problem(args.runner, args.ray_address)
+    if problem:
+        raise ConfigError(f"lancet index: --runner/--ray-address: {problem}")
+    if args.runner == "ray":
+        from tasks.index import check_ray_reachable
+
+        check_ray_reachable(args.ray_address)
     from tqdm import tqdm
 
     from flows.data import tokenize_flow
@@ -59,14 +68,26 @@ def _cmd_index(args) -> int:
                            TokenizeConfig(max_seq_len_tokens=args.max_seq_len_tokens))
     out = Path(args.out) if args.out else artifact_dir(args.work_dir or default_work_dir(), "stores",
                                                        Path(args.model), cfg.store_identity())
-    with tqdm(desc="gradient store", unit="rows") as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+    if args.runner == "ray":
+        from flows.index import index_flow
 
-        store = build_gradient_store(args.model, tokens, out, cfg, progress=progress)
+        store = index_flow(str(args.model), str(tokens), str(out), cfg, runner="ray", ray_address=args.ray_address)
+    else:
+        with tqdm(desc="gradient store", unit="rows") as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            store = build_gradient_store(args.model, tokens, out, cfg, progress=progress)
     print(store)
     return 0
+
+
+def _runner_args(p) -> None:
+    p.add_argument("--runner", choices=["local", "ray"], default=None,
+                   help="compute the gradient store's shards here (local, default) or as Prefect tasks on Ray")
+    p.add_argument("--ray-address", default=None,
+                   help="with --runner ray: 'auto', 'ray://host:10001' or 'host:port' (default: a new local cluster)")
 
 
 def _realign_params(args):
@@ -78,7 +99,7 @@ def _realign_params(args):
     flat = {"corpus_path": args.corpus, "model": args.model, "probes_path": args.probes, "ood_path": args.ood,
             "benign_eval_path": args.benign_eval, "work_dir": args.work_dir,
             "registered_model_name": args.registered_model_name, "tracking_uri": args.tracking_uri,
-            "experiment": args.experiment}
+            "experiment": args.experiment, "runner": args.runner, "ray_address": args.ray_address}
     data.update({k: v for k, v in flat.items() if v is not None})
     if args.from_champion:
         data["start_from_champion"] = True
@@ -253,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", choices=["float16", "float32", "int8"], default="float16")
     x.add_argument("--batch-size", type=int, default=8)
     x.add_argument("--curvature", nargs="+", default=["kfac"], choices=["linfac", "kfac", "ekfac", "identity"])
+    _runner_args(x)
     x.set_defaults(func=_cmd_index)
 
     r = sub.add_parser("realign", help="run the LANCET realign flow (default: on the built-in demo)",
@@ -284,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--lora-rank", type=int)
     k.add_argument("--epochs", type=int, help="IBO epochs over the pairs")
     k.add_argument("--max-steps", type=int, help="stop IBO after this many optimizer steps")
+    _runner_args(r)
     r.add_argument("--json", action="store_true", help="also print the summary as JSON")
     r.set_defaults(func=_cmd_realign)
 

@@ -8,10 +8,11 @@ bad config is refused in well under a second.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lancet_core.correct.config import PairConfig, TrainConfig
 from lancet_core.correct.repair import RepairConfig
@@ -28,6 +29,19 @@ from lancet_core.recall.undesirable import GenerationConfig
 # the tokenize limit the flow starts from; raised automatically to what the corpus needs (flows/inputs.py)
 DEFAULT_TOKENIZE = TokenizeConfig(max_seq_len_tokens=128)
 CANONICAL_COLUMNS = ("prompt", "response", "messages", "example_id")
+_RAY_ADDRESS = re.compile(r"^(auto|ray://[A-Za-z0-9._-]+(:\d{1,5})?|[A-Za-z0-9._-]+:\d{1,5})$")
+
+
+def runner_problem(runner: str | None, ray_address: str | None) -> str | None:
+    """Why a runner / Ray address pair cannot be used (None when it can)."""
+    if runner not in (None, "local", "ray"):
+        return f"runner must be 'local' or 'ray', got {runner!r}"
+    if ray_address is not None:
+        if runner != "ray":
+            return "ray_address is only used with runner 'ray'"
+        if not _RAY_ADDRESS.match(ray_address):
+            return f"ray_address {ray_address!r}: expected 'auto', 'ray://host:port' or 'host:port'"
+    return None
 
 
 class ConfigError(LancetError):
@@ -62,6 +76,11 @@ class RealignParams(BaseModel):
     tokenize_config: TokenizeConfig = Field(DEFAULT_TOKENIZE, description="chat template + loss mask; "
                                             "max_seq_len_tokens is raised to the longest row when needed")
     index: IndexConfig = Field(IndexConfig(), description="projected-gradient store and curvature")
+    runner: Literal["local", "ray"] = Field("local", description="where the gradient store's shards are computed: "
+                                            "'local' (this process, one shard at a time) or 'ray' (one Prefect task "
+                                            "per shard on a Ray cluster, one GPU each when the cluster has GPUs)")
+    ray_address: str | None = Field(None, description="runner 'ray': the cluster, 'auto' (the one this machine "
+                                    "belongs to), 'ray://host:10001' or 'host:port'; null = start a local one")
     judge: JudgeConfig = Field(JudgeConfig(), description="what counts as an undesirable answer")
     generation: GenerationConfig = Field(GenerationConfig(), description="decoding of the probe answers")
     recall: RecallConfig = Field(RecallConfig(), description="influence method and ranking")
@@ -71,6 +90,13 @@ class RealignParams(BaseModel):
     train: TrainConfig = Field(TrainConfig(), description="post-training (IBO by default, LoRA)")
     evaluation: EvalConfig = Field(EvalConfig(), description="before/after evaluation")
     gate: GateConfig = Field(GateConfig(), description="when the corrected model becomes `champion`")
+
+    @model_validator(mode="after")
+    def _check_runner(self) -> RealignParams:
+        problem = runner_problem(self.runner, self.ray_address)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     def flow_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `flows.realign.realign` (config objects kept as objects)."""

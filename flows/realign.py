@@ -37,7 +37,7 @@ from tasks.correct import build_pairs, correct, repair
 from tasks.data import tokenize
 from tasks.demo import ensure_demo
 from tasks.evaluate import evaluate
-from tasks.index import build_index
+from tasks.index import build_index, check_ray_reachable
 from tasks.recall import find_undesirable, query_influence
 from tasks.tracking import fail_realign_run, open_realign_run, resolve_start_model, track_realign
 
@@ -58,6 +58,8 @@ def realign(
     demo: DemoConfig = DemoConfig(),
     tokenize_config: TokenizeConfig = DEFAULT_TOKENIZE,
     index: IndexConfig = IndexConfig(),
+    runner: str = "local",
+    ray_address: str | None = None,
     judge: JudgeConfig = JudgeConfig(),
     generation: GenerationConfig = GenerationConfig(),
     recall: RecallConfig = RecallConfig(),
@@ -95,6 +97,8 @@ def realign(
 
 
 def _realign(p: RealignParams, run_id: str, log) -> dict:
+    if p.runner == "ray":
+        check_ray_reachable(p.ray_address)  # before any stage: a bad address fails in seconds, not at the index
     work = Path(p.work_dir).resolve()
     timings: dict[str, float] = {}
 
@@ -141,8 +145,8 @@ def _realign(p: RealignParams, run_id: str, log) -> dict:
     # the gradient store is only needed (and only built) when there is something to correct
     tokens = timed("tokenize", tokenize, corpus_path=corpus_path, tokenizer_dir=start, cfg=p.tokenize_config,
                    out_dir=str(artifact_dir(work, "tokens", Path(corpus_path), m, p.tokenize_config.model_dump())))
-    store = timed("index", build_index, model_dir=start, tokens_path=tokens, cfg=p.index,
-                  out_store_dir=str(artifact_dir(work, "stores", m, p.index.store_identity())))
+    store = timed("index", build_index, model_dir=start, tokens_path=tokens, cfg=p.index, runner=p.runner,
+                  ray_address=p.ray_address, out_store_dir=str(artifact_dir(work, "stores", m, p.index.store_identity())))
     influence_dir = Path(timed("recall", query_influence, store_dir=store, model_dir=start, queries_path=queries,
                                tokens_dir=tokens, cfg=p.recall,
                                out_dir=str(artifact_dir(work, "influence", Path(store), Path(queries),

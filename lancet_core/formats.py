@@ -7,7 +7,8 @@ tokens.parquet (one row per training example, written by `lancet_core.data.token
     or IBO, only by evaluation.
 
 gradient store (directory, written by `lancet_core.index.store`):
-    shard-NNNNN.parquet: example_id string, grad fixed_size_list<float16|float32|int8>[D], grad_norm float32
+    shard-NNNNN.parquet (format GRADIENT_STORE_FORMAT): example_id string, grad fixed_size_binary[D * itemsize] (the
+        row's D float16|float32|int8 values, raw little-endian; dtype and D in manifest.json), grad_norm float32
         (norm of the unquantised vector), grad_scale float32 (int8 only: value = int8 * grad_scale)
     manifest.json, curvature/ beside the shards.
 
@@ -22,6 +23,8 @@ TOKENS_FILE = "tokens.parquet"
 QUERIES_FILE = "queries.parquet"
 INFLUENCE_FILE = "influence.parquet"
 SHARD_PATTERN = "shard-{:05d}.parquet"
+# on-disk format of the gradient store (manifest `format_version`); 1 = grad as fixed_size_list (refused)
+GRADIENT_STORE_FORMAT = 2
 
 # Columns of tokens.parquet that lancet itself writes; every other column is a carried label column.
 TOKEN_COLUMNS = (

@@ -1,9 +1,13 @@
 """Build the gradient store, and compute query gradients exactly as the store's (docs/design.md §4, §5).
 
-`build_gradient_store` runs the projected-gradient hooks (lancet_core.index.hooks) over every row of tokens.parquet,
-writes shards and Kronecker-factor sums (format: lancet_core.index.store), then builds the configured curvatures
-(lancet_core.index.curvature). Every shard is written atomically, then the manifest is rewritten listing it with a
-digest of the token rows it was computed from; a re-run recomputes only the shards the manifest does not list, whose
+A build is three pure steps, so shards can run anywhere (tasks/index.py maps them over a Prefect task runner, Ray
+included): `plan_build` (coordinator: checks tokens and the store's identity, decides which shards are still valid
+and which to compute, writes the manifest), `compute_shard` (any process: runs the projected-gradient hooks
+(lancet_core.index.hooks) over one shard's token rows, writes its shard Parquet and Kronecker-factor sums (format:
+lancet_core.index.store) atomically and RETURNS its manifest entry) and `finalize_build` (coordinator: the exact
+reduction of the factor sums across shards, then the configured curvatures, lancet_core.index.curvature).
+`build_gradient_store` composes them serially. Only the coordinator writes the manifest, listing each finished
+shard with a digest of the token rows it was computed from; a re-run recomputes only the shards the manifest does not list, whose
 file is missing or altered, or whose rows changed — so a corpus that grew at the end recomputes only its new (and last
 partial) shards. A store built from another model, tokenizer or config is refused (ManifestMismatch, both versions
 shown). Builds of one store are serialised by a lock file, so overlapping runs never write the same store at once.
@@ -15,10 +19,11 @@ influence scoring or orchestration.
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +44,10 @@ from lancet_core.index.store import (
     GRADIENT_SIGN,
     IDENTITY_KEYS,
     GradientStore,
+    StoreIncomplete,
     _encode_shard,
     _shard_ok,
+    npz_bytes,
     rows_digest,
 )
 from lancet_core.manifest import (
@@ -117,6 +124,43 @@ def _digests(model_dir: Path) -> tuple[str, str]:
     return model_digest(model_dir), tok
 
 
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to compute: token rows [lo, hi) of the tokens file, whose rows must still have `rows_digest`."""
+
+    index: int
+    lo: int
+    hi: int
+    rows_digest: str
+
+    @property
+    def file(self) -> str:
+        return SHARD_PATTERN.format(self.index)
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """Everything a shard computation needs, decided once by the coordinating process (picklable, sent to workers):
+    the store's identity (`manifest`, without shards), the shards already finished (`done`, manifest entries) and
+    the ones to compute (`todo`). `modules` is the projection layout (JSON): a shard computes with exactly it."""
+
+    store_dir: str
+    model_dir: str
+    tokens_file: str
+    cfg: IndexConfig
+    manifest: dict
+    done: tuple[dict, ...]
+    todo: tuple[ShardJob, ...]
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.manifest["n_rows"])
+
+    @property
+    def modules(self) -> list[dict]:
+        return self.manifest["modules"]
+
+
 def build_gradient_store(
     model_dir: str | Path,
     tokens_path: str | Path,
@@ -126,22 +170,57 @@ def build_gradient_store(
 ) -> Path:
     """Compute (or finish) the gradient store of every row of tokens.parquet; build cfg.curvature; return store_dir.
 
-    Holds `store_dir/.lock` for the whole build: a second build of the same store waits for the first, then reuses
-    every shard it finished."""
+    The serial composition of `plan_build` -> `compute_shard` per shard -> `finalize_build` (tasks/index.py maps
+    the same three over a Prefect task runner). Holds `store_dir/.lock` for the whole build: a second build of the
+    same store waits for the first, then reuses every shard it finished."""
+    with store_lock(store_dir):
+        plan = plan_build(model_dir, tokens_path, store_dir, cfg)
+        entries = {e["index"]: e for e in plan.done}
+        rows_done = sum(e["rows"] for e in entries.values())
+        if progress is not None and rows_done:
+            progress(rows_done, plan.n_rows)
+        for job in plan.todo:
+            entry = compute_shard(
+                plan, job, None if progress is None else lambda r, base=rows_done: progress(base + r, plan.n_rows)
+            )
+            entries[job.index] = entry
+            record_shards(plan, entries.values())
+            rows_done += entry["rows"]
+            if progress is not None:
+                progress(rows_done, plan.n_rows)
+        return finalize_build(plan, entries.values())
+
+
+@contextmanager
+def store_lock(store_dir: str | Path):
+    """Hold `store_dir/.lock` (the coordinating process only): overlapping builds of one store never interleave."""
     from filelock import FileLock
 
     root = Path(store_dir)
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / ".lock")):
-        return _build_locked(Path(model_dir), root, tokens_path, cfg, progress)
+        yield root
 
 
-def _build_locked(model_dir: Path, root: Path, tokens_path, cfg: IndexConfig, progress: Progress | None) -> Path:
-    tpath = tokens_file(tokens_path)
-    tokens_manifest = read_manifest(tpath.parent) or {}
+def _layout_json(model_dir: Path, cfg: IndexConfig) -> list[dict]:
     model = load_model(model_dir).to(_torch_dtype(cfg.compute_dtype)).eval()
-    layout = build_layout(model, cfg.target_modules, cfg.proj_in_dim, cfg.proj_out_dim)
-    dim = sum(ml.size for ml in layout)
+    return [ml.to_json() for ml in build_layout(model, cfg.target_modules, cfg.proj_in_dim, cfg.proj_out_dim)]
+
+
+def plan_build(
+    model_dir: str | Path, tokens_path: str | Path, store_dir: str | Path, cfg: IndexConfig, *,
+    modules: list[dict] | None = None,
+) -> BuildPlan:
+    """Check the tokens and the store's identity, keep the finished shards that are still valid (file digests and
+    token rows unchanged), delete the others' files and write the manifest listing only the kept ones. `modules`:
+    the projection layout (JSON) when the caller computed it; by default it is built from the model and cfg.
+    Coordinator only (writes the manifest); call under `store_lock`."""
+    model_dir, root = Path(model_dir), Path(store_dir)
+    tpath = tokens_file(tokens_path)
+    table = _read_tokens(tpath, cfg.max_seq_len_tokens)
+    tokens_manifest = read_manifest(tpath.parent) or {}
+    modules = modules if modules is not None else _layout_json(model_dir, cfg)
+    dim = sum(ModuleLayout.from_json(d).size for d in modules)
     model_dig, tok_dig = _digests(model_dir)
     manifest = {
         "artifact": "gradient_store",
@@ -151,7 +230,7 @@ def _build_locked(model_dir: Path, root: Path, tokens_path, cfg: IndexConfig, pr
         "tokens_digest": file_digest(tpath),
         "corpus_digest": tokens_manifest.get("corpus_digest"),
         "index_config": cfg.store_identity(),
-        "modules": [ml.to_json() for ml in layout],
+        "modules": modules,
         "dim": dim,
         "dtype": cfg.dtype,
         "reduction": cfg.reduction,
@@ -165,15 +244,10 @@ def _build_locked(model_dir: Path, root: Path, tokens_path, cfg: IndexConfig, pr
         "versions": library_versions(),
     }
     existing = check_manifest(root, manifest, keys=IDENTITY_KEYS)
-    table = _read_tokens(tpath, cfg.max_seq_len_tokens)
     n = table.num_rows
     n_shards = (n + cfg.rows_per_shard - 1) // cfg.rows_per_shard
-
-    def shard_rows(s: int) -> pa.Table:
-        lo = s * cfg.rows_per_shard
-        return table.slice(lo, min(n, lo + cfg.rows_per_shard) - lo)
-
-    digests = [rows_digest(shard_rows(s)) for s in range(n_shards)]
+    bounds = [(s * cfg.rows_per_shard, min(n, (s + 1) * cfg.rows_per_shard)) for s in range(n_shards)]
+    digests = [rows_digest(table.slice(lo, hi - lo)) for lo, hi in bounds]
     done = {}
     for e in (existing or {}).get("shards", []):
         if e["index"] < n_shards and _shard_ok(root, e, digests[e["index"]]):
@@ -182,86 +256,108 @@ def _build_locked(model_dir: Path, root: Path, tokens_path, cfg: IndexConfig, pr
             log.info("shard %s is missing, altered or its rows changed; recomputing it", e["file"])
             (root / e["file"]).unlink(missing_ok=True)
     manifest.update(n_rows=n, rows_per_shard=cfg.rows_per_shard, n_shards=n_shards, complete=False)
-    todo = [s for s in range(n_shards) if s not in done]
+    todo = tuple(ShardJob(s, lo, hi, digests[s]) for s, (lo, hi) in enumerate(bounds) if s not in done)
     # curvature built from exactly these shards stays valid; any recomputed shard invalidates it
     manifest["curvature"] = {} if todo else dict((existing or {}).get("curvature") or {})
-    root.mkdir(parents=True, exist_ok=True)
-
-    def save(shards: dict) -> None:
-        manifest["shards"] = [shards[i] for i in sorted(shards)]
-        write_manifest(root, manifest)
-
-    save(done)
-    rows_done = sum(e["rows"] for e in done.values())
-    if progress is not None and rows_done:
-        progress(rows_done, n)
+    plan = BuildPlan(str(root), str(model_dir), str(tpath), cfg, manifest, tuple(done[i] for i in sorted(done)), todo)
+    record_shards(plan, plan.done)
     if todo:
-        log.info(
-            "gradient store %s: %d of %d shards to compute (D=%d, %d modules)",
-            root,
-            len(todo),
-            n_shards,
-            dim,
-            len(layout),
-        )
+        log.info("gradient store %s: %d of %d shards to compute (D=%d, %d modules)", root, len(todo), n_shards, dim,
+                 len(modules))
+    return plan
+
+
+def record_shards(plan: BuildPlan, entries) -> None:
+    """Rewrite the manifest listing these finished shards (coordinator only: shard computations return entries)."""
+    m = dict(plan.manifest)
+    m["shards"] = sorted(entries, key=lambda e: e["index"])
+    write_manifest(plan.store_dir, m)
+
+
+_MODEL_CACHE: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+def _shard_model(model_dir: str, compute_dtype: str) -> torch.nn.Module:
+    """The model, loaded once per process (a worker computing several shards loads it once)."""
+    key = (str(Path(model_dir).resolve()), compute_dtype)
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()
+        _MODEL_CACHE[key] = load_model(model_dir).to(_torch_dtype(compute_dtype)).eval()
+    return _MODEL_CACHE[key]
+
+
+def compute_shard(plan: BuildPlan, job: ShardJob, progress: Callable[[int], None] | None = None) -> dict:
+    """Compute one shard: its token rows' projected gradients -> shard-NNNNN.parquet (+ its Kronecker factor sums ->
+    curvature/factors/shard-NNNNN.npz), each written atomically; returns its manifest entry and never touches the
+    manifest, so shards may run in parallel, in any process or machine that sees store_dir. The same rows, model and
+    layout give byte-identical files wherever they are computed. `progress(rows)`: rows of this shard done (called
+    before the last batch only; the caller reports the finished shard)."""
+    cfg, root = plan.cfg, Path(plan.store_dir)
+    t0 = time.perf_counter()
+    part = _read_tokens(Path(plan.tokens_file), cfg.max_seq_len_tokens).slice(job.lo, job.hi - job.lo)
+    if rows_digest(part) != job.rows_digest:
+        raise CorpusError(f"{plan.tokens_file}: rows {job.lo}..{job.hi - 1} changed since the build was planned")
+    model = _shard_model(plan.model_dir, cfg.compute_dtype)
+    layout = [ModuleLayout.from_json(d) for d in plan.modules]
+    dim = int(plan.manifest["dim"])
+    n = job.hi - job.lo
+    ids_rows, mask_rows = part["input_ids"].to_pylist(), part["loss_mask"].to_pylist()
+    # batches of similar length (less padding); results are scattered back to the tokens order
+    order = np.argsort([len(r) for r in ids_rows], kind="stable")
+    shard_grads = np.empty((n, dim), dtype=np.float64)
     with ProjectedGradientExtractor(
         model, layout, cfg.projection_seed, cfg.reduction, cfg.collect_kronecker_factors, cfg.response_tokens
     ) as ex:
-        for s in todo:
-            t0 = time.perf_counter()
-            lo, hi = s * cfg.rows_per_shard, min(n, (s + 1) * cfg.rows_per_shard)
-            part = table.slice(lo, hi - lo)
-            ids_rows, mask_rows = part["input_ids"].to_pylist(), part["loss_mask"].to_pylist()
-            ex.reset_factors()
-            # batches of similar length (less padding); results are scattered back to the tokens order
-            order = np.argsort([len(r) for r in ids_rows], kind="stable")
-            shard_grads = np.empty((hi - lo, dim), dtype=np.float64)
-            for b in range(0, hi - lo, cfg.batch_size):
-                sel = order[b : b + cfg.batch_size]
-                ids, attn, lm = right_pad([ids_rows[i] for i in sel], [mask_rows[i] for i in sel], 0)
-                shard_grads[sel] = ex.batch_gradients(ids, attn, lm).double().numpy()
-                if progress is not None and lo + b + len(sel) < hi:
-                    progress(rows_done + b + len(sel), n)
-            eids = part["example_id"].to_pylist()
-            fname = SHARD_PATTERN.format(s)
-            atomic_write_parquet(_encode_shard(eids, shard_grads, cfg.dtype), root / fname, use_dictionary=False)
-            entry = {
-                "index": s,
-                "file": fname,
-                "rows": hi - lo,
-                "first_example_id": eids[0],
-                "last_example_id": eids[-1],
-                "digest": file_digest(root / fname),
-                "rows_digest": digests[s],
-            }
-            if cfg.collect_kronecker_factors:
-                ffile = f"{FACTORS_DIR}/{fname.replace('.parquet', '.npz')}"
-                arrays = {"tokens": np.array(ex.factor_tokens)}
-                for name, (a, b) in ex.factor_sums.items():
-                    arrays[f"A:{name}"], arrays[f"S:{name}"] = a.numpy(), b.numpy()
-                buf = io.BytesIO()
-                np.savez(buf, **arrays)
-                atomic_write_bytes(root / ffile, buf.getvalue())
-                entry.update(factors_file=ffile, factors_digest=file_digest(root / ffile))
-            done[s] = entry
-            save(done)
-            rows_done += hi - lo
-            dt = time.perf_counter() - t0
-            log.info(
-                "shard %s: %d rows in %.1f s (%.1f rows/s); %d/%d rows",
-                fname,
-                hi - lo,
-                dt,
-                (hi - lo) / dt,
-                rows_done,
-                n,
-            )
-            if progress is not None:
-                progress(rows_done, n)
-    manifest["complete"] = True
-    save(done)
-    for kind in cfg.curvature:
-        build_curvature(root, kind, damping_ratio=cfg.damping_ratio)
+        ex.reset_factors()
+        for b in range(0, n, cfg.batch_size):
+            sel = order[b : b + cfg.batch_size]
+            ids, attn, lm = right_pad([ids_rows[i] for i in sel], [mask_rows[i] for i in sel], 0)
+            shard_grads[sel] = ex.batch_gradients(ids, attn, lm).double().numpy()
+            if progress is not None and b + len(sel) < n:  # the last batch is reported once the shard is written
+                progress(b + len(sel))
+        factors = None
+        if cfg.collect_kronecker_factors:
+            factors = {"tokens": np.array(ex.factor_tokens)}
+            for name, (a, s) in ex.factor_sums.items():
+                factors[f"A:{name}"], factors[f"S:{name}"] = a.numpy(), s.numpy()
+    eids = part["example_id"].to_pylist()
+    atomic_write_parquet(_encode_shard(eids, shard_grads, cfg.dtype), root / job.file, use_dictionary=False)
+    entry = {
+        "index": job.index,
+        "file": job.file,
+        "rows": n,
+        "first_example_id": eids[0],
+        "last_example_id": eids[-1],
+        "digest": file_digest(root / job.file),
+        "rows_digest": job.rows_digest,
+    }
+    if factors is not None:
+        ffile = f"{FACTORS_DIR}/{job.file.replace('.parquet', '.npz')}"
+        atomic_write_bytes(root / ffile, npz_bytes(factors))
+        entry.update(factors_file=ffile, factors_digest=file_digest(root / ffile))
+    dt = time.perf_counter() - t0
+    log.info("shard %s: %d rows in %.1f s (%.1f rows/s)", job.file, n, dt, n / dt)
+    return entry
+
+
+def finalize_build(plan: BuildPlan, entries) -> Path:
+    """Check that every shard is finished and its files are intact, mark the store complete, then build the
+    configured curvatures; Kronecker factors are reduced exactly across shards (float64 sums in shard order,
+    store.reduce_factor_sums). Coordinator only. Returns store_dir."""
+    root = Path(plan.store_dir)
+    by_index = {e["index"]: e for e in entries}
+    missing = [s for s in range(int(plan.manifest["n_shards"])) if s not in by_index]
+    if missing:
+        raise StoreIncomplete(f"{root}: shard(s) {missing[:10]} not computed; re-run the build to compute them")
+    for e in by_index.values():
+        if not _shard_ok(root, e):
+            raise StoreIncomplete(f"{root}: {e['file']} does not match the digest its computation returned")
+    m = dict(plan.manifest)
+    m["shards"] = [by_index[i] for i in sorted(by_index)]
+    m["complete"] = True
+    write_manifest(root, m)
+    for kind in plan.cfg.curvature:
+        build_curvature(root, kind, damping_ratio=plan.cfg.damping_ratio)
     return root
 
 

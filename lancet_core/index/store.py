@@ -1,9 +1,13 @@
 """The gradient store: projected per-example gradients of every training row, as sharded Parquet (docs/design.md §4).
 
 Layout of `store_dir`:
-    shard-NNNNN.parquet   example_id string, grad fixed_size_list<float16|float32|int8>[D], grad_norm float32
-                          (norm of the unquantised vector), grad_scale float32 (int8 only; value = int8 × scale).
-                          Rows in tokens.parquet order, `rows_per_shard` rows per shard (the last may be shorter).
+    shard-NNNNN.parquet   example_id string, grad fixed_size_binary[D × itemsize] (the row's D float16|float32|int8
+                          values, little-endian, back to back: np.frombuffer views a batch as [n, D] without
+                          decoding), grad_norm float32 (norm of the unquantised vector), grad_scale float32 (int8
+                          only; value = int8 × scale). The element type and D are the manifest's `dtype` and `dim`
+                          (also in the grad field's metadata). Rows in tokens.parquet order, `rows_per_shard` rows
+                          per shard (the last may be shorter). Format 1 stored grad as fixed_size_list<dtype>[D],
+                          whose Parquet decoding was the query engine's bottleneck (8-10x slower); it is refused.
     curvature/            factors/shard-NNNNN.npz (per-token Kronecker factor sums, when kfac/ekfac are configured)
                           and the built curvatures (see lancet_core.index.curvature).
     manifest.json         model / tokenizer / tokens digests, the IndexConfig, per-module projection layout, the list
@@ -26,10 +30,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lancet_core.errors import LancetError
+from lancet_core.formats import GRADIENT_STORE_FORMAT
 from lancet_core.index.projection import ModuleLayout
 from lancet_core.manifest import file_digest, read_manifest
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = GRADIENT_STORE_FORMAT
+_NP_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "int8": np.dtype("i1")}
 GRADIENT_SIGN = "grad = d/dtheta log pi(y|x) (log-likelihood, not loss); influence I(i,q) = v_q . g_i, v_q = (F+lambda I)^-1 g_q; > 0 = training on i raises log pi(q)"
 # Manifest keys that must agree for a store to be resumed or reused.
 IDENTITY_KEYS = (
@@ -41,10 +47,28 @@ IDENTITY_KEYS = (
     "dim",
 )
 FACTORS_DIR = "curvature/factors"
+_REBUILD = "rebuild the store with this lancet (lancet index, or delete the directory and re-run realign)"
 
 
 class StoreIncomplete(LancetError):
     """A gradient store directory is missing shards (an interrupted build): re-run build_gradient_store."""
+
+
+class StoreFormatError(LancetError):
+    """A gradient store written in another on-disk format version: rebuild it with this lancet."""
+
+
+def grad_type(dim: int, dtype: str) -> pa.DataType:
+    """The Arrow type of the `grad` column: one fixed-size binary value of D raw little-endian values per row."""
+    return pa.binary(int(dim) * _NP_DTYPES[dtype].itemsize)
+
+
+def grad_view(col: pa.Array, dim: int, dtype: str) -> np.ndarray:
+    """[n, D] numpy view (no copy) of a fixed_size_binary `grad` array's values (nulls not checked here)."""
+    dt = _NP_DTYPES[dtype]
+    n = len(col)
+    buf = col.buffers()[1]
+    return np.frombuffer(buf, dtype=dt, count=n * dim, offset=col.offset * dim * dt.itemsize).reshape(n, dim)
 
 # encoding of vectors -----------------------------------------------------------------------------------------------
 def _encode_shard(example_ids: Sequence[str], grads: np.ndarray, dtype: str) -> pa.Table:
@@ -64,17 +88,25 @@ def _encode_shard(example_ids: Sequence[str], grads: np.ndarray, dtype: str) -> 
         scale = (absmax / 127.0).astype(np.float32)
         safe = np.where(scale > 0, scale, 1.0).astype(np.float64)
         flat = np.clip(np.rint(grads / safe[:, None]), -127, 127).astype(np.int8)
-    cols["grad"] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), d)
+    raw = np.ascontiguousarray(flat, dtype=_NP_DTYPES[dtype])
+    cols["grad"] = pa.FixedSizeBinaryArray.from_buffers(grad_type(d, dtype), n, [None, pa.py_buffer(raw.tobytes())])
     cols["grad_norm"] = pa.array(norms, pa.float32())
     if scale is not None:
         cols["grad_scale"] = pa.array(scale, pa.float32())
-    return pa.table(cols)
+    fields = [pa.field(k, v.type) for k, v in cols.items()]
+    fields[1] = fields[1].with_metadata({"lancet.dtype": dtype, "lancet.dim": str(d)})
+    return pa.Table.from_arrays(list(cols.values()), schema=pa.schema(fields))
 
 
 def _decode_grads(table: pa.Table, dim: int, dtype=np.float32) -> np.ndarray:
     col = table["grad"].combine_chunks()
-    flat = col.flatten().to_numpy(zero_copy_only=False)
-    out = flat.reshape(-1, dim).astype(dtype)
+    gt = col.type
+    if not pa.types.is_fixed_size_binary(gt) or gt.byte_width % dim:
+        raise StoreFormatError(f"column 'grad' is {gt}, not fixed_size_binary of {dim} values: {_REBUILD}")
+    stored = {1: "int8", 2: "float16", 4: "float32"}[gt.byte_width // dim]
+    if stored == "int8" and "grad_scale" not in table.column_names:
+        raise StoreFormatError("an int8 'grad' column without 'grad_scale'")
+    out = grad_view(col, dim, stored).astype(dtype)
     if "grad_scale" in table.column_names:
         out *= table["grad_scale"].to_numpy(zero_copy_only=False).astype(dtype)[:, None]
     return out
@@ -94,6 +126,11 @@ class GradientStore:
         m = read_manifest(root)
         if m is None or m.get("artifact") != "gradient_store":
             raise FileNotFoundError(f"{root}: not a gradient store (no gradient-store manifest.json)")
+        if m.get("format_version") != FORMAT_VERSION:
+            raise StoreFormatError(
+                f"{root}: gradient store format_version {m.get('format_version')!r}; this lancet reads version "
+                f"{FORMAT_VERSION}: {_REBUILD}"
+            )
         if not m.get("complete"):
             raise StoreIncomplete(
                 f"{root}: {len(m['shards'])} of {m['n_shards']} shards finished; re-run build_gradient_store to finish it"
@@ -140,25 +177,51 @@ class GradientStore:
         return out
 
     def read_kronecker_factors(self) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
-        """Per-module (A_sum, S_sum) over all non-padding tokens, and the token count (None entries → absent)."""
-        total: dict[str, list[np.ndarray]] = {}
-        tokens = 0
+        """Per-module (A_sum, S_sum) over all non-padding tokens, and the token count: the exact reduction of the
+        shards' factor sums (`reduce_factor_sums`), whichever process computed each shard."""
         for s in self.manifest["shards"]:
             if not s.get("factors_file"):
                 raise LancetError(
                     f"{self.root}: built without per-token Kronecker factors; rebuild with 'kfac' or 'ekfac' in "
                     "IndexConfig.curvature"
                 )
-            with np.load(self.root / s["factors_file"]) as z:
-                tokens += int(z["tokens"])
-                for ml in self.layout:
-                    a, b = z[f"A:{ml.name}"], z[f"S:{ml.name}"]
-                    if ml.name in total:
-                        total[ml.name][0] += a
-                        total[ml.name][1] += b
-                    else:
-                        total[ml.name] = [a.copy(), b.copy()]
-        return {k: (v[0], v[1]) for k, v in total.items()}, tokens
+        return reduce_factor_sums(
+            [self.root / s["factors_file"] for s in sorted(self.manifest["shards"], key=lambda e: e["index"])],
+            [ml.name for ml in self.layout],
+        )
+
+
+def reduce_factor_sums(files: Sequence[Path], modules: Sequence[str]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
+    """Sum per-shard Kronecker factor sums (npz: tokens, A:<module>, S:<module>) in float64, in the given (shard)
+    order: the same files give bit-identical sums, whatever process or machine computed each shard."""
+    total: dict[str, list[np.ndarray]] = {}
+    tokens = 0
+    for f in files:
+        with np.load(f) as z:
+            tokens += int(z["tokens"])
+            for name in modules:
+                a, b = z[f"A:{name}"].astype(np.float64), z[f"S:{name}"].astype(np.float64)
+                if name in total:
+                    total[name][0] += a
+                    total[name][1] += b
+                else:
+                    total[name] = [a, b]
+    return {k: (v[0], v[1]) for k, v in total.items()}, tokens
+
+
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """An .npz (np.load reads it) whose bytes depend only on the arrays: np.savez stamps each member with the
+    current time, so two identical computations would not give identical files."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, value in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+    return buf.getvalue()
 
 
 def rows_digest(part: pa.Table) -> str:

@@ -2,7 +2,8 @@
 inner products in BLAS, DuckDB for the SQL around them (joins, ranking, corpus columns).
 
 Input: a gradient-store directory (format in `lancet_core.formats`: `shard-NNNNN.parquet` with `example_id`, `grad`
-fixed_size_list<float16|float32|int8>[D], `grad_norm`, `grad_scale`; `manifest.json` with `dim`, `dtype`, `shards`)
+fixed_size_binary[D × itemsize] = the row's raw float16|float32|int8 values, `grad_norm`, `grad_scale`;
+`manifest.json` with `format_version`, `dim`, `dtype`, `shards`)
 and query vectors V [Q, D] that are ALREADY preconditioned (`(F + λI)⁻¹ g_q`, docs/design.md §5). Output: one influence
 score per training row, ranked, written to `influence.parquet`, plus top-k.
 
@@ -26,8 +27,9 @@ Train-side normalisation (`train_norm`), against high-norm outliers dominating e
 
 How the scan runs (`scan_store`): each shard is streamed as Arrow record batches (pyarrow `iter_batches`, only
 example_id, grad and the grad_scale / denominator column, column chunks read through a bounded buffer), shards
-decoded a few batches ahead by reader threads (two by default) and consumed in store order. The fixed-size-list
-child buffer is viewed as a numpy [n, D] array without a copy and cast, in place, into a float64 block of B rows (B a
+decoded a few batches ahead by reader threads (two by default) and consumed in store order. The fixed-size-binary
+value buffer (PLAIN-encoded in Parquet: decoding is a memcpy, not a per-value loop as for a nested list) is viewed as
+a numpy [n, D] array without a copy (np.frombuffer) and cast, in place, into a float64 block of B rows (B a
 multiple of 64, ~4 MiB); each full block is multiplied by all Qc query vectors in ONE BLAS GEMM ([B, D] @ [D, Qc]);
 int8 rows are then scaled by grad_scale, and normalised. So no step holds more than a few batches and blocks of
 gradients; the per-row scores [N] (and [N, Q] when per-query scores are asked) are kept. Float64, because
@@ -61,12 +63,12 @@ import pyarrow.compute as pc  # imported with the module, not lazily inside the 
 import pyarrow.parquet as pq
 
 from lancet_core.errors import LancetError
-from lancet_core.formats import INFLUENCE_FILE, TOKEN_COLUMNS
+from lancet_core.formats import GRADIENT_STORE_FORMAT, INFLUENCE_FILE, TOKEN_COLUMNS
 from lancet_core.manifest import MANIFEST_NAME, atomic_write_parquet
 
 TrainNorm = Literal["none", "cosine", "relative"]
 _TRAIN_NORMS = ("none", "cosine", "relative")
-_DTYPES = {"float16": pa.float16(), "float32": pa.float32(), "int8": pa.int8()}
+_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "int8": np.dtype("i1")}
 _SHARD_NAME = re.compile(r"^shard-\d{5,}\.parquet$")
 # Columns of tokens.parquet/corpus that are NOT copied into influence.parquet (model inputs, not for reading).
 _NOT_CARRIED = frozenset(TOKEN_COLUMNS) - {"example_id", "prompt", "response"}
@@ -125,6 +127,12 @@ def open_store(store_dir: str | Path) -> StoreInfo:
     dtype = manifest.get("dtype")
     if dtype not in _DTYPES:
         raise InfluenceQueryError(f"{mf}: 'dtype' must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    version = manifest.get("format_version", GRADIENT_STORE_FORMAT)
+    if version != GRADIENT_STORE_FORMAT:
+        raise InfluenceQueryError(
+            f"{mf}: gradient store format_version {version!r}; this lancet reads version {GRADIENT_STORE_FORMAT} "
+            "(grad as fixed_size_binary): rebuild the store (lancet index, or delete it and re-run realign)"
+        )
 
     shards = manifest.get("shards")
     if shards is None:
@@ -164,12 +172,18 @@ def open_store(store_dir: str | Path) -> StoreInfo:
             if col not in schema.names:
                 raise InfluenceQueryError(f"{f}: missing column {col!r} (has {schema.names})")
         gt = schema.field("grad").type
-        if not pa.types.is_fixed_size_list(gt):
-            raise InfluenceQueryError(f"{f}: column 'grad' must be fixed_size_list, got {gt}")
-        if gt.list_size != dim:
-            raise InfluenceQueryError(f"{f}: 'grad' has {gt.list_size} dims, manifest.json says dim={dim}")
-        if gt.value_type != _DTYPES[dtype]:
-            raise InfluenceQueryError(f"{f}: 'grad' values are {gt.value_type}, manifest.json says dtype={dtype}")
+        if pa.types.is_fixed_size_list(gt):
+            raise InfluenceQueryError(
+                f"{f}: column 'grad' is {gt} (gradient store format 1); this lancet reads format "
+                f"{GRADIENT_STORE_FORMAT} (fixed_size_binary): rebuild the store"
+            )
+        if not pa.types.is_fixed_size_binary(gt):
+            raise InfluenceQueryError(f"{f}: column 'grad' must be fixed_size_binary, got {gt}")
+        if gt.byte_width != dim * _DTYPES[dtype].itemsize:
+            raise InfluenceQueryError(
+                f"{f}: 'grad' has {gt.byte_width / _DTYPES[dtype].itemsize:g} dims, manifest.json says dim={dim} "
+                f"({gt.byte_width} bytes per row, {dim * _DTYPES[dtype].itemsize} expected for {dtype})"
+            )
         has_si = has_si and "self_influence" in schema.names
         n_rows += rows
     if n_rows == 0:
@@ -226,11 +240,12 @@ _READ_BATCH_BYTES = 2 << 20
 # measured also slower (1.4-1.8 s vs 1.15 s for 200k x 1024 fp16).
 _READ_BUFFER_BYTES = 2 << 20
 _PREFETCH_DEPTH = 2  # record batches decoded ahead by each reader thread
-# Shards decoded in parallel by default: Parquet decoding of the nested `grad` column is the bottleneck (~0.4 GB/s of
-# fp16 per core measured), and 2 readers is what was measured (on 2 cores); more are allowed through `readers`.
+# Shards read ahead in parallel by default, overlapping Parquet reading with the consumer's conversion and GEMMs.
+# Format 1's nested `grad` column decoded at ~0.4 GB/s per core and needed it; format 2's binary column reads at
+# ~2 GB/s, so the consumer (fp16 -> float64 cast + GEMM) now bounds the scan and readers help little (README,
+# Performance); more are allowed through `readers`, 0 reads in the consumer's thread.
 _DEFAULT_READERS = 2
 _TOPK_STAGE_ROWS = 16_384  # rows of scores per top-k selection step
-_STORED_ITEMSIZE = {"float16": 2, "float32": 4, "int8": 4}  # int8 is INT32 physical in Parquet
 
 
 def _check_train_norm(train_norm: str) -> None:
@@ -260,7 +275,7 @@ def _readers(readers: int | None) -> int:
 
 def _read_rows(info: StoreInfo, read_rows: int | None) -> int:
     if read_rows is None:
-        return max(1, min(65_536, _READ_BATCH_BYTES // (_STORED_ITEMSIZE[info.dtype] * info.dim)))
+        return max(1, min(65_536, _READ_BATCH_BYTES // (_DTYPES[info.dtype].itemsize * info.dim)))
     if not isinstance(read_rows, (int, np.integer)) or isinstance(read_rows, bool) or read_rows < 1:
         raise InfluenceQueryError(f"read_rows must be an integer >= 1, got {read_rows!r}")
     return int(read_rows)
@@ -649,17 +664,16 @@ def scan_store(
             raise InfluenceQueryError(f"{f}: cannot read the shard ({e})") from e
 
     at = 0  # store row of the batch's first row
+    dt = _DTYPES[info.dtype]
     for rb in _read_in_order(info.files, read_file, n_readers, _PREFETCH_DEPTH):
         n = rb.num_rows
         if n == 0:
             continue
         ids, grad = rb.column("example_id"), rb.column("grad")
-        if grad.null_count or grad.values.null_count:
-            bad = grad.is_null().to_numpy(zero_copy_only=False)
-            if not bad.any():  # a null inside a vector
-                bad = grad.flatten().is_null().to_numpy(zero_copy_only=False).reshape(n, D).any(axis=1)
-            raise sc.error(ids, int(np.flatnonzero(bad)[0]), "grad is null or has null values")
-        g = grad.flatten().to_numpy(zero_copy_only=True).reshape(n, D)  # a view of the Arrow buffer, no copy
+        if grad.null_count:
+            raise sc.error(ids, int(np.flatnonzero(grad.is_null().to_numpy(zero_copy_only=False))[0]), "grad is null")
+        # a view of the Arrow value buffer, no copy and no decoding
+        g = np.frombuffer(grad.buffers()[1], dt, count=n * D, offset=grad.offset * D * dt.itemsize).reshape(n, D)
         scale = rb.column("grad_scale").to_numpy(zero_copy_only=False) if info.dtype == "int8" else None
         if den_col is not None:
             den = rb.column(den_col).to_numpy(zero_copy_only=False).astype(np.float64)

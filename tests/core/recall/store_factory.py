@@ -13,7 +13,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-_PA = {"float16": pa.float16(), "float32": pa.float32(), "int8": pa.int8()}
+_NP = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "int8": np.dtype("i1")}
+
+
+def grad_column(q: np.ndarray, dtype: str) -> pa.Array:
+    """The store's `grad` column: one fixed_size_binary value of the row's raw little-endian values."""
+    raw = np.ascontiguousarray(q, _NP[dtype])
+    n, d = raw.shape
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(d * raw.itemsize), n, [None, pa.py_buffer(raw.tobytes())])
 
 
 def quantize(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -29,10 +36,9 @@ def quantize(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 def write_shard(path: Path, ids: list[str], x: np.ndarray, dtype: str, extra: dict | None = None) -> np.ndarray:
     q, scale, deq = quantize(x.astype(np.float32), dtype)
-    d = x.shape[1]
     cols = {
         "example_id": pa.array(ids, pa.string()),
-        "grad": pa.FixedSizeListArray.from_arrays(pa.array(q.ravel(), _PA[dtype]), d),
+        "grad": grad_column(q, dtype),
         "grad_norm": pa.array(np.linalg.norm(x.astype(np.float64), axis=1).astype(np.float32)),
     }
     if dtype == "int8":
@@ -66,7 +72,7 @@ def make_store(
         extra = {k: pa.array(v[a:b]) for k, v in (extra_columns or {}).items()}
         deqs.append(write_shard(directory / name, ids[a:b], x[a:b], dtype, extra))
         shards.append({"file": name, "rows": int(b - a), "digest": "sha256:test"})
-    manifest = {"dim": d, "dtype": dtype, "shards": shards, "model_digest": "sha256:test"}
+    manifest = {"format_version": 2, "dim": d, "dtype": dtype, "shards": shards, "model_digest": "sha256:test"}
     manifest.update(manifest_extra or {})
     (directory / "manifest.json").write_text(json.dumps(manifest))
     return ids, np.concatenate(deqs, axis=0)

@@ -260,26 +260,32 @@ def test_errors_mid_stream_stop_the_reader(tmp_path):
         with pytest.raises(InfluenceQueryError, match="example_id='r250'.*non-finite"):
             scan_store(tmp_path / "s", np.ones(8), batch_rows=64, read_rows=10, top_k=5, readers=readers)
         assert not _reader_threads()
-    # a null value inside a vector: named
+    # a null vector: named (fixed_size_binary rows are whole; there is no null "inside" a vector any more)
     path = tmp_path / "s" / "shard-00001.parquet"
     t = pq.read_table(path)
-    flat = t.column("grad").combine_chunks().flatten()
-    mask = np.zeros(len(flat), bool)
-    mask[7 * 8 + 2] = True
-    child = pa.array(flat.to_numpy(), mask=mask)
-    pq.write_table(t.set_column(t.column_names.index("grad"), "grad", pa.FixedSizeListArray.from_arrays(child, 8)),
-                   path)
-    with pytest.raises(InfluenceQueryError, match=f"example_id='{t.column('example_id')[7].as_py()}'.*null"):
-        scan_store(tmp_path / "s", np.ones(8), batch_rows=64, read_rows=10)
-    assert not _reader_threads()
-    # a null vector (pyarrow writes it, but cannot read it back): an InfluenceQueryError naming the shard
+    grad = t.column("grad").combine_chunks()
     row_mask = np.zeros(len(t), bool)
     row_mask[7] = True
-    nulled = pa.FixedSizeListArray.from_arrays(flat, 8, mask=pa.array(row_mask))
+    nulled = pa.FixedSizeBinaryArray.from_buffers(grad.type, len(grad), [pa.array(~row_mask).buffers()[1], grad.buffers()[1]])
     pq.write_table(t.set_column(t.column_names.index("grad"), "grad", nulled), path)
-    with pytest.raises(InfluenceQueryError, match="shard-00001.parquet|null"):
+    with pytest.raises(InfluenceQueryError, match=f"example_id='{t.column('example_id')[7].as_py()}'.*grad is null"):
         scan_store(tmp_path / "s", np.ones(8), batch_rows=64, read_rows=10)
     assert not _reader_threads()
+
+
+def test_format_1_store_is_refused(tmp_path):
+    """A store written before the fixed_size_binary format (grad as a nested list, or manifest format_version 1) is
+    refused with one line saying to rebuild it, before any scan."""
+    make_store(tmp_path / "s", np.ones((10, 4), np.float32), n_shards=1)
+    path = tmp_path / "s" / "shard-00000.parquet"
+    t = pq.read_table(path)
+    old = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(40, np.float32)), 4)
+    pq.write_table(t.set_column(t.column_names.index("grad"), "grad", old), path)
+    with pytest.raises(InfluenceQueryError, match="format 1.*rebuild the store"):
+        scan_store(tmp_path / "s", np.ones(4))
+    make_store(tmp_path / "v1", np.ones((10, 4), np.float32), manifest_extra={"format_version": 1})
+    with pytest.raises(InfluenceQueryError, match="format_version 1; this lancet reads version 2.*rebuild"):
+        scan_store(tmp_path / "v1", np.ones(4))
 
 
 def test_scan_argument_errors(tmp_path):
