@@ -29,6 +29,7 @@ import torch
 from lancet_core.chat import encode_messages
 from lancet_core.errors import CorpusError, ManifestMismatch
 from lancet_core.formats import SHARD_PATTERN, TOKENS_FILE
+from lancet_core.index.basis import BASIS_FILE, as_torch, projection_entry, read_store_basis, save_basis, store_basis
 from lancet_core.index.config import IndexConfig
 from lancet_core.index.curvature import build_curvature
 from lancet_core.index.hooks import ProjectedGradientExtractor, build_layout, right_pad
@@ -140,7 +141,8 @@ def _build_locked(model_dir: Path, root: Path, tokens_path, cfg: IndexConfig, pr
     tpath = tokens_file(tokens_path)
     tokens_manifest = read_manifest(tpath.parent) or {}
     model = load_model(model_dir).to(_torch_dtype(cfg.compute_dtype)).eval()
-    layout = build_layout(model, cfg.target_modules, cfg.proj_in_dim, cfg.proj_out_dim)
+    pca = cfg.projection == "pca"
+    layout = build_layout(model, cfg.target_modules, cfg.proj_in_dim, cfg.proj_out_dim, cap_at_dims=pca)
     dim = sum(ml.size for ml in layout)
     model_dig, tok_dig = _digests(model_dir)
     manifest = {
@@ -164,8 +166,16 @@ def _build_locked(model_dir: Path, root: Path, tokens_path, cfg: IndexConfig, pr
         },
         "versions": library_versions(),
     }
-    existing = check_manifest(root, manifest, keys=IDENTITY_KEYS)
+    existing = check_manifest(root, manifest, keys=[k for k in IDENTITY_KEYS if k != "projection"])
     table = _read_tokens(tpath, cfg.max_seq_len_tokens)
+    # the projection basis (None: seeded random matrices) is an input of every shard; PCA: one pass over a sample
+    basis = store_basis(root, existing, model, layout, table["input_ids"].to_pylist(), table["loss_mask"].to_pylist(),
+                        kind=cfg.projection, sample_rows=cfg.projection_sample_rows, batch_size=cfg.batch_size,
+                        reduction=cfg.reduction, response_tokens=cfg.response_tokens)  # fmt: skip
+    manifest["projection"] = projection_entry(basis, cfg.projection_seed, cfg.projection_sample_rows)
+    check_manifest(root, manifest, keys=["projection"])
+    if basis is not None:
+        save_basis(root / BASIS_FILE, basis)
     n = table.num_rows
     n_shards = (n + cfg.rows_per_shard - 1) // cfg.rows_per_shard
 
@@ -205,8 +215,9 @@ def _build_locked(model_dir: Path, root: Path, tokens_path, cfg: IndexConfig, pr
             len(layout),
         )
     with ProjectedGradientExtractor(
-        model, layout, cfg.projection_seed, cfg.reduction, cfg.collect_kronecker_factors, cfg.response_tokens
-    ) as ex:
+        model, layout, cfg.projection_seed, cfg.reduction, cfg.collect_kronecker_factors, cfg.response_tokens,
+        basis=None if basis is None else as_torch(basis), fisher=cfg.fisher,
+    ) as ex:  # fmt: skip
         for s in todo:
             t0 = time.perf_counter()
             lo, hi = s * cfg.rows_per_shard, min(n, (s + 1) * cfg.rows_per_shard)
@@ -305,6 +316,12 @@ def compute_query_gradients(
                 f"  model_digest:\n    store: {m['model_digest']!r}\n    given: {got!r}"
             )
     layout = [ModuleLayout.from_json(d) for d in m["modules"]]
+    basis = None
+    if (m.get("projection") or {}).get("kind", "random") != "random":
+        if isinstance(store_or_manifest, Mapping):
+            raise ValueError("a store with a PCA projection: pass the store (or its directory), not its manifest")
+        root = store_or_manifest.root if isinstance(store_or_manifest, GradientStore) else Path(store_or_manifest)
+        basis = as_torch(read_store_basis(root, m))
     dtype = _torch_dtype(cfg["compute_dtype"])
     if next(model.parameters()).dtype != dtype:
         model = copy.deepcopy(model).to(dtype)
@@ -323,8 +340,9 @@ def compute_query_gradients(
     outs = []
     try:
         ex = ProjectedGradientExtractor(
-            model, layout, cfg["projection_seed"], cfg["reduction"], response_tokens=cfg.get("response_tokens")
-        )
+            model, layout, cfg.get("projection_seed", 0), cfg["reduction"], response_tokens=cfg.get("response_tokens"),
+            basis=basis,
+        )  # fmt: skip
     except ValueError as e:
         raise ManifestMismatch(f"the model does not match the store's projection layout: {e}") from e
     with ex:

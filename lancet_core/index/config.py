@@ -34,6 +34,16 @@ class IndexConfig(BaseModel):
         ge=1,
         description="k_out: projected size of each module's output gradients; None = no projection (full d_out).",
     )
+    projection: Literal["random", "pca"] = Field(
+        "random",
+        description="Projection of each side: 'random' = seeded Gaussian matrices (Johnson-Lindenstrauss); 'pca' = "
+        "the top-k eigenvectors of the module's Kronecker factors A (inputs) and S (output gradients), from one pass "
+        "over `projection_sample_rows` rows spread over the corpus (LoGra; lancet_core.index.basis), saved as "
+        "basis.npz in the store and digested in its manifest. k is capped at the module's size.",
+    )
+    projection_sample_rows: int = Field(
+        512, ge=1, description="Rows (evenly spaced over tokens.parquet) whose factors give the 'pca' basis."
+    )
     projection_seed: int = Field(0, ge=0, description="Seed of the Gaussian projection matrices (per module and side).")
     dtype: Literal["float16", "float32", "int8"] = Field(
         "float16", description="Storage type of the gradient vectors; int8 stores a per-row scale = absmax/127."
@@ -63,6 +73,12 @@ class IndexConfig(BaseModel):
         "per-token factors collected during the build, so they must be listed here; linfac and identity can also be "
         "built later from the store.",
     )
+    fisher: Literal["empirical", "true"] = Field(
+        "empirical",
+        description="Output-gradient factor S of kfac/ekfac: 'empirical' = from the training labels' gradients; "
+        "'true' = from labels sampled from the model's own distribution (true Fisher / Gauss-Newton; one more "
+        "forward/backward pass per batch during the build). The stored gradients are the same either way.",
+    )
     damping_ratio: float = Field(
         0.1, gt=0, description="Damping λ = damping_ratio × mean eigenvalue of each curvature block."
     )
@@ -85,4 +101,10 @@ class IndexConfig(BaseModel):
         for k in ("batch_size", "curvature", "damping_ratio"):
             d.pop(k)
         d["collect_kronecker_factors"] = self.collect_kronecker_factors
+        if not self.collect_kronecker_factors:
+            d.pop("fisher")  # only the collected factors depend on it
+        if self.projection == "random":
+            d.pop("projection_sample_rows")
+        else:
+            d.pop("projection_seed")
         return d

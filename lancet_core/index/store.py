@@ -39,6 +39,7 @@ IDENTITY_KEYS = (
     "index_config",
     "modules",
     "dim",
+    "projection",
 )
 FACTORS_DIR = "curvature/factors"
 
