@@ -50,18 +50,50 @@ from lancet_core.recall.judges import JudgeConfig, make_judge  # noqa: E402
 from lancet_core.recall.metrics import average_precision, precision_at_k  # noqa: E402
 from lancet_core.recall.undesirable import GenerationConfig, find_undesirable_outputs, write_queries  # noqa: E402
 
-DEFAULT = "kfac"  # what RecallConfig() uses; the goal is measured on it
+DEFAULT = "default"  # IndexConfig() + RecallConfig(); the goal is measured on it
+# Stores by name: IndexConfig overrides on top of IndexConfig() and the sub-directory of --work. The first two are the
+# pre-PCA settings, spelled out (random 16×16 projections), so their numbers stay comparable across default changes.
+_CURV = ("kfac", "ekfac", "linfac")
+STORES: dict[str, tuple[dict, str]] = {
+    "default": ({}, "store_default"),
+    "random16_w4": ({"projection": "random", "proj_in_dim": 16, "proj_out_dim": 16, "response_tokens": 4,
+                     "curvature": _CURV}, "store"),
+    "whole_response": ({"projection": "random", "proj_in_dim": 16, "proj_out_dim": 16, "response_tokens": None,
+                        "curvature": _CURV}, "store_whole"),
+}  # fmt: skip
+for _k in (8, 16, 32):
+    for _w, _wn in ((4, "w4"), (None, "whole")):
+        STORES[f"pca{_k}_{_wn}"] = ({"projection": "pca", "proj_in_dim": _k, "proj_out_dim": _k,
+                                     "response_tokens": _w, "curvature": ("kfac", "ekfac")}, f"store_pca{_k}_{_wn}")
+        STORES[f"pca{_k}_{_wn}_truefisher"] = (STORES[f"pca{_k}_{_wn}"][0] | {"fisher": "true"},
+                                               f"store_pca{_k}_{_wn}_tf")  # fmt: skip
 METHODS: dict[str, dict] = {
-    "kfac": {},  # the default RecallConfig
-    "kfac_whole_response": {"store": "whole_response"},  # the same, on a store with IndexConfig(response_tokens=None)
-    "ekfac": {"method": "ekfac"},
-    "linfac": {"method": "linfac"},
+    "default": {"store": "default", "recall": "default"},  # IndexConfig() and RecallConfig() as they are
+    # (the names below without a store suffix are the pre-PCA default store: random 16×16, first 4 response tokens)
+    "kfac": {"method": "kfac", "store": "random16_w4"},
+    "kfac_whole_response": {"method": "kfac", "store": "whole_response"},  # the same with response_tokens=None
+    "ekfac": {"method": "ekfac", "store": "random16_w4"},
+    "linfac": {"method": "linfac", "store": "random16_w4"},
     "linfac_whole_response": {"method": "linfac", "store": "whole_response"},
-    "identity": {"method": "identity"},
+    "identity": {"method": "identity", "store": "random16_w4"},
     "repsim": {"method": "repsim"},
     "text_tfidf": {"method": "text", "text_method": "tfidf"},
     "text_bm25": {"method": "text", "text_method": "bm25"},
 }
+
+
+def default_store_name() -> str:
+    """The named store whose vectors IndexConfig() would build (so the default is measured on it, not rebuilt);
+    'default' when none matches."""
+    want = IndexConfig().store_identity()
+    for name, (overrides, _) in STORES.items():
+        if name != "default" and IndexConfig(**overrides).store_identity() == want:
+            return name
+    return "default"
+
+
+def _gradient_settings() -> set[str]:
+    return {m for m, spec in METHODS.items() if spec.get("method") not in ("repsim", "text")}
 
 
 def _demo(args, work: Path) -> Path:
@@ -115,8 +147,6 @@ def main(argv: list[str] | None = None) -> dict:
         demo = _demo(args, work)
         corpus, probes, model_dir = _demo_files(demo)
         tok_cfg = TokenizeConfig(max_seq_len_tokens=128)
-        idx_cfg = IndexConfig(curvature=("kfac", "ekfac", "linfac"))
-        whole_cfg = idx_cfg.model_copy(update={"response_tokens": None})
         judge_cfg, gen_cfg = JudgeConfig(kind="refusal"), GenerationConfig()
         timings: dict[str, float] = {}
 
@@ -124,13 +154,18 @@ def main(argv: list[str] | None = None) -> dict:
         tokens_dir = tokenize_corpus(corpus, model_dir, work / "tokens", tok_cfg)
         timings["tokenize"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        stores = {"default": build_gradient_store(model_dir, tokens_dir, work / "store", idx_cfg)}
-        timings["gradient_store_with_curvatures"] = time.perf_counter() - t
-        if any(METHODS[m].get("store") == "whole_response" for m in args.methods):
+        stores, store_cfgs = {}, {}
+        resolve = {"default": default_store_name()}
+        for m in args.methods:
+            if m in _gradient_settings():
+                METHODS[m] = METHODS[m] | {"store": resolve.get(METHODS[m].get("store", "default"),
+                                                                METHODS[m].get("store", "default"))}
+        for name in dict.fromkeys(METHODS[m]["store"] for m in args.methods if m in _gradient_settings()):
+            overrides, sub = STORES[name]
+            store_cfgs[name] = IndexConfig(**overrides)
             t = time.perf_counter()
-            stores["whole_response"] = build_gradient_store(model_dir, tokens_dir, work / "store_whole", whole_cfg)
-            timings["gradient_store_whole_response"] = time.perf_counter() - t
+            stores[name] = build_gradient_store(model_dir, tokens_dir, work / sub, store_cfgs[name])
+            timings[f"gradient_store_{name}"] = time.perf_counter() - t
 
         t = time.perf_counter()
         queries_path = work / "queries.parquet"
@@ -145,8 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
         results: dict[str, dict] = {}
         for name in args.methods:
             spec = dict(METHODS[name])
-            store = stores[spec.pop("store", "default")]
-            cfg = RecallConfig(**spec)
+            store = stores.get(spec.pop("store", "default"))
+            cfg = RecallConfig() if spec.pop("recall", None) == "default" else RecallConfig(**spec)
             t = time.perf_counter()
             out = recall_influence(store, model_dir, queries_path, tokens_dir, work / "influence" / name, cfg)
             secs = time.perf_counter() - t
@@ -170,8 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
             "query_aggregation_diagnostic": variants,
             "settings": {
                 "tokenize": tok_cfg.model_dump(mode="json"),
-                "index": idx_cfg.model_dump(mode="json"),
-                "index_whole_response": {"response_tokens": None},
+                "index_default": IndexConfig().model_dump(mode="json"),
+                "stores": {k: v.model_dump(mode="json") for k, v in store_cfgs.items()},
                 "recall_default": RecallConfig().model_dump(mode="json"),
                 "judge": judge_cfg.model_dump(mode="json"),
                 "generation": gen_cfg.model_dump(mode="json"),

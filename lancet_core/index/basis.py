@@ -145,10 +145,11 @@ def as_torch(basis: Basis) -> dict[str, tuple[torch.Tensor | None, torch.Tensor 
     return {k: tuple(None if p is None else torch.from_numpy(p) for p in v) for k, v in basis.items()}
 
 
-def projection_entry(basis: Basis | None, seed: int, sample_rows: int | None = None) -> dict:
-    """The manifest's `projection` entry (part of the store identity): the kind and what determines the matrices."""
+def projection_entry(basis: Basis | None, sample_rows: int | None = None) -> dict | None:
+    """The manifest's `projection` entry (part of the store identity): None for seeded random matrices (their seed is
+    in the index config; stores built before PCA existed have no entry), else the PCA basis file and its digest."""
     if basis is None:
-        return {"kind": "random", "seed": seed}
+        return None
     return {"kind": "pca", "file": BASIS_FILE, "basis_digest": basis_digest(basis), "sample_rows": sample_rows}
 
 

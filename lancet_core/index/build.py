@@ -172,7 +172,7 @@ def _build_locked(model_dir: Path, root: Path, tokens_path, cfg: IndexConfig, pr
     basis = store_basis(root, existing, model, layout, table["input_ids"].to_pylist(), table["loss_mask"].to_pylist(),
                         kind=cfg.projection, sample_rows=cfg.projection_sample_rows, batch_size=cfg.batch_size,
                         reduction=cfg.reduction, response_tokens=cfg.response_tokens)  # fmt: skip
-    manifest["projection"] = projection_entry(basis, cfg.projection_seed, cfg.projection_sample_rows)
+    manifest["projection"] = projection_entry(basis, cfg.projection_sample_rows)
     check_manifest(root, manifest, keys=["projection"])
     if basis is not None:
         save_basis(root / BASIS_FILE, basis)

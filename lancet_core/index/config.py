@@ -101,9 +101,11 @@ class IndexConfig(BaseModel):
         for k in ("batch_size", "curvature", "damping_ratio"):
             d.pop(k)
         d["collect_kronecker_factors"] = self.collect_kronecker_factors
-        if not self.collect_kronecker_factors:
+        # settings added later appear only when they change the stored data, so existing stores stay valid
+        if not self.collect_kronecker_factors or self.fisher == "empirical":
             d.pop("fisher")  # only the collected factors depend on it
         if self.projection == "random":
+            d.pop("projection")
             d.pop("projection_sample_rows")
         else:
             d.pop("projection_seed")
