@@ -188,3 +188,13 @@ def test_true_fisher_factor_equals_a_per_example_loop_with_the_same_sampled_labe
     with ProjectedGradientExtractor(model, layout, 0, "mean", False, None) as ex:
         x, attn, lm = right_pad(ids[:2], masks[:2], 0)
         np.testing.assert_allclose(emp_grads[0].numpy(), ex.batch_gradients(x, attn, lm).numpy(), rtol=1e-12)
+
+
+def test_store_identity_of_random_stores_is_unchanged_by_the_new_settings():
+    """Stores built before PCA / true Fisher existed (random projections, empirical factors) keep their identity."""
+    old = IndexConfig(projection="random", fisher="empirical").store_identity()
+    assert "projection" not in old and "projection_sample_rows" not in old and "fisher" not in old
+    assert old["projection_seed"] == 0
+    pca = IndexConfig(projection="pca", fisher="true").store_identity()
+    assert pca["projection"] == "pca" and pca["fisher"] == "true" and "projection_seed" not in pca
+    assert "fisher" not in IndexConfig(fisher="true", curvature=("linfac",)).store_identity()  # no factors collected
