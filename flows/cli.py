@@ -27,7 +27,7 @@ def _cmd_demo(args) -> int:
     from lancet_core.demo.build import build_demo
     from lancet_core.demo.config import DemoConfig
 
-    cfg = DemoConfig(seed=args.seed, model_family=args.model_family)
+    cfg = DemoConfig(seed=args.seed, model_family=args.model_family, shared_vocabulary=args.shared_vocabulary)
     paths = build_demo(Path(args.out), cfg)
     print(json.dumps(paths.summary() if hasattr(paths, "summary") else paths, indent=2, default=str))
     return 0
@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=".lancet/demo", help="output directory (default: .lancet/demo)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--model-family", choices=["gpt2", "llama"], default="llama")
+    d.add_argument("--shared-vocabulary", action=argparse.BooleanOptionalAction, default=True,
+                   help="harmless categories sharing the planted answers' words (default: on; --no-shared-vocabulary "
+                   "builds the original demo)")
     d.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("tokenize", help="tokenize a corpus with a model's chat template (cached Prefect flow)")
