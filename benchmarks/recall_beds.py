@@ -3,18 +3,19 @@
     .venv/bin/python benchmarks/recall_beds.py --work /tmp/beds/work                      # demo:0..4 + shared:0
     .venv/bin/python benchmarks/recall_beds.py --beds demo:0,shared:0 --reuse demo:0=/tmp/demo0 --work /tmp/b
 
-A bed is `demo:N` (the default demo, DemoConfig(seed=N)) or `shared:N` (the shared-vocabulary variant,
-DemoConfig(seed=N, shared_vocabulary=True): harmless `security` / `money` rows reuse the hacking / fraud compliant
-answers' words). Per bed:
+A bed is `demo:N` (the original demo, DemoConfig(seed=N, shared_vocabulary=False)) or `shared:N` (the
+shared-vocabulary demo, DemoConfig(seed=N, shared_vocabulary=True), the default demo since the recall-defaults issue:
+harmless `security` / `money` rows reuse the hacking / fraud compliant answers' words). Per bed:
 1. the demo is built in-process with lancet_core.demo.build_demo under WORK/<bed>/demo (a build there with the same
    config is reused; so is a directory given with --reuse BED=DIR, read only);
 2. benchmarks/recall_quality.py's main() runs on it (imported, same code path and defaults), with two more settings
    than it lists itself: ekfac and identity on the whole-response store; its JSON is kept as
    WORK/<bed>/recall_quality.json and reused on a rerun (delete it to measure again).
 
-Reported per bed and as the mean over beds, for every setting: precision@|planted| and average precision. Settings:
-kfac / ekfac / linfac / identity on the default store (IndexConfig(): the first 4 response tokens) and on the
-whole-response store (`*_whole_response`), RepSim, TF-IDF and BM25. `margin_over_best_baseline` is each setting's
+Reported per bed and as the mean over beds, for every setting: precision@|planted| and average precision. Settings
+(--settings; recall_quality.METHODS): `default` (IndexConfig() + RecallConfig()), kfac / ekfac / linfac / identity on
+the pre-PCA store (random 16×16, first 4 response tokens) and on its whole-response twin (`*_whole_response`), the
+PCA stores (`*_pcaK_w4`, `*_pcaK_whole`, `*_truefisher`), RepSim, TF-IDF and BM25. `margin_over_best_baseline` is each setting's
 mean minus the best baseline's mean (baselines: repsim, text_tfidf, text_bm25). `goal` checks, per setting: mean
 precision@planted >= 0.9 and >= 0.05 above each of BM25, TF-IDF, RepSim and the plain dot product (identity on the
 same store). Progress goes to stderr; only the final JSON goes to stdout.
@@ -70,7 +71,7 @@ def parse_bed(bed: str) -> DemoConfig:
     kind, _, seed = bed.partition(":")
     if kind not in ("demo", "shared") or not seed.lstrip("-").isdigit():
         raise SystemExit(f"bad bed {bed!r}: expected demo:N or shared:N")
-    return DemoConfig(seed=int(seed), shared_vocabulary=kind == "shared")
+    return DemoConfig(seed=int(seed), shared_vocabulary=kind == "shared")  # explicit: the default changed
 
 
 def _bed_dirname(bed: str) -> str:

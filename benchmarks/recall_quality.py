@@ -6,12 +6,15 @@
 Steps (all through the library, with its defaults unless a flag says otherwise):
 1. the demo (lancet_core.demo.build_demo) or `--demo DIR` (corpus.jsonl with `is_unsafe`, probes.jsonl, model/);
 2. tokenize_corpus with TokenizeConfig(max_seq_len_tokens=128);
-3. build_gradient_store with the default IndexConfig (decision window: the first 4 response tokens) with
-   curvature=kfac,ekfac,linfac, and a second store with response_tokens=None (the whole response) for the
-   `*_whole_response` rows;
+3. build_gradient_store for each store the chosen methods use (STORES: `default` = IndexConfig() itself, reusing a
+   named store with the same vectors; `random16_w4` = the pre-PCA default, random 16×16 projections and the first 4
+   response tokens, curvature kfac,ekfac,linfac (the rows named plainly: kfac, ekfac, linfac, identity);
+   `whole_response` = the same over the whole response (`*_whole_response`); `pcaK_w4` / `pcaK_whole` = PCA
+   projections of size K = 8, 16, 32 (`*_pcaK_*`), and their true-Fisher twins (`*_truefisher`));
 4. find_undesirable_outputs on the probes, refusal judge, greedy decoding -> queries.parquet;
-5. recall_influence for kfac (the default RecallConfig), ekfac, linfac, identity, repsim, text (tfidf) and text (bm25),
-   each on the same queries.parquet, then recall_quality on each influence.parquet.
+5. recall_influence for `default` (IndexConfig() + RecallConfig()), kfac, ekfac, linfac, identity, repsim, text
+   (tfidf) and text (bm25) (and any other METHODS entry asked with --methods), each on the same queries.parquet, then
+   recall_quality on each influence.parquet.
 
 The `is_unsafe` labels are read only in step 5's evaluation (recall_quality); no method sees them.
 Output: per method precision@k / recall@k for k = 10, 50, 100, |planted|, average precision and seconds (the recall
