@@ -35,7 +35,7 @@ class IndexConfig(BaseModel):
         description="k_out: projected size of each module's output gradients; None = no projection (full d_out).",
     )
     projection: Literal["random", "pca"] = Field(
-        "random",
+        "pca",
         description="Projection of each side: 'random' = seeded Gaussian matrices (Johnson-Lindenstrauss); 'pca' = "
         "the top-k eigenvectors of the module's Kronecker factors A (inputs) and S (output gradients), from one pass "
         "over `projection_sample_rows` rows spread over the corpus (LoGra; lancet_core.index.basis), saved as "
