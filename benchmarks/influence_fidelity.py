@@ -638,7 +638,7 @@ def _run(args, plan: dict, work: Path, t_start: float) -> dict:
     cache_key = json.dumps({"plan": plan, "seed": seed, "subset": subset, "samples": plan["samples"]}, sort_keys=True)
     cached = (work / "cache_key.json").is_file() and (work / "cache_key.json").read_text() == cache_key
     if not cached:  # another model: nothing built from the old one may be reused
-        for sub in ("stores", "tokens", "model", "recall_default"):
+        for sub in ("stores", "tokens", "model", *(p.name for p in work.glob("recall_default*"))):
             shutil.rmtree(work / sub, ignore_errors=True)
         (work / "exact.pkl").unlink(missing_ok=True)
         train_sft(model, tok, rows, sft)
@@ -932,7 +932,8 @@ def _cfg_summary(cfg: IndexConfig) -> dict:
 def _check_recall_influence(sdir, model_dir, qpath, tokens_file, work, scores_all, ids) -> dict:
     """recall_influence with RecallConfig() (the real entry point) ranks like the functions used above."""
     t0 = time.perf_counter()
-    out = recall_influence(sdir, model_dir, qpath, tokens_file, work / "recall_default", RecallConfig())
+    out = recall_influence(sdir, model_dir, qpath, tokens_file, work / f"recall_default-{Path(sdir).name}",
+                           RecallConfig())
     t = pq.read_table(out / "influence.parquet", columns=["example_id", "score"])
     got = dict(zip(t["example_id"].to_pylist(), t["score"].to_numpy(), strict=True))
     mine = np.array([got[i] for i in ids])
