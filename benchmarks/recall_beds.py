@@ -87,6 +87,8 @@ def run_bed(bed: str, work: Path, reuse: dict[str, str], threads: int, settings:
     cached = bed_work / "recall_quality.json"
     old = json.loads(cached.read_text()) if cached.exists() else None
     if old is not None:
+        if old.get("default_index") != _default_index():  # 'default' was measured with other defaults: stale
+            old["methods"].pop("default", None)
         missing = tuple(s for s in settings if s not in old["methods"])
         if not missing:
             log(f"{bed}: reusing {cached}")
@@ -110,6 +112,7 @@ def run_bed(bed: str, work: Path, reuse: dict[str, str], threads: int, settings:
         report = rq.main(["--demo", str(demo), "--work", str(bed_work / "rq"), "--threads", str(threads),
                           "--methods", *settings])  # fmt: skip
     report["bed"] = bed
+    report["default_index"] = _default_index()
     report["seconds"]["demo_build_or_reuse"] = round(demo_seconds, 2)
     report["seconds"]["recall_quality_total"] = round(time.perf_counter() - t, 2)
     manifest = json.loads((demo / "manifest.json").read_text())
@@ -118,6 +121,7 @@ def run_bed(bed: str, work: Path, reuse: dict[str, str], threads: int, settings:
         old["methods"].update(report["methods"])
         old.setdefault("seconds", {}).update({f"rerun_{k}": v for k, v in report["seconds"].items()})
         old["settings"].setdefault("stores", {}).update(report["settings"].get("stores", {}))
+        old["default_index"] = report["default_index"]
         report = old
     cached.write_text(json.dumps(report, indent=1))
     log(f"{bed}: done in {time.perf_counter() - t:.0f} s")
@@ -131,6 +135,15 @@ def bed_scores(report: dict, settings: tuple[str, ...] = SETTINGS) -> dict[str, 
         for name, m in report["methods"].items()
         if name in settings
     }
+
+
+def _default_index() -> dict:
+    """What the `default` setting means today (IndexConfig() and RecallConfig()); a cached `default` measured with
+    other defaults is measured again."""
+    from lancet_core.index.config import IndexConfig
+    from lancet_core.recall.influence import RecallConfig
+
+    return {"index": IndexConfig().model_dump(mode="json"), "recall": RecallConfig().model_dump(mode="json")}
 
 
 def _default_store_twin() -> str:

@@ -181,12 +181,17 @@ def main(argv: list[str] | None = None) -> dict:
         n_probes = len(load_prompt_rows(probes))
 
         results: dict[str, dict] = {}
+        out_dirs: dict[str, Path] = {}
         for name in args.methods:
             spec = dict(METHODS[name])
-            store = stores.get(spec.pop("store", "default"))
+            store_name = spec.pop("store", "default")
+            store = stores.get(store_name)
+            # 'default' follows IndexConfig(): its output directory names the store it was measured on
+            out_name = f"default_{store_name}" if name == "default" else name
             cfg = RecallConfig() if spec.pop("recall", None) == "default" else RecallConfig(**spec)
             t = time.perf_counter()
-            out = recall_influence(store, model_dir, queries_path, tokens_dir, work / "influence" / name, cfg)
+            out = recall_influence(store, model_dir, queries_path, tokens_dir, work / "influence" / out_name, cfg)
+            out_dirs[name] = out
             secs = time.perf_counter() - t
             q = recall_quality(out / "influence.parquet")
             results[name] = {k.removeprefix("recall."): round(v, 4) for k, v in q.items()} | {"seconds": round(secs, 2)}
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         tokens = pq.read_table(Path(tokens_dir) / "tokens.parquet", columns=["is_unsafe"])
         n_planted = int(sum(bool(x) for x in tokens.column("is_unsafe").to_pylist()))
         variants = {name: v for name in args.methods
-                    if (v := _aggregation_variants(work / "influence" / name / "influence.parquet", n_planted))}
+                    if (v := _aggregation_variants(out_dirs[name] / "influence.parquet", n_planted))}
         report = {
             "benchmark": "recall_quality",
             "demo": str(demo),
