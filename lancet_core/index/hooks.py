@@ -13,7 +13,7 @@ Right padding: padded positions have zero output-gradient (causal attention, no 
 
 For every target module (nn.Linear or GPT-2 Conv1D), a forward hook projects the input activations ã_t = P_inᵀ a_t and a
 tensor hook on the module output projects the output gradient δ̃_t = P_outᵀ δ_t; the per-example block is
-Σ_t δ̃_t ã_tᵀ (one batched einsum), = P_outᵀ G P_in with G = Σ_t δ_t a_tᵀ, never forming G. The batched objective is
+Σ_t δ̃_t ã_tᵀ (one batched matmul), = P_outᵀ G P_in with G = Σ_t δ_t a_tᵀ, never forming G. The batched objective is
 the SUM over examples of their log-likelihoods, so each example's δ is its own gradient. Parameter gradients are
 switched off during extraction (only activation gradients are needed), and bias parameters are not part of the
 vector. Optionally accumulates the per-token Kronecker factors A = Σ_t ã ãᵀ and S = Σ_t δ̃ δ̃ᵀ for kfac/ekfac
