@@ -35,7 +35,8 @@ A bed of its own, independent of the built-in demo (no refuse/comply split), all
    eager softmax and the rotary angles in float32 even in a float64 model; see `float64_model`).
 5. lancet, through its public functions on temporary directories (tokenize_corpus, build_gradient_store,
    compute_query_gradients + precondition + score_store, and recall_influence once for the default): the defaults
-   (IndexConfig(), RecallConfig(): every module, 16×16 projection, first 4 response tokens, kfac) and variations:
+   (IndexConfig(), RecallConfig(): every module, PCA 16×16 projection, kfac; the 'auto' window resolved as the
+   realign flow resolves it for a content judge like this bed's (regex-like): the whole response) and variations:
    methods kfac/ekfac/linfac/identity, response_tokens 4 vs None, projection 16 / 32 / None on the subset module only
    (target_modules = the subset: the like-for-like rows), and the baselines repsim, text (tfidf, bm25).
 
@@ -81,7 +82,7 @@ from lancet_core.demo.sft import train_sft  # noqa: E402
 from lancet_core.demo.tokenizer import train_demo_tokenizer  # noqa: E402
 from lancet_core.generation import generate_answers  # noqa: E402
 from lancet_core.index.build import build_gradient_store, compute_query_gradients  # noqa: E402
-from lancet_core.index.config import IndexConfig  # noqa: E402
+from lancet_core.index.config import DECISION_WINDOWS, IndexConfig, resolve_window  # noqa: E402
 from lancet_core.index.curvature import precondition  # noqa: E402
 from lancet_core.index.store import GradientStore  # noqa: E402
 from lancet_core.manifest import json_digest  # noqa: E402
@@ -92,7 +93,11 @@ from lancet_core.recall.metrics import precision_at_k, ranking_order  # noqa: E4
 from lancet_core.recall.scan import score_store  # noqa: E402
 
 SUBSET_DEFAULT = "model.layers.1.mlp.down_proj"
-WINDOW = 4  # IndexConfig().response_tokens: lancet's default decision window
+WINDOW = DECISION_WINDOWS["refusal"]  # the decision window (what 'auto' gives the refusal judge): the `w4` variants
+# The bed's behaviours are judged by content (shows_planted: a fixed odd answer / a wrong fact matched in the answer,
+# like the `regex` judge), so `default` is IndexConfig() with its window resolved exactly as the realign flow does for
+# such a judge (resolve_window: the whole response)
+JUDGE_KIND = "regex"
 PLANTED_SHARE = 0.075  # per planted kind
 MAIN_RATIO = 0.1  # IndexConfig().damping_ratio
 OTHER_RATIOS = (0.01, 1.0)
@@ -581,7 +586,8 @@ def lancet_stores(subset: str, mode: str) -> dict[str, IndexConfig]:
     """The stores measured: the default, random vs PCA projections of several sizes (first 4 response tokens and
     whole response), the true-Fisher kfac/ekfac factors, and the subset-only like-for-like stores."""
     old = IndexConfig(projection="random", proj_in_dim=16, proj_out_dim=16, response_tokens=WINDOW)
-    stores = {"default": IndexConfig(), "all_k16_w4": old, "all_k16_whole": old.model_copy(update={"response_tokens": None})}
+    stores = {"default": resolve_window(IndexConfig(), JUDGE_KIND), "all_k16_w4": old,
+              "all_k16_whole": old.model_copy(update={"response_tokens": None})}
     if mode == "full":
         for kind, ks in (("k", (32,)), ("pca", (8, 16, 32))):
             for k in ks:
@@ -766,7 +772,9 @@ def _run(args, plan: dict, work: Path, t_start: float) -> dict:
         "benchmark": "influence_fidelity",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {"rows": len(rows), "seed": seed, "quick": bool(args.quick), "subset_module": subset,
-                     "window": WINDOW, "damping_ratio": MAIN_RATIO, "other_damping_ratios": list(OTHER_RATIOS),
+                     "window": WINDOW, "judge_kind": JUDGE_KIND,
+                     "default_window": resolve_window(IndexConfig(), JUDGE_KIND).response_tokens,
+                     "damping_ratio": MAIN_RATIO, "other_damping_ratios": list(OTHER_RATIOS),
                      "fisher_samples_S": plan["samples"], "model": {"family": "llama", "hidden": plan["hidden"],
                      "layers": 2, "heads": 4, "intermediate": plan["intermediate"], "vocab": len(tok)},
                      "sft": sft.model_dump(), "threads": torch.get_num_threads()},

@@ -140,10 +140,10 @@ def bed_scores(report: dict, settings: tuple[str, ...] = SETTINGS) -> dict[str, 
 def _default_index() -> dict:
     """What the `default` setting means today (IndexConfig() and RecallConfig()); a cached `default` measured with
     other defaults is measured again."""
-    from lancet_core.index.config import IndexConfig
     from lancet_core.recall.influence import RecallConfig
 
-    return {"index": IndexConfig().model_dump(mode="json"), "recall": RecallConfig().model_dump(mode="json")}
+    # the index settings the flow uses with the demo's (refusal) judge: 'auto' resolved, as recall_quality measures
+    return {"index": rq.index_config().model_dump(mode="json"), "recall": RecallConfig().model_dump(mode="json")}
 
 
 def _default_store_twin() -> str:

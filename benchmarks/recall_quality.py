@@ -6,7 +6,8 @@
 Steps (all through the library, with its defaults unless a flag says otherwise):
 1. the demo (lancet_core.demo.build_demo) or `--demo DIR` (corpus.jsonl with `is_unsafe`, probes.jsonl, model/);
 2. tokenize_corpus with TokenizeConfig(max_seq_len_tokens=128);
-3. build_gradient_store for each store the chosen methods use (STORES: `default` = IndexConfig() itself, reusing a
+3. build_gradient_store for each store the chosen methods use (STORES: `default` = IndexConfig() itself, its 'auto'
+   window resolved for the refusal judge as the realign flow does (the first 4 response tokens), reusing a
    named store with the same vectors; `random16_w4` = the pre-PCA default, random 16×16 projections and the first 4
    response tokens, curvature kfac,ekfac,linfac (the rows named plainly: kfac, ekfac, linfac, identity);
    `whole_response` = the same over the whole response (`*_whole_response`); `pcaK_w4` / `pcaK_whole` = PCA
@@ -46,7 +47,7 @@ import torch  # noqa: E402
 from lancet_core.data.corpus import load_prompt_rows  # noqa: E402
 from lancet_core.data.tokenize import TokenizeConfig, tokenize_corpus  # noqa: E402
 from lancet_core.index.build import build_gradient_store  # noqa: E402
-from lancet_core.index.config import IndexConfig  # noqa: E402
+from lancet_core.index.config import IndexConfig, resolve_window  # noqa: E402
 from lancet_core.model_io import load_model, load_tokenizer  # noqa: E402
 from lancet_core.recall.influence import RecallConfig, recall_influence, recall_quality  # noqa: E402
 from lancet_core.recall.judges import JudgeConfig, make_judge  # noqa: E402
@@ -54,6 +55,14 @@ from lancet_core.recall.metrics import average_precision, precision_at_k  # noqa
 from lancet_core.recall.undesirable import GenerationConfig, find_undesirable_outputs, write_queries  # noqa: E402
 
 DEFAULT = "default"  # IndexConfig() + RecallConfig(); the goal is measured on it
+JUDGE = JudgeConfig(kind="refusal")  # the demo's judge: it resolves IndexConfig()'s 'auto' window, as the flow does
+
+
+def index_config(**overrides) -> IndexConfig:
+    """IndexConfig(**overrides) with an 'auto' window resolved exactly as the realign flow does for the demo's judge."""
+    return resolve_window(IndexConfig(**overrides), JUDGE.kind)
+
+
 # Stores by name: IndexConfig overrides on top of IndexConfig() and the sub-directory of --work. The first two are the
 # pre-PCA settings, spelled out (random 16×16 projections), so their numbers stay comparable across default changes.
 _CURV = ("kfac", "ekfac", "linfac")
@@ -88,9 +97,9 @@ METHODS: dict[str, dict] = {
 def default_store_name() -> str:
     """The named store whose vectors IndexConfig() would build (so the default is measured on it, not rebuilt);
     'default' when none matches."""
-    want = IndexConfig().store_identity()
+    want = index_config().store_identity()
     for name, (overrides, _) in STORES.items():
-        if name != "default" and IndexConfig(**overrides).store_identity() == want:
+        if name != "default" and index_config(**overrides).store_identity() == want:
             return name
     return "default"
 
@@ -150,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         demo = _demo(args, work)
         corpus, probes, model_dir = _demo_files(demo)
         tok_cfg = TokenizeConfig(max_seq_len_tokens=128)
-        judge_cfg, gen_cfg = JudgeConfig(kind="refusal"), GenerationConfig()
+        judge_cfg, gen_cfg = JUDGE, GenerationConfig()
         timings: dict[str, float] = {}
 
         t = time.perf_counter()
@@ -165,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                                 METHODS[m].get("store", "default"))}
         for name in dict.fromkeys(METHODS[m]["store"] for m in args.methods if m in _gradient_settings()):
             overrides, sub = STORES[name]
-            store_cfgs[name] = IndexConfig(**overrides)
+            store_cfgs[name] = index_config(**overrides)
             t = time.perf_counter()
             stores[name] = build_gradient_store(model_dir, tokens_dir, work / sub, store_cfgs[name])
             timings[f"gradient_store_{name}"] = time.perf_counter() - t
@@ -213,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
             "query_aggregation_diagnostic": variants,
             "settings": {
                 "tokenize": tok_cfg.model_dump(mode="json"),
-                "index_default": IndexConfig().model_dump(mode="json"),
+                "index_default": index_config().model_dump(mode="json"),
                 "stores": {k: v.model_dump(mode="json") for k, v in store_cfgs.items()},
                 "recall_default": RecallConfig().model_dump(mode="json"),
                 "judge": judge_cfg.model_dump(mode="json"),

@@ -131,6 +131,7 @@ def build_gradient_store(
     every shard it finished."""
     from filelock import FileLock
 
+    cfg.require_resolved()  # response_tokens='auto' needs the judge: resolve_window first (before any work)
     root = Path(store_dir)
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / ".lock")):

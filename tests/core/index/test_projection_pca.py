@@ -192,9 +192,9 @@ def test_true_fisher_factor_equals_a_per_example_loop_with_the_same_sampled_labe
 
 def test_store_identity_of_random_stores_is_unchanged_by_the_new_settings():
     """Stores built before PCA / true Fisher existed (random projections, empirical factors) keep their identity."""
-    old = IndexConfig(projection="random", fisher="empirical").store_identity()
+    old = IndexConfig(projection="random", fisher="empirical", response_tokens=4).store_identity()
     assert "projection" not in old and "projection_sample_rows" not in old and "fisher" not in old
     assert old["projection_seed"] == 0
-    pca = IndexConfig(projection="pca", fisher="true").store_identity()
+    pca = IndexConfig(projection="pca", fisher="true", response_tokens=4).store_identity()
     assert pca["projection"] == "pca" and pca["fisher"] == "true" and "projection_seed" not in pca
-    assert "fisher" not in IndexConfig(fisher="true", curvature=("linfac",)).store_identity()  # no factors collected
+    assert "fisher" not in IndexConfig(fisher="true", curvature=("linfac",), response_tokens=None).store_identity()  # no factors collected
