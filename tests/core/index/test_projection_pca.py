@@ -44,7 +44,7 @@ def _slow_factors(model, layout, ids, masks, labels=None):
         acts, outs, hs = {}, {}, []
         for ml in layout:
 
-            def fwd(mod, args, o, name=ml.name):
+            def fwd(mod, args, o, name=ml.name, acts=acts, outs=outs):
                 acts[name] = args[0].detach()[0]
                 o.retain_grad()
                 outs[name] = o
