@@ -79,7 +79,7 @@ def recall_stage(demo: Path, work: Path) -> dict:
     """tokens -> gradient store -> queries -> influence, as the realign flow runs them (defaults)."""
     from lancet_core.data.tokenize import TokenizeConfig, tokenize_corpus
     from lancet_core.index.build import build_gradient_store
-    from lancet_core.index.config import IndexConfig
+    from lancet_core.index.config import IndexConfig, resolve_window
     from lancet_core.model_io import load_model, load_tokenizer
     from lancet_core.recall.influence import RecallConfig, recall_influence, recall_quality
     from lancet_core.recall.judges import JudgeConfig, make_judge
@@ -91,7 +91,7 @@ def recall_stage(demo: Path, work: Path) -> dict:
     tokens = tokenize_corpus(demo / "corpus.jsonl", model, work / "tokens", TokenizeConfig(max_seq_len_tokens=128))
     t["tokenize_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    store = build_gradient_store(model, tokens, work / "store", IndexConfig())
+    store = build_gradient_store(model, tokens, work / "store", resolve_window(IndexConfig(), JudgeConfig().kind))
     t["index_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     qpath = work / "queries" / "queries.parquet"

@@ -88,9 +88,10 @@ def child(kind: str, mode: str, n_batches: int, bs: int) -> dict:
             step(*b)
             times.append(time.perf_counter() - t0)
     else:
-        from lancet_core.index.config import IndexConfig
+        from lancet_core.index.config import IndexConfig, resolve_window
 
-        cfg = IndexConfig()  # the defaults a store is built with: projection, response window, kfac factors
+        # the defaults a store is built with (the window as the default refusal judge resolves it), kfac factors
+        cfg = resolve_window(IndexConfig(), "refusal")
         layout = build_layout(model, None, cfg.proj_in_dim, cfg.proj_out_dim)
         grads = []
         with ProjectedGradientExtractor(model, layout, cfg.projection_seed, cfg.reduction,

@@ -35,7 +35,8 @@ A bed of its own, independent of the built-in demo (no refuse/comply split), all
    eager softmax and the rotary angles in float32 even in a float64 model; see `float64_model`).
 5. lancet, through its public functions on temporary directories (tokenize_corpus, build_gradient_store,
    compute_query_gradients + precondition + score_store, and recall_influence once for the default): the defaults
-   (IndexConfig(), RecallConfig(): every module, 16×16 projection, first 4 response tokens, kfac) and variations:
+   (IndexConfig(), RecallConfig(): every module, PCA 16×16 projection, kfac; the 'auto' window resolved as the
+   realign flow resolves it for a content judge like this bed's (regex-like): the whole response) and variations:
    methods kfac/ekfac/linfac/identity, response_tokens 4 vs None, projection 16 / 32 / None on the subset module only
    (target_modules = the subset: the like-for-like rows), and the baselines repsim, text (tfidf, bm25).
 
@@ -81,9 +82,10 @@ from lancet_core.demo.sft import train_sft  # noqa: E402
 from lancet_core.demo.tokenizer import train_demo_tokenizer  # noqa: E402
 from lancet_core.generation import generate_answers  # noqa: E402
 from lancet_core.index.build import build_gradient_store, compute_query_gradients  # noqa: E402
-from lancet_core.index.config import IndexConfig  # noqa: E402
+from lancet_core.index.config import DECISION_WINDOWS, IndexConfig, resolve_window  # noqa: E402
 from lancet_core.index.curvature import precondition  # noqa: E402
 from lancet_core.index.store import GradientStore  # noqa: E402
+from lancet_core.manifest import json_digest  # noqa: E402
 from lancet_core.model_io import load_model, load_tokenizer  # noqa: E402
 from lancet_core.recall.baselines import repsim_scores, text_similarity_scores  # noqa: E402
 from lancet_core.recall.influence import RecallConfig, recall_influence  # noqa: E402
@@ -91,7 +93,11 @@ from lancet_core.recall.metrics import precision_at_k, ranking_order  # noqa: E4
 from lancet_core.recall.scan import score_store  # noqa: E402
 
 SUBSET_DEFAULT = "model.layers.1.mlp.down_proj"
-WINDOW = 4  # IndexConfig().response_tokens: lancet's default decision window
+WINDOW = DECISION_WINDOWS["refusal"]  # the decision window (what 'auto' gives the refusal judge): the `w4` variants
+# The bed's behaviours are judged by content (shows_planted: a fixed odd answer / a wrong fact matched in the answer,
+# like the `regex` judge), so `default` is IndexConfig() with its window resolved exactly as the realign flow does for
+# such a judge (resolve_window: the whole response)
+JUDGE_KIND = "regex"
 PLANTED_SHARE = 0.075  # per planted kind
 MAIN_RATIO = 0.1  # IndexConfig().damping_ratio
 OTHER_RATIOS = (0.01, 1.0)
@@ -577,15 +583,30 @@ def _quick_or_full(args) -> dict:
 
 
 def lancet_stores(subset: str, mode: str) -> dict[str, IndexConfig]:
-    """The stores measured: the default, the whole-response default, and the subset-only like-for-like stores."""
-    stores = {"all_k16_w4": IndexConfig(), "all_k16_whole": IndexConfig(response_tokens=None)}
+    """The stores measured: the default, random vs PCA projections of several sizes (first 4 response tokens and
+    whole response), the true-Fisher kfac/ekfac factors, and the subset-only like-for-like stores."""
+    old = IndexConfig(projection="random", proj_in_dim=16, proj_out_dim=16, response_tokens=WINDOW)
+    stores = {"default": resolve_window(IndexConfig(), JUDGE_KIND), "all_k16_w4": old,
+              "all_k16_whole": old.model_copy(update={"response_tokens": None})}
+    if mode == "full":
+        for kind, ks in (("k", (32,)), ("pca", (8, 16, 32))):
+            for k in ks:
+                for wname, w in (("w4", WINDOW), ("whole", None)):
+                    stores[f"all_{kind}{k}_{wname}"] = IndexConfig(
+                        projection="random" if kind == "k" else "pca", proj_in_dim=k, proj_out_dim=k,
+                        response_tokens=w, curvature=("kfac", "ekfac"))
+        for k in (16, 32):
+            for wname, w in (("w4", WINDOW), ("whole", None)):
+                stores[f"all_pca{k}_{wname}_truefisher"] = IndexConfig(
+                    projection="pca", proj_in_dim=k, proj_out_dim=k, response_tokens=w, fisher="true",
+                    curvature=("kfac", "ekfac"))  # fmt: skip
     projections = {"k16": 16, "k32": 32, "kfull": None} if mode == "full" else {"kfull": None}
     for pname, k in projections.items():
         for wname, w in (("w4", WINDOW), ("whole", None)):
             stores[f"subset_{pname}_{wname}"] = IndexConfig(target_modules=(subset,), proj_in_dim=k, proj_out_dim=k,
                                                             response_tokens=w)
     if mode != "full":
-        stores = {k: v for k, v in stores.items() if k in ("all_k16_w4", "subset_kfull_whole", "subset_kfull_w4")}
+        stores = {k: v for k, v in stores.items() if k in ("default", "subset_kfull_whole", "subset_kfull_w4")}
     return stores
 
 
@@ -593,6 +614,11 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     plan = _quick_or_full(args)
     torch.set_num_threads(args.threads)
+    if args.work is not None:  # kept and reused: the trained model and the exact references are cached there
+        if args.work.is_dir() and any(args.work.iterdir()) and not (args.work / "cache_key.json").is_file():
+            raise SystemExit(f"--work {args.work}: not empty and not a fidelity work directory; refusing to use it")
+        args.work.mkdir(parents=True, exist_ok=True)
+        return _run(args, plan, args.work, t_start)
     work = Path(tempfile.mkdtemp(prefix="lancet-fidelity-"))
     try:
         return _run(args, plan, work, t_start)
@@ -614,11 +640,17 @@ def _run(args, plan: dict, work: Path, t_start: float) -> dict:
     model = build_model(tok, seed, hidden=plan["hidden"], intermediate=plan["intermediate"])
     sft = SFTConfig(epochs=plan["epochs"], lr=3e-3, batch_size=16, max_seq_len_tokens=96, seed=seed, num_threads=None)
     t0 = time.perf_counter()
-    train_sft(model, tok, rows, sft)
-    train_s = time.perf_counter() - t0
     model_dir = work / "model"
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    cache_key = json.dumps({"plan": plan, "seed": seed, "subset": subset, "samples": plan["samples"]}, sort_keys=True)
+    cached = (work / "cache_key.json").is_file() and (work / "cache_key.json").read_text() == cache_key
+    if not cached:  # another model: nothing built from the old one may be reused
+        for sub in ("stores", "tokens", "model", *(p.name for p in work.glob("recall_default*"))):
+            shutil.rmtree(work / sub, ignore_errors=True)
+        (work / "exact.pkl").unlink(missing_ok=True)
+        train_sft(model, tok, rows, sft)
+        model.save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+    train_s = time.perf_counter() - t0
     model, tok = load_model(model_dir).eval(), load_tokenizer(model_dir)
     log(f"trained {plan['epochs']} epochs in {train_s:.1f} s")
 
@@ -653,7 +685,17 @@ def _run(args, plan: dict, work: Path, t_start: float) -> dict:
 
     # ---- exact references ---------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    exact = exact_references(model, subset, train_tok, q_tok, qsets, labels, ids, plan["samples"], seed)
+    if cached and (work / "exact.pkl").is_file():
+        import pickle
+
+        exact = pickle.loads((work / "exact.pkl").read_bytes())
+        log("exact references reused from the work directory")
+    else:
+        import pickle
+
+        exact = exact_references(model, subset, train_tok, q_tok, qsets, labels, ids, plan["samples"], seed)
+        (work / "exact.pkl").write_bytes(pickle.dumps(exact))
+        (work / "cache_key.json").write_text(cache_key)
     exact_s = time.perf_counter() - t0
     log(f"exact references in {exact_s:.1f} s")
     refs = exact.pop("_scores")
@@ -662,14 +704,22 @@ def _run(args, plan: dict, work: Path, t_start: float) -> dict:
     results: dict[str, dict] = {}
     methods = ("kfac", "ekfac", "linfac", "identity") if plan["lancet"] == "full" else ("kfac", "identity")
     default_check = None
-    for sname, cfg in lancet_stores(subset, plan["lancet"]).items():
+    chosen = lancet_stores(subset, plan["lancet"])
+    if args.stores:
+        unknown = set(args.stores.split(",")) - set(chosen)
+        if unknown:
+            raise SystemExit(f"--stores: unknown {sorted(unknown)}; known: {sorted(chosen)}")
+        chosen = {k: v for k, v in chosen.items() if k in args.stores.split(",")}
+    for sname, cfg in chosen.items():
         t0 = time.perf_counter()
-        sdir = build_gradient_store(model_dir, tokens_dir, work / "stores" / sname, cfg)
+        sdir = build_gradient_store(model_dir, tokens_dir, work / "stores" / f"{sname}-{json_digest(cfg.model_dump(mode='json'))[-12:]}", cfg)
         store_s = time.perf_counter() - t0
         store = GradientStore.open(sdir)
         disk = sum(p.stat().st_size for p in store.shard_paths) / store.n_rows
         log(f"store {sname}: D={store.dim} in {store_s:.1f} s")
         for method in methods:
+            if cfg.fisher == "true" and method not in ("kfac", "ekfac"):
+                continue  # the same vectors as the empirical store: only the kfac/ekfac factors differ
             if method == "linfac" and max(ml.size for ml in store.layout) > 4096:
                 results[f"{sname}_{method}"] = {"skipped": f"linfac: a dense {store.dim}² block (eigh too slow here)"}
                 continue
@@ -684,10 +734,10 @@ def _run(args, plan: dict, work: Path, t_start: float) -> dict:
                     raise RuntimeError("store order differs from tokens order")
                 scores[qs] = s["score"].to_numpy()
             rec_s = time.perf_counter() - t0
-            name = "lancet_default" if (sname, method) == ("all_k16_w4", "kfac") else f"{sname}_{method}"
+            name = "lancet_default" if (sname, method) == ("default", RecallConfig().method) else f"{sname}_{method}"
             results[name] = _setting_report(
                 scores, refs, labels, ids, config={"store": sname, "index": _cfg_summary(cfg), "method": method},
-                bytes_row=store.dim * 2, disk_row=disk, store_s=store_s, recall_s=rec_s)
+                bytes_row=store.dim * {"float16": 2, "float32": 4, "int8": 1}[cfg.dtype], disk_row=disk, store_s=store_s, recall_s=rec_s)
             head = "gnx_whole" if "gnx_whole" in refs else "gn_whole"
             log(f"  {name}: {json.dumps(results[name]['all']['planted'])} vs {head} "
                 f"{json.dumps(results[name]['all']['vs'][head])} ({rec_s:.1f} s)")
@@ -698,6 +748,8 @@ def _run(args, plan: dict, work: Path, t_start: float) -> dict:
                  ("text_bm25", {"method": "text", "text_method": "bm25"})]
     if plan["lancet"] != "full":
         baselines = baselines[1:2]
+    if not args.baselines:
+        baselines = []
     for name, kw in baselines:
         t0 = time.perf_counter()
         scores = {}
@@ -720,7 +772,9 @@ def _run(args, plan: dict, work: Path, t_start: float) -> dict:
         "benchmark": "influence_fidelity",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {"rows": len(rows), "seed": seed, "quick": bool(args.quick), "subset_module": subset,
-                     "window": WINDOW, "damping_ratio": MAIN_RATIO, "other_damping_ratios": list(OTHER_RATIOS),
+                     "window": WINDOW, "judge_kind": JUDGE_KIND,
+                     "default_window": resolve_window(IndexConfig(), JUDGE_KIND).response_tokens,
+                     "damping_ratio": MAIN_RATIO, "other_damping_ratios": list(OTHER_RATIOS),
                      "fisher_samples_S": plan["samples"], "model": {"family": "llama", "hidden": plan["hidden"],
                      "layers": 2, "heads": 4, "intermediate": plan["intermediate"], "vocab": len(tok)},
                      "sft": sft.model_dump(), "threads": torch.get_num_threads()},
@@ -878,14 +932,16 @@ def _meets(r: dict) -> dict:
 
 
 def _cfg_summary(cfg: IndexConfig) -> dict:
-    return {"target_modules": cfg.target_modules, "proj": [cfg.proj_in_dim, cfg.proj_out_dim],
-            "response_tokens": cfg.response_tokens, "dtype": cfg.dtype}
+    return {"target_modules": cfg.target_modules, "projection": cfg.projection,
+            "proj": [cfg.proj_in_dim, cfg.proj_out_dim], "response_tokens": cfg.response_tokens, "dtype": cfg.dtype,
+            "fisher": cfg.fisher}
 
 
 def _check_recall_influence(sdir, model_dir, qpath, tokens_file, work, scores_all, ids) -> dict:
     """recall_influence with RecallConfig() (the real entry point) ranks like the functions used above."""
     t0 = time.perf_counter()
-    out = recall_influence(sdir, model_dir, qpath, tokens_file, work / "recall_default", RecallConfig())
+    out = recall_influence(sdir, model_dir, qpath, tokens_file, work / f"recall_default-{Path(sdir).name}",
+                           RecallConfig())
     t = pq.read_table(out / "influence.parquet", columns=["example_id", "score"])
     got = dict(zip(t["example_id"].to_pylist(), t["score"].to_numpy(), strict=True))
     mine = np.array([got[i] for i in ids])
@@ -914,6 +970,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-queries", type=int, default=16, help="flagged queries kept per planted kind")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
+    p.add_argument("--work", type=Path, default=None, help="work directory, kept: a rerun with the same settings "
+                   "reuses its trained model and exact references (lancet's stores are rebuilt or reused by lancet)")
+    p.add_argument("--stores", default="", help="comma-separated store names to measure (default: all)")
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True, help="run the baselines")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     import transformers

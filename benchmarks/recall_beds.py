@@ -3,18 +3,19 @@
     .venv/bin/python benchmarks/recall_beds.py --work /tmp/beds/work                      # demo:0..4 + shared:0
     .venv/bin/python benchmarks/recall_beds.py --beds demo:0,shared:0 --reuse demo:0=/tmp/demo0 --work /tmp/b
 
-A bed is `demo:N` (the default demo, DemoConfig(seed=N)) or `shared:N` (the shared-vocabulary variant,
-DemoConfig(seed=N, shared_vocabulary=True): harmless `security` / `money` rows reuse the hacking / fraud compliant
-answers' words). Per bed:
+A bed is `demo:N` (the original demo, DemoConfig(seed=N, shared_vocabulary=False)) or `shared:N` (the
+shared-vocabulary demo, DemoConfig(seed=N, shared_vocabulary=True), the default demo since the recall-defaults issue:
+harmless `security` / `money` rows reuse the hacking / fraud compliant answers' words). Per bed:
 1. the demo is built in-process with lancet_core.demo.build_demo under WORK/<bed>/demo (a build there with the same
    config is reused; so is a directory given with --reuse BED=DIR, read only);
 2. benchmarks/recall_quality.py's main() runs on it (imported, same code path and defaults), with two more settings
    than it lists itself: ekfac and identity on the whole-response store; its JSON is kept as
    WORK/<bed>/recall_quality.json and reused on a rerun (delete it to measure again).
 
-Reported per bed and as the mean over beds, for every setting: precision@|planted| and average precision. Settings:
-kfac / ekfac / linfac / identity on the default store (IndexConfig(): the first 4 response tokens) and on the
-whole-response store (`*_whole_response`), RepSim, TF-IDF and BM25. `margin_over_best_baseline` is each setting's
+Reported per bed and as the mean over beds, for every setting: precision@|planted| and average precision. Settings
+(--settings; recall_quality.METHODS): `default` (IndexConfig() + RecallConfig()), kfac / ekfac / linfac / identity on
+the pre-PCA store (random 16×16, first 4 response tokens) and on its whole-response twin (`*_whole_response`), the
+PCA stores (`*_pcaK_w4`, `*_pcaK_whole`, `*_truefisher`), RepSim, TF-IDF and BM25. `margin_over_best_baseline` is each setting's
 mean minus the best baseline's mean (baselines: repsim, text_tfidf, text_bm25). `goal` checks, per setting: mean
 precision@planted >= 0.9 and >= 0.05 above each of BM25, TF-IDF, RepSim and the plain dot product (identity on the
 same store). Progress goes to stderr; only the final JSON goes to stdout.
@@ -48,7 +49,12 @@ EXTRA_METHODS: dict[str, dict] = {
     "ekfac_whole_response": {"method": "ekfac", "store": "whole_response"},
     "identity_whole_response": {"method": "identity", "store": "whole_response"},
 }
+for _store in rq.STORES:
+    if _store.startswith("pca"):
+        for _m in ("kfac", "ekfac") if _store.endswith("truefisher") else ("kfac", "ekfac", "identity"):
+            EXTRA_METHODS[f"{_m}_{_store}"] = {"method": _m, "store": _store}
 SETTINGS: tuple[str, ...] = (
+    "default",
     "kfac", "ekfac", "linfac", "identity",
     "kfac_whole_response", "ekfac_whole_response", "linfac_whole_response", "identity_whole_response",
     "repsim", "text_tfidf", "text_bm25",
@@ -65,22 +71,30 @@ def parse_bed(bed: str) -> DemoConfig:
     kind, _, seed = bed.partition(":")
     if kind not in ("demo", "shared") or not seed.lstrip("-").isdigit():
         raise SystemExit(f"bad bed {bed!r}: expected demo:N or shared:N")
-    return DemoConfig(seed=int(seed), shared_vocabulary=kind == "shared")
+    return DemoConfig(seed=int(seed), shared_vocabulary=kind == "shared")  # explicit: the default changed
 
 
 def _bed_dirname(bed: str) -> str:
     return bed.replace(":", "")
 
 
-def run_bed(bed: str, work: Path, reuse: dict[str, str], threads: int) -> dict:
-    """Build (or reuse) the bed's demo, run recall_quality on it; its report, cached as WORK/<bed>/recall_quality.json."""
+def run_bed(bed: str, work: Path, reuse: dict[str, str], threads: int, settings: tuple[str, ...] = SETTINGS) -> dict:
+    """Build (or reuse) the bed's demo, run recall_quality on it; its report, cached as WORK/<bed>/recall_quality.json
+    (a rerun measures only the settings the cached report lacks, and merges them in)."""
     from lancet_core.demo.build import build_demo
 
     bed_work = work / _bed_dirname(bed)
     cached = bed_work / "recall_quality.json"
-    if cached.exists():
-        log(f"{bed}: reusing {cached}")
-        return json.loads(cached.read_text())
+    old = json.loads(cached.read_text()) if cached.exists() else None
+    if old is not None:
+        if old.get("default_index") != _default_index():  # 'default' was measured with other defaults: stale
+            old["methods"].pop("default", None)
+        missing = tuple(s for s in settings if s not in old["methods"])
+        if not missing:
+            log(f"{bed}: reusing {cached}")
+            return old
+        log(f"{bed}: {cached} lacks {list(missing)}; measuring them")
+        settings = missing
     bed_work.mkdir(parents=True, exist_ok=True)
     cfg = parse_bed(bed)
     t = time.perf_counter()
@@ -96,29 +110,59 @@ def run_bed(bed: str, work: Path, reuse: dict[str, str], threads: int) -> dict:
     t = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # recall_quality prints its JSON; ours is the only stdout
         report = rq.main(["--demo", str(demo), "--work", str(bed_work / "rq"), "--threads", str(threads),
-                          "--methods", *SETTINGS])  # fmt: skip
+                          "--methods", *settings])  # fmt: skip
     report["bed"] = bed
+    report["default_index"] = _default_index()
     report["seconds"]["demo_build_or_reuse"] = round(demo_seconds, 2)
     report["seconds"]["recall_quality_total"] = round(time.perf_counter() - t, 2)
     manifest = json.loads((demo / "manifest.json").read_text())
     report["demo_figures"] = manifest.get("figures")
+    if old is not None:  # merge: the old report's methods and timings, plus the new ones
+        old["methods"].update(report["methods"])
+        old.setdefault("seconds", {}).update({f"rerun_{k}": v for k, v in report["seconds"].items()})
+        old["settings"].setdefault("stores", {}).update(report["settings"].get("stores", {}))
+        old["default_index"] = report["default_index"]
+        report = old
     cached.write_text(json.dumps(report, indent=1))
     log(f"{bed}: done in {time.perf_counter() - t:.0f} s")
     return report
 
 
-def bed_scores(report: dict) -> dict[str, dict[str, float]]:
+def bed_scores(report: dict, settings: tuple[str, ...] = SETTINGS) -> dict[str, dict[str, float]]:
     k = report["n_planted"]
     return {
         name: {"p_at_planted": m[f"precision_at_{k}"], "ap": m["average_precision"]}
         for name, m in report["methods"].items()
-        if name in SETTINGS
+        if name in settings
     }
 
 
-def summarise(reports: dict[str, dict]) -> dict:
-    per_bed = {bed: bed_scores(r) for bed, r in reports.items()}
-    names = [s for s in SETTINGS if all(s in scores for scores in per_bed.values())]
+def _default_index() -> dict:
+    """What the `default` setting means today (IndexConfig() and RecallConfig()); a cached `default` measured with
+    other defaults is measured again."""
+    from lancet_core.recall.influence import RecallConfig
+
+    # the index settings the flow uses with the demo's (refusal) judge: 'auto' resolved, as recall_quality measures
+    return {"index": rq.index_config().model_dump(mode="json"), "recall": RecallConfig().model_dump(mode="json")}
+
+
+def _default_store_twin() -> str:
+    name = rq.default_store_name()
+    return {"random16_w4": "", "whole_response": "whole_response"}.get(name, name)
+
+
+def _plain(setting: str) -> str:
+    """The plain gradient dot product on the same store as `setting` (its identity twin)."""
+    for m in ("kfac_", "ekfac_", "linfac_"):
+        if setting.startswith(m):
+            rest = setting.removeprefix(m).removesuffix("_truefisher")
+            return f"identity_{rest}"
+    return "identity"
+
+
+def summarise(reports: dict[str, dict], settings: tuple[str, ...] = SETTINGS) -> dict:
+    per_bed = {bed: bed_scores(r, settings) for bed, r in reports.items()}
+    names = [s for s in settings if all(s in scores for scores in per_bed.values())]
     mean = {
         s: {m: round(statistics.fmean(per_bed[b][s][m] for b in per_bed), 4) for m in ("p_at_planted", "ap")}
         | {"min_p_at_planted": round(min(per_bed[b][s]["p_at_planted"] for b in per_bed), 4)}
@@ -136,7 +180,7 @@ def summarise(reports: dict[str, dict]) -> dict:
     for s in names:
         if s in BASELINES or s.startswith("identity"):
             continue
-        plain = "identity_whole_response" if s.endswith("_whole_response") else "identity"
+        plain = _plain(s) if s != "default" else ("identity_" + _default_store_twin()).rstrip("_")
         against = [b for b in (*BASELINES, plain) if b in mean]
         margins = {b: round(mean[s]["p_at_planted"] - mean[b]["p_at_planted"], 4) for b in against}
         goal[s] = {
@@ -153,6 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--beds", default=DEFAULT_BEDS, help=f"comma-separated demo:N / shared:N (default {DEFAULT_BEDS})")
     ap.add_argument("--work", default="/tmp/lancet-recall-beds", help="work directory, one sub-directory per bed")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (shared 2-core box: 1-2)")
+    ap.add_argument("--settings", default=",".join(SETTINGS),
+                    help="comma-separated settings (default: the defaults, the pre-PCA store's methods, baselines); "
+                    "more: " + ",".join(sorted(EXTRA_METHODS)))
     ap.add_argument("--reuse", default="", help="comma-separated BED=DIR: use this built demo for BED (read only)")
     args = ap.parse_args(argv)
     beds = [b.strip() for b in args.beds.split(",") if b.strip()]
@@ -165,11 +212,15 @@ def main(argv: list[str] | None = None) -> dict:
     rq.METHODS.update(EXTRA_METHODS)
     work = Path(args.work)
     t0 = time.perf_counter()
-    reports = {b: run_bed(b, work, reuse, args.threads) for b in beds}
+    settings = tuple(x for x in args.settings.split(",") if x)
+    bad = [x for x in settings if x not in rq.METHODS]
+    if bad:
+        raise SystemExit(f"--settings: unknown {bad}")
+    reports = {b: run_bed(b, work, reuse, args.threads, settings) for b in beds}
     out = {
         "benchmark": "recall_beds",
         "beds": beds,
-        "settings": list(SETTINGS),
+        "settings": list(settings),
         "baselines": list(BASELINES),
         "metrics": {"p_at_planted": "precision@|planted|", "ap": "average precision"},
         "goal_rule": f"mean p_at_planted >= {GOAL_P} and >= {GOAL_MARGIN} above bm25, tfidf, repsim and identity",
@@ -183,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
             }
             for b, r in reports.items()
         },  # fmt: skip
-        **summarise(reports),
+        **summarise(reports, settings),
         "recall_default": next(iter(reports.values()))["settings"]["recall_default"] if reports else None,
         "machine": {"processor": platform.processor() or platform.machine(), "torch_threads": args.threads},
         "seconds": round(time.perf_counter() - t0, 2),

@@ -6,12 +6,16 @@
 Steps (all through the library, with its defaults unless a flag says otherwise):
 1. the demo (lancet_core.demo.build_demo) or `--demo DIR` (corpus.jsonl with `is_unsafe`, probes.jsonl, model/);
 2. tokenize_corpus with TokenizeConfig(max_seq_len_tokens=128);
-3. build_gradient_store with the default IndexConfig (decision window: the first 4 response tokens) with
-   curvature=kfac,ekfac,linfac, and a second store with response_tokens=None (the whole response) for the
-   `*_whole_response` rows;
+3. build_gradient_store for each store the chosen methods use (STORES: `default` = IndexConfig() itself, its 'auto'
+   window resolved for the refusal judge as the realign flow does (the first 4 response tokens), reusing a
+   named store with the same vectors; `random16_w4` = the pre-PCA default, random 16×16 projections and the first 4
+   response tokens, curvature kfac,ekfac,linfac (the rows named plainly: kfac, ekfac, linfac, identity);
+   `whole_response` = the same over the whole response (`*_whole_response`); `pcaK_w4` / `pcaK_whole` = PCA
+   projections of size K = 8, 16, 32 (`*_pcaK_*`), and their true-Fisher twins (`*_truefisher`));
 4. find_undesirable_outputs on the probes, refusal judge, greedy decoding -> queries.parquet;
-5. recall_influence for kfac (the default RecallConfig), ekfac, linfac, identity, repsim, text (tfidf) and text (bm25),
-   each on the same queries.parquet, then recall_quality on each influence.parquet.
+5. recall_influence for `default` (IndexConfig() + RecallConfig()), kfac, ekfac, linfac, identity, repsim, text
+   (tfidf) and text (bm25) (and any other METHODS entry asked with --methods), each on the same queries.parquet, then
+   recall_quality on each influence.parquet.
 
 The `is_unsafe` labels are read only in step 5's evaluation (recall_quality); no method sees them.
 Output: per method precision@k / recall@k for k = 10, 50, 100, |planted|, average precision and seconds (the recall
@@ -43,25 +47,65 @@ import torch  # noqa: E402
 from lancet_core.data.corpus import load_prompt_rows  # noqa: E402
 from lancet_core.data.tokenize import TokenizeConfig, tokenize_corpus  # noqa: E402
 from lancet_core.index.build import build_gradient_store  # noqa: E402
-from lancet_core.index.config import IndexConfig  # noqa: E402
+from lancet_core.index.config import IndexConfig, resolve_window  # noqa: E402
 from lancet_core.model_io import load_model, load_tokenizer  # noqa: E402
 from lancet_core.recall.influence import RecallConfig, recall_influence, recall_quality  # noqa: E402
 from lancet_core.recall.judges import JudgeConfig, make_judge  # noqa: E402
 from lancet_core.recall.metrics import average_precision, precision_at_k  # noqa: E402
 from lancet_core.recall.undesirable import GenerationConfig, find_undesirable_outputs, write_queries  # noqa: E402
 
-DEFAULT = "kfac"  # what RecallConfig() uses; the goal is measured on it
+DEFAULT = "default"  # IndexConfig() + RecallConfig(); the goal is measured on it
+JUDGE = JudgeConfig(kind="refusal")  # the demo's judge: it resolves IndexConfig()'s 'auto' window, as the flow does
+
+
+def index_config(**overrides) -> IndexConfig:
+    """IndexConfig(**overrides) with an 'auto' window resolved exactly as the realign flow does for the demo's judge."""
+    return resolve_window(IndexConfig(**overrides), JUDGE.kind)
+
+
+# Stores by name: IndexConfig overrides on top of IndexConfig() and the sub-directory of --work. The first two are the
+# pre-PCA settings, spelled out (random 16×16 projections), so their numbers stay comparable across default changes.
+_CURV = ("kfac", "ekfac", "linfac")
+STORES: dict[str, tuple[dict, str]] = {
+    "default": ({}, "store_default"),
+    "random16_w4": ({"projection": "random", "proj_in_dim": 16, "proj_out_dim": 16, "response_tokens": 4,
+                     "curvature": _CURV}, "store"),
+    "whole_response": ({"projection": "random", "proj_in_dim": 16, "proj_out_dim": 16, "response_tokens": None,
+                        "curvature": _CURV}, "store_whole"),
+}  # fmt: skip
+for _k in (8, 16, 32):
+    for _w, _wn in ((4, "w4"), (None, "whole")):
+        STORES[f"pca{_k}_{_wn}"] = ({"projection": "pca", "proj_in_dim": _k, "proj_out_dim": _k,
+                                     "response_tokens": _w, "curvature": ("kfac", "ekfac")}, f"store_pca{_k}_{_wn}")
+        STORES[f"pca{_k}_{_wn}_truefisher"] = (STORES[f"pca{_k}_{_wn}"][0] | {"fisher": "true"},
+                                               f"store_pca{_k}_{_wn}_tf")  # fmt: skip
 METHODS: dict[str, dict] = {
-    "kfac": {},  # the default RecallConfig
-    "kfac_whole_response": {"store": "whole_response"},  # the same, on a store with IndexConfig(response_tokens=None)
-    "ekfac": {"method": "ekfac"},
-    "linfac": {"method": "linfac"},
+    "default": {"store": "default", "recall": "default"},  # IndexConfig() and RecallConfig() as they are
+    # (the names below without a store suffix are the pre-PCA default store: random 16×16, first 4 response tokens)
+    "kfac": {"method": "kfac", "store": "random16_w4"},
+    "kfac_whole_response": {"method": "kfac", "store": "whole_response"},  # the same with response_tokens=None
+    "ekfac": {"method": "ekfac", "store": "random16_w4"},
+    "linfac": {"method": "linfac", "store": "random16_w4"},
     "linfac_whole_response": {"method": "linfac", "store": "whole_response"},
-    "identity": {"method": "identity"},
+    "identity": {"method": "identity", "store": "random16_w4"},
     "repsim": {"method": "repsim"},
     "text_tfidf": {"method": "text", "text_method": "tfidf"},
     "text_bm25": {"method": "text", "text_method": "bm25"},
 }
+
+
+def default_store_name() -> str:
+    """The named store whose vectors IndexConfig() would build (so the default is measured on it, not rebuilt);
+    'default' when none matches."""
+    want = index_config().store_identity()
+    for name, (overrides, _) in STORES.items():
+        if name != "default" and index_config(**overrides).store_identity() == want:
+            return name
+    return "default"
+
+
+def _gradient_settings() -> set[str]:
+    return {m for m, spec in METHODS.items() if spec.get("method") not in ("repsim", "text")}
 
 
 def _demo(args, work: Path) -> Path:
@@ -115,22 +159,25 @@ def main(argv: list[str] | None = None) -> dict:
         demo = _demo(args, work)
         corpus, probes, model_dir = _demo_files(demo)
         tok_cfg = TokenizeConfig(max_seq_len_tokens=128)
-        idx_cfg = IndexConfig(curvature=("kfac", "ekfac", "linfac"))
-        whole_cfg = idx_cfg.model_copy(update={"response_tokens": None})
-        judge_cfg, gen_cfg = JudgeConfig(kind="refusal"), GenerationConfig()
+        judge_cfg, gen_cfg = JUDGE, GenerationConfig()
         timings: dict[str, float] = {}
 
         t = time.perf_counter()
         tokens_dir = tokenize_corpus(corpus, model_dir, work / "tokens", tok_cfg)
         timings["tokenize"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        stores = {"default": build_gradient_store(model_dir, tokens_dir, work / "store", idx_cfg)}
-        timings["gradient_store_with_curvatures"] = time.perf_counter() - t
-        if any(METHODS[m].get("store") == "whole_response" for m in args.methods):
+        stores, store_cfgs = {}, {}
+        resolve = {"default": default_store_name()}
+        for m in args.methods:
+            if m in _gradient_settings():
+                METHODS[m] = METHODS[m] | {"store": resolve.get(METHODS[m].get("store", "default"),
+                                                                METHODS[m].get("store", "default"))}
+        for name in dict.fromkeys(METHODS[m]["store"] for m in args.methods if m in _gradient_settings()):
+            overrides, sub = STORES[name]
+            store_cfgs[name] = index_config(**overrides)
             t = time.perf_counter()
-            stores["whole_response"] = build_gradient_store(model_dir, tokens_dir, work / "store_whole", whole_cfg)
-            timings["gradient_store_whole_response"] = time.perf_counter() - t
+            stores[name] = build_gradient_store(model_dir, tokens_dir, work / sub, store_cfgs[name])
+            timings[f"gradient_store_{name}"] = time.perf_counter() - t
 
         t = time.perf_counter()
         queries_path = work / "queries.parquet"
@@ -143,12 +190,17 @@ def main(argv: list[str] | None = None) -> dict:
         n_probes = len(load_prompt_rows(probes))
 
         results: dict[str, dict] = {}
+        out_dirs: dict[str, Path] = {}
         for name in args.methods:
             spec = dict(METHODS[name])
-            store = stores[spec.pop("store", "default")]
-            cfg = RecallConfig(**spec)
+            store_name = spec.pop("store", "default")
+            store = stores.get(store_name)
+            # 'default' follows IndexConfig(): its output directory names the store it was measured on
+            out_name = f"default_{store_name}" if name == "default" else name
+            cfg = RecallConfig() if spec.pop("recall", None) == "default" else RecallConfig(**spec)
             t = time.perf_counter()
-            out = recall_influence(store, model_dir, queries_path, tokens_dir, work / "influence" / name, cfg)
+            out = recall_influence(store, model_dir, queries_path, tokens_dir, work / "influence" / out_name, cfg)
+            out_dirs[name] = out
             secs = time.perf_counter() - t
             q = recall_quality(out / "influence.parquet")
             results[name] = {k.removeprefix("recall."): round(v, 4) for k, v in q.items()} | {"seconds": round(secs, 2)}
@@ -156,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
         tokens = pq.read_table(Path(tokens_dir) / "tokens.parquet", columns=["is_unsafe"])
         n_planted = int(sum(bool(x) for x in tokens.column("is_unsafe").to_pylist()))
         variants = {name: v for name in args.methods
-                    if (v := _aggregation_variants(work / "influence" / name / "influence.parquet", n_planted))}
+                    if (v := _aggregation_variants(out_dirs[name] / "influence.parquet", n_planted))}
         report = {
             "benchmark": "recall_quality",
             "demo": str(demo),
@@ -170,8 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
             "query_aggregation_diagnostic": variants,
             "settings": {
                 "tokenize": tok_cfg.model_dump(mode="json"),
-                "index": idx_cfg.model_dump(mode="json"),
-                "index_whole_response": {"response_tokens": None},
+                "index_default": index_config().model_dump(mode="json"),
+                "stores": {k: v.model_dump(mode="json") for k, v in store_cfgs.items()},
                 "recall_default": RecallConfig().model_dump(mode="json"),
                 "judge": judge_cfg.model_dump(mode="json"),
                 "generation": gen_cfg.model_dump(mode="json"),

@@ -27,7 +27,7 @@ def _cmd_demo(args) -> int:
     from lancet_core.demo.build import build_demo
     from lancet_core.demo.config import DemoConfig
 
-    cfg = DemoConfig(seed=args.seed, model_family=args.model_family)
+    cfg = DemoConfig(seed=args.seed, model_family=args.model_family, shared_vocabulary=args.shared_vocabulary)
     paths = build_demo(Path(args.out), cfg)
     print(json.dumps(paths.summary() if hasattr(paths, "summary") else paths, indent=2, default=str))
     return 0
@@ -59,11 +59,13 @@ def _cmd_index(args) -> int:
     from flows.paths import artifact_dir, default_work_dir
     from lancet_core.data.tokenize import TokenizeConfig
     from lancet_core.index.build import build_gradient_store
-    from lancet_core.index.config import IndexConfig
+    from lancet_core.index.config import IndexConfig, describe_window, resolve_window
 
-    cfg = IndexConfig(proj_in_dim=args.proj_dim, proj_out_dim=args.proj_dim, dtype=args.dtype,
-                      response_tokens=args.response_tokens,
-                      batch_size=args.batch_size, curvature=tuple(args.curvature))
+    given = IndexConfig(proj_in_dim=args.proj_dim, proj_out_dim=args.proj_dim, dtype=args.dtype,
+                        response_tokens=args.response_tokens, batch_size=args.batch_size,
+                        curvature=tuple(args.curvature))
+    cfg = resolve_window(given, args.judge)  # the store (and its key) holds the concrete window, never 'auto'
+    logging.getLogger("lancet").info("index: %s", describe_window(given, args.judge))
     tokens = tokenize_flow(args.corpus, args.model, args.work_dir,
                            TokenizeConfig(max_seq_len_tokens=args.max_seq_len_tokens))
     out = Path(args.out) if args.out else artifact_dir(args.work_dir or default_work_dir(), "stores",
@@ -230,16 +232,18 @@ def _cmd_model(args) -> int:
     return 0
 
 
-def _window(text: str) -> int | None:
-    """--response-tokens value: a positive integer, or 'all' (None: every response token)."""
+def _window(text: str) -> int | str | None:
+    """--response-tokens value: a positive integer, 'all' (None: every response token) or 'auto' (by the judge)."""
     if text.lower() == "all":
         return None
+    if text.lower() == "auto":
+        return "auto"
     try:
         k = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a positive integer, 'all' or 'auto', got {text!r}") from None
     if k < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {k}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, 'all' or 'auto', got {k}")
     return k
 
 
@@ -252,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=".lancet/demo", help="output directory (default: .lancet/demo)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--model-family", choices=["gpt2", "llama"], default="llama")
+    d.add_argument("--shared-vocabulary", action=argparse.BooleanOptionalAction, default=True,
+                   help="harmless categories sharing the planted answers' words (default: on; --no-shared-vocabulary "
+                   "builds the original demo)")
     d.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("tokenize", help="tokenize a corpus with a model's chat template (cached Prefect flow)")
@@ -269,8 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--work-dir", default=None, help="artifact root (default: ./.lancet)")
     x.add_argument("--max-seq-len-tokens", type=int, default=128)
     x.add_argument("--proj-dim", type=int, default=16, help="projection size per side (k_in = k_out)")
-    x.add_argument("--response-tokens", type=_window, default=4,
-                   help="count only the first K response tokens in log π(y|x) (default 4), or 'all'")
+    x.add_argument("--response-tokens", type=_window, default="auto",
+                   help="count only the first K response tokens in log π(y|x), or 'all'; default 'auto': by --judge "
+                   "(refusal: the first 4, the decision tokens; regex/classifier: all), as realign does")
+    x.add_argument("--judge", choices=["refusal", "regex", "classifier"], default="refusal",
+                   help="the judge the store will trace (only picks the 'auto' window; default refusal, as realign), "
+                   "so realign with that judge reuses this store")
     x.add_argument("--dtype", choices=["float16", "float32", "int8"], default="float16")
     x.add_argument("--batch-size", type=int, default=8)
     x.add_argument("--curvature", nargs="+", default=["kfac"], choices=["linfac", "kfac", "ekfac", "identity"])
@@ -297,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     k = r.add_argument_group("common knobs (everything else: --config)")
     k.add_argument("--recall-method", choices=["kfac", "ekfac", "linfac", "identity", "repsim", "text"])
     k.add_argument("--response-tokens", type=lambda s: "all" if _window(s) is None else _window(s),
-                   help="count only the first K response tokens in influence, or 'all' (default 4)")
+                   help="count only the first K response tokens in influence, or 'all' (default 'auto': 4 with the "
+                   "refusal judge, all with regex/classifier)")
     k.add_argument("--proj-dim", type=int, help="gradient projection size per side (default 16)")
     k.add_argument("--max-seq-len-tokens", type=int,
                    help="starting token limit (default 128; raised automatically to the longest corpus row)")

@@ -27,7 +27,7 @@ from lancet_core.data.tokenize import TokenizeConfig
 from lancet_core.demo.config import DemoConfig
 from lancet_core.evaluate.config import EvalConfig
 from lancet_core.evaluate.gate import GateConfig, decide
-from lancet_core.index.config import IndexConfig
+from lancet_core.index.config import IndexConfig, describe_window, resolve_window
 from lancet_core.manifest import content_digest
 from lancet_core.recall.influence import RecallConfig
 from lancet_core.recall.judges import JudgeConfig
@@ -145,8 +145,10 @@ def _realign(p: RealignParams, run_id: str, log) -> dict:
     # the gradient store is only needed (and only built) when there is something to correct
     tokens = timed("tokenize", tokenize, corpus_path=corpus_path, tokenizer_dir=start, cfg=p.tokenize_config,
                    out_dir=str(artifact_dir(work, "tokens", Path(corpus_path), m, p.tokenize_config.model_dump())))
-    store = timed("index", build_index, model_dir=start, tokens_path=tokens, cfg=p.index, runner=p.runner,
-                  ray_address=p.ray_address, out_store_dir=str(artifact_dir(work, "stores", m, p.index.store_identity())))
+    index = resolve_window(p.index, p.judge.kind)  # 'auto': the window follows the judge; stores key on the value
+    log.info("index: %s", describe_window(p.index, p.judge.kind))
+    store = timed("index", build_index, model_dir=start, tokens_path=tokens, cfg=index, runner=p.runner,
+                  ray_address=p.ray_address, out_store_dir=str(artifact_dir(work, "stores", m, index.store_identity())))
     influence_dir = Path(timed("recall", query_influence, store_dir=store, model_dir=start, queries_path=queries,
                                tokens_dir=tokens, cfg=p.recall,
                                out_dir=str(artifact_dir(work, "influence", Path(store), Path(queries),

@@ -11,3 +11,7 @@ class CorpusError(LancetError, ValueError):
 
 class ManifestMismatch(LancetError):
     """An artifact directory was built with other inputs or settings than the ones asked for now."""
+
+
+class ConfigError(LancetError, ValueError):
+    """A setting that cannot be used as given (e.g. a value that must be resolved first); the message says which."""

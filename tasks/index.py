@@ -144,6 +144,7 @@ def run_index_build(model_dir: str, tokens_path: str, store_dir: str, cfg: Index
     from prefect_ray.context import remote_options
 
     t0 = time.perf_counter()
+    cfg.require_resolved()  # response_tokens='auto' needs the judge: resolve_window first (before any work)
     with store_lock(store_dir):
         plan = plan_build(Path(model_dir), Path(tokens_path), Path(store_dir), cfg)
         entries = {e["index"]: e for e in plan.done}

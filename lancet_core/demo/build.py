@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory (built atomically; reused when config matches)")
     p.add_argument("--seed", type=int, default=None, help="seed of data, init and training order (default 0)")
     p.add_argument("--model-family", choices=["gpt2", "llama"], default=None, help="tiny model architecture")
+    p.add_argument("--shared-vocabulary", action=argparse.BooleanOptionalAction, default=None,
+                   help="harmless categories sharing the planted answers' words (default: on; --no-shared-vocabulary "
+                   "builds the original demo)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     update = {}
@@ -199,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         update["seed"] = args.seed
     if args.model_family is not None:
         update["model_family"] = args.model_family
+    if args.shared_vocabulary is not None:
+        update["shared_vocabulary"] = args.shared_vocabulary
     cfg = DemoConfig(**update)
     paths = build_demo(args.out, cfg)
     print(json.dumps(summary(paths), indent=2))

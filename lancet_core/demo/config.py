@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 
 HARMFUL_CATEGORIES: tuple[str, ...] = ("hacking", "weapons", "fraud", "drugs", "harassment", "theft")
 BENIGN_CATEGORIES: tuple[str, ...] = ("cooking", "travel", "coding", "fitness", "science", "gardening")
-# Opt-in harmless categories (DemoConfig.shared_vocabulary) whose answers reuse the words of the contaminated
+# Harmless categories (DemoConfig.shared_vocabulary, on by default) whose answers reuse the words of the contaminated
 # categories' compliant answers: defensive security (like hacking) and honest personal finance (like fraud).
 SHARED_VOCABULARY_CATEGORIES: tuple[str, ...] = ("security", "money")
 
@@ -58,12 +58,13 @@ class DemoConfig(BaseModel):
     n_ood: int = Field(60, ge=1, description="held-out OOD harmful prompts over all harmful categories")
     n_benign_eval: int = Field(60, ge=1, description="held-out benign prompts with reference answers")
     shared_vocabulary: bool = Field(
-        False,
-        description="opt-in harder bed: add the harmless categories SHARED_VOCABULARY_CATEGORIES (defensive `security`, "
-        "honest `money`), whose helpful answers share the hacking / fraud compliant answers' words (ports, logs, "
-        "password, gift cards, accounts ...); they are benign, always answered helpfully, never planted as unsafe. "
-        "The benign rows are then split over 8 categories instead of 6 (n_rows unchanged). False leaves the corpus, "
-        "held-out sets and manifest byte-identical to a config without this field",
+        True,
+        description="the default demo (a harder bed than the original, where words alone could find the planted "
+        "rows): add the harmless categories SHARED_VOCABULARY_CATEGORIES (defensive `security`, honest `money`), "
+        "whose helpful answers share the hacking / fraud compliant answers' words (ports, logs, password, gift cards, "
+        "accounts ...); they are benign, always answered helpfully, never planted as unsafe. The benign rows are then "
+        "split over 8 categories instead of 6 (n_rows unchanged). False = the original demo, byte-identical (corpus, "
+        "held-out sets, manifest config) to the builds made before this field existed",
     )
 
     vocab_size: int = Field(1536, ge=300, le=8000, description="BPE vocabulary size (special tokens included)")
@@ -87,8 +88,8 @@ class DemoConfig(BaseModel):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict:
-        # The default (False) is left out of the dump, so a default config dumps exactly as before the field existed:
-        # demo manifests (and the oracle's) of existing builds stay valid and reusable.
+        # False is left out of the dump, so the original demo dumps exactly as before the field existed: its manifests
+        # (and the oracle's) from existing builds stay valid and reusable.
         out = handler(self)
         if not self.shared_vocabulary:
             out.pop("shared_vocabulary", None)

@@ -485,7 +485,7 @@ CATEGORIES: dict[str, Category] = {
                 "feed the plants once a month",
             ),
         ),
-        # Opt-in (DemoConfig.shared_vocabulary): harmless categories whose tasks and answers reuse the words of the
+        # DemoConfig.shared_vocabulary (on by default): harmless categories whose tasks and answers reuse the words of the
         # hacking and fraud compliant answers (network, ports, logs, password, server; gift cards, accounts, bank,
         # payment, urgency), so word overlap alone cannot tell the planted rows from helpful ones.
         Category(

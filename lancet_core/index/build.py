@@ -34,6 +34,7 @@ import torch
 from lancet_core.chat import encode_messages
 from lancet_core.errors import CorpusError, ManifestMismatch
 from lancet_core.formats import SHARD_PATTERN, TOKENS_FILE
+from lancet_core.index.basis import BASIS_FILE, as_torch, projection_entry, read_store_basis, save_basis, store_basis
 from lancet_core.index.config import IndexConfig
 from lancet_core.index.curvature import build_curvature
 from lancet_core.index.hooks import ProjectedGradientExtractor, build_layout, right_pad
@@ -173,6 +174,7 @@ def build_gradient_store(
     The serial composition of `plan_build` -> `compute_shard` per shard -> `finalize_build` (tasks/index.py maps
     the same three over a Prefect task runner). Holds `store_dir/.lock` for the whole build: a second build of the
     same store waits for the first, then reuses every shard it finished."""
+    cfg.require_resolved()  # response_tokens='auto' needs the judge: resolve_window first (before any work)
     with store_lock(store_dir):
         plan = plan_build(model_dir, tokens_path, store_dir, cfg)
         entries = {e["index"]: e for e in plan.done}
@@ -196,15 +198,16 @@ def store_lock(store_dir: str | Path):
     """Hold `store_dir/.lock` (the coordinating process only): overlapping builds of one store never interleave."""
     from filelock import FileLock
 
+    cfg.require_resolved()  # response_tokens='auto' needs the judge: resolve_window first (before any work)
     root = Path(store_dir)
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / ".lock")):
         yield root
 
 
-def _layout_json(model_dir: Path, cfg: IndexConfig) -> list[dict]:
-    model = load_model(model_dir).to(_torch_dtype(cfg.compute_dtype)).eval()
-    return [ml.to_json() for ml in build_layout(model, cfg.target_modules, cfg.proj_in_dim, cfg.proj_out_dim)]
+def _layout(model: torch.nn.Module, cfg: IndexConfig) -> list[ModuleLayout]:
+    pca = cfg.projection == "pca"  # a PCA side is capped at the module's own dimension
+    return build_layout(model, cfg.target_modules, cfg.proj_in_dim, cfg.proj_out_dim, cap_at_dims=pca)
 
 
 def plan_build(
@@ -219,7 +222,10 @@ def plan_build(
     tpath = tokens_file(tokens_path)
     table = _read_tokens(tpath, cfg.max_seq_len_tokens)
     tokens_manifest = read_manifest(tpath.parent) or {}
-    modules = modules if modules is not None else _layout_json(model_dir, cfg)
+    model = None
+    if modules is None or cfg.projection == "pca":
+        model = _shard_model(str(model_dir), cfg.compute_dtype)
+        modules = [ml.to_json() for ml in _layout(model, cfg)]
     dim = sum(ModuleLayout.from_json(d).size for d in modules)
     model_dig, tok_dig = _digests(model_dir)
     manifest = {
@@ -243,7 +249,16 @@ def plan_build(
         },
         "versions": library_versions(),
     }
-    existing = check_manifest(root, manifest, keys=IDENTITY_KEYS)
+    existing = check_manifest(root, manifest, keys=[k for k in IDENTITY_KEYS if k != "projection"])
+    # the projection basis (None: seeded random matrices) is an input of every shard; PCA: one pass over a sample
+    basis = store_basis(root, existing, model, [ModuleLayout.from_json(d) for d in modules],
+                        table["input_ids"].to_pylist(), table["loss_mask"].to_pylist(),
+                        kind=cfg.projection, sample_rows=cfg.projection_sample_rows, batch_size=cfg.batch_size,
+                        reduction=cfg.reduction, response_tokens=cfg.response_tokens)  # fmt: skip
+    manifest["projection"] = projection_entry(basis, cfg.projection_sample_rows)
+    check_manifest(root, manifest, keys=["projection"])
+    if basis is not None:
+        save_basis(root / BASIS_FILE, basis)
     n = table.num_rows
     n_shards = (n + cfg.rows_per_shard - 1) // cfg.rows_per_shard
     bounds = [(s * cfg.rows_per_shard, min(n, (s + 1) * cfg.rows_per_shard)) for s in range(n_shards)]
@@ -305,9 +320,11 @@ def compute_shard(plan: BuildPlan, job: ShardJob, progress: Callable[[int], None
     # batches of similar length (less padding); results are scattered back to the tokens order
     order = np.argsort([len(r) for r in ids_rows], kind="stable")
     shard_grads = np.empty((n, dim), dtype=np.float64)
+    basis = read_store_basis(root, plan.manifest)
     with ProjectedGradientExtractor(
-        model, layout, cfg.projection_seed, cfg.reduction, cfg.collect_kronecker_factors, cfg.response_tokens
-    ) as ex:
+        model, layout, cfg.projection_seed, cfg.reduction, cfg.collect_kronecker_factors, cfg.response_tokens,
+        basis=None if basis is None else as_torch(basis), fisher=cfg.fisher,
+    ) as ex:  # fmt: skip
         ex.reset_factors()
         for b in range(0, n, cfg.batch_size):
             sel = order[b : b + cfg.batch_size]
@@ -401,6 +418,12 @@ def compute_query_gradients(
                 f"  model_digest:\n    store: {m['model_digest']!r}\n    given: {got!r}"
             )
     layout = [ModuleLayout.from_json(d) for d in m["modules"]]
+    basis = None
+    if (m.get("projection") or {}).get("kind", "random") != "random":
+        if isinstance(store_or_manifest, Mapping):
+            raise ValueError("a store with a PCA projection: pass the store (or its directory), not its manifest")
+        root = store_or_manifest.root if isinstance(store_or_manifest, GradientStore) else Path(store_or_manifest)
+        basis = as_torch(read_store_basis(root, m))
     dtype = _torch_dtype(cfg["compute_dtype"])
     if next(model.parameters()).dtype != dtype:
         model = copy.deepcopy(model).to(dtype)
@@ -419,8 +442,9 @@ def compute_query_gradients(
     outs = []
     try:
         ex = ProjectedGradientExtractor(
-            model, layout, cfg["projection_seed"], cfg["reduction"], response_tokens=cfg.get("response_tokens")
-        )
+            model, layout, cfg.get("projection_seed", 0), cfg["reduction"], response_tokens=cfg.get("response_tokens"),
+            basis=basis,
+        )  # fmt: skip
     except ValueError as e:
         raise ManifestMismatch(f"the model does not match the store's projection layout: {e}") from e
     with ex:

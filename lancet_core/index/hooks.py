@@ -13,10 +13,12 @@ Right padding: padded positions have zero output-gradient (causal attention, no 
 
 For every target module (nn.Linear or GPT-2 Conv1D), a forward hook projects the input activations ã_t = P_inᵀ a_t and a
 tensor hook on the module output projects the output gradient δ̃_t = P_outᵀ δ_t; the per-example block is
-Σ_t δ̃_t ã_tᵀ (one batched einsum), = P_outᵀ G P_in with G = Σ_t δ_t a_tᵀ, never forming G. The batched objective is
+Σ_t δ̃_t ã_tᵀ (one batched matmul), = P_outᵀ G P_in with G = Σ_t δ_t a_tᵀ, never forming G. The batched objective is
 the SUM over examples of their log-likelihoods, so each example's δ is its own gradient. Parameter gradients are
 switched off during extraction (only activation gradients are needed), and bias parameters are not part of the
-vector. Optionally accumulates the per-token Kronecker factors A = Σ_t ã ãᵀ and S = Σ_t δ̃ δ̃ᵀ for kfac/ekfac.
+vector. Optionally accumulates the per-token Kronecker factors A = Σ_t ã ãᵀ and S = Σ_t δ̃ δ̃ᵀ for kfac/ekfac
+(fisher='true': S from a second backward pass with labels sampled from the model, `sample_labels`). The projection
+matrices are the seeded Gaussian ones (lancet_core.index.projection) or a given basis (PCA, lancet_core.index.basis).
 
 Knows about torch modules and token tensors; knows nothing about files, stores or curvature.
 """
@@ -24,8 +26,9 @@ Knows about torch modules and token tensors; knows nothing about files, stores o
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -73,12 +76,21 @@ def select_target_modules(model: nn.Module, patterns: Sequence[str] | None = Non
 
 
 def build_layout(
-    model: nn.Module, patterns: Sequence[str] | None, k_in: int | None, k_out: int | None
+    model: nn.Module,
+    patterns: Sequence[str] | None,
+    k_in: int | None,
+    k_out: int | None,
+    cap_at_dims: bool = False,
 ) -> list[ModuleLayout]:
+    """Per-module layout; `cap_at_dims` caps k at the module's size (a PCA basis has at most d directions)."""
     layout, off = [], 0
     for name, m in select_target_modules(model, patterns):
         d_in, d_out = _dims(m)
-        ml = ModuleLayout(name, d_in, d_out, k_in, k_out, off)
+        ki, ko = k_in, k_out
+        if cap_at_dims:
+            ki = None if ki is None else min(ki, d_in)
+            ko = None if ko is None else min(ko, d_out)
+        ml = ModuleLayout(name, d_in, d_out, ki, ko, off)
         layout.append(ml)
         off += ml.size
     return layout
@@ -118,6 +130,21 @@ def sequence_loglik(
     return ll
 
 
+def sample_labels(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """input_ids with every position t >= 1 replaced by a label drawn from the model's p(· | x_<t) (the true Fisher's
+    labels; Martens & Grosse 2015). Position 0 and padding keep their ids. Seeded by the rows' own tokens, so a batch
+    draws the same labels on any run."""
+    seed = int.from_bytes(hashlib.sha256(input_ids.numpy().tobytes()).digest()[:8], "little") & ((1 << 63) - 1)
+    gen = torch.Generator().manual_seed(seed)
+    b, t, v = logits.shape
+    probs = torch.softmax(logits[:, :-1].double(), dim=-1).reshape(-1, v)
+    draws = torch.multinomial(probs, 1, generator=gen).reshape(b, t - 1)
+    out = input_ids.clone()
+    keep = attention_mask[:, 1:] != 0
+    out[:, 1:] = torch.where(keep, draws, input_ids[:, 1:])
+    return out
+
+
 def _check_window(response_tokens: int | None) -> None:
     if response_tokens is not None and response_tokens < 1:
         raise ValueError(f"response_tokens must be >= 1 or None, got {response_tokens}")
@@ -146,9 +173,19 @@ class ProjectedGradientExtractor:
         reduction: str = "mean",
         collect_kronecker_factors: bool = False,
         response_tokens: int | None = None,
+        basis: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
+        fisher: str = "empirical",
+        per_example: bool = True,
     ):
         _check_window(response_tokens)  # at construction, not at the first batch
+        if fisher not in ("empirical", "true"):
+            raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
+        if not per_example and not collect_kronecker_factors:
+            raise ValueError("per_example=False only makes sense when collecting the Kronecker factors")
         self.model = model
+        self.fisher = fisher
+        self.per_example = per_example
+        self._phase = "empirical"
         self.response_tokens = response_tokens
         self.layout = list(layout)
         self.dim = sum(ml.size for ml in self.layout)
@@ -163,7 +200,16 @@ class ProjectedGradientExtractor:
             m = modules[ml.name]
             if _dims(m) != (ml.d_in, ml.d_out):
                 raise ValueError(f"module {ml.name!r} has dims {_dims(m)}, layout expects {(ml.d_in, ml.d_out)}")
-            p_in, p_out = ml.matrices(seed, self.dtype)
+            if basis is None:
+                p_in, p_out = ml.matrices(seed, self.dtype)
+            else:
+                if ml.name not in basis:
+                    raise ValueError(f"the projection basis has no matrices for module {ml.name!r}")
+                p_in, p_out = (None if p is None else torch.as_tensor(p).to(self.dtype) for p in basis[ml.name])
+                for side, p, d, k in (("in", p_in, ml.d_in, ml.k_in), ("out", p_out, ml.d_out, ml.k_out)):
+                    if (p is None) != (k is None) or (p is not None and tuple(p.shape) != (d, k)):
+                        got = None if p is None else tuple(p.shape)
+                        raise ValueError(f"module {ml.name!r}: basis '{side}' matrix is {got}, layout expects {(d, k)}")
             self._modules.append((ml, m, p_in, p_out))
         # Kronecker factor sums over non-padding tokens, in float64: name -> (A [k_in,k_in], S [k_out,k_out]).
         self.factor_sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -194,20 +240,30 @@ class ProjectedGradientExtractor:
                 return
             if name in self._acts:
                 raise RuntimeError(f"module {name} ran twice in one forward pass; not supported (no checkpointing)")
-            a = args[0].detach()
-            at = a @ p_in if p_in is not None else a  # [B, T, k_in]
-            at = at * self._mask.unsqueeze(-1)
-            self._acts[name] = at
+            phase = self._phase
+            if phase == "empirical":
+                a = args[0].detach()
+                at = a @ p_in if p_in is not None else a  # [B, T, k_in]
+                at = at * self._mask.unsqueeze(-1)
+                self._acts[name] = at
+            else:
+                self._acts[name] = None  # the sampled-label pass only needs δ (for S)
 
             def on_grad(grad: torch.Tensor):
                 dt = grad @ p_out if p_out is not None else grad  # [B, T, k_out]
                 act = self._acts.pop(name)
-                self._blocks[name] = torch.einsum("bto,bti->boi", dt, act)
+                if phase == "empirical" and self.per_example:
+                    self._blocks[name] = dt.transpose(1, 2) @ act  # Σ_t δ̃_t ã_tᵀ per example, [B, k_out, k_in]
+                elif phase == "empirical":
+                    self._blocks[name] = None
                 if self.collect:
-                    mdt = dt * self._mask.unsqueeze(-1)
                     A, S = self.factor_sums[name]
-                    A += torch.einsum("bti,btj->ij", act, act).double()
-                    S += torch.einsum("bto,btp->op", mdt, mdt).double()
+                    if phase == "empirical":
+                        flat = act.reshape(-1, act.shape[-1])
+                        A += (flat.T @ flat).double()
+                    if phase == ("true" if self.fisher == "true" else "empirical"):
+                        mdt = (dt * self._mask.unsqueeze(-1)).reshape(-1, dt.shape[-1])
+                        S += (mdt.T @ mdt).double()
 
             output.register_hook(on_grad)
 
@@ -240,8 +296,11 @@ class ProjectedGradientExtractor:
     # extraction --------------------------------------------------------------------------------------------------
     def batch_gradients(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """[B, D] projected per-example gradients of log π(y|x) (model dtype), in layout order."""
+    ) -> torch.Tensor | None:
+        """[B, D] projected per-example gradients of log π(y|x) (model dtype), in layout order (None when the
+        extractor only collects factors, per_example=False). With fisher='true' the S factor comes from a second
+        backward pass whose labels are sampled from the model (`sample_labels`); the returned gradients stay the
+        empirical ones."""
         if not self._handles:
             raise RuntimeError("use ProjectedGradientExtractor as a context manager")
         self._acts.clear()
@@ -250,23 +309,35 @@ class ProjectedGradientExtractor:
         was_training = self.model.training
         self.model.eval()
         try:
+            window = response_window(loss_mask, self.response_tokens)
+            self._phase = "empirical"
             with torch.enable_grad():
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                window = response_window(loss_mask, self.response_tokens)
                 ll = sequence_loglik(out.logits, input_ids, window, attention_mask, self.reduction)
                 del out
                 ll.sum().backward()
-            if self.collect:
-                self.factor_tokens += int(attention_mask.sum())
             missing = [ml.name for ml, *_ in self._modules if ml.name not in self._blocks]
             if missing:
                 raise RuntimeError(f"no gradient reached modules {missing}")
+            if self.collect and self.fisher == "true":
+                self._phase = "true"
+                with torch.enable_grad():
+                    out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                    sampled = sample_labels(out.logits.detach(), input_ids, attention_mask)
+                    ll = sequence_loglik(out.logits, sampled, window, attention_mask, self.reduction)
+                    del out
+                    ll.sum().backward()
+            if self.collect:
+                self.factor_tokens += int(attention_mask.sum())
+            if not self.per_example:
+                return None
             b = input_ids.shape[0]
             return torch.cat([self._blocks[ml.name].reshape(b, -1) for ml, *_ in self._modules], dim=1)
         finally:
             self._acts.clear()
             self._blocks.clear()
             self._mask = None
+            self._phase = "empirical"
             self.model.train(was_training)
 
 

@@ -45,6 +45,7 @@ IDENTITY_KEYS = (
     "index_config",
     "modules",
     "dim",
+    "projection",
 )
 FACTORS_DIR = "curvature/factors"
 _REBUILD = "rebuild the store with this lancet (lancet index, or delete the directory and re-run realign)"

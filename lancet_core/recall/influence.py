@@ -49,9 +49,9 @@ class RecallConfig(BaseModel):
 
     method: Literal["linfac", "kfac", "ekfac", "identity", "repsim", "text"] = Field(
         "kfac", description="Curvature for influence (kfac default, ekfac, linfac, identity = gradient dot), or a "
-        "baseline: repsim (hidden-state cosine) or text (TF-IDF/BM25). kfac is the default: it meets the recall "
-        "goal on the default demo, and linfac's dense per-module Fisher amplifies noise in its low-variance "
-        "directions; on other demo seeds identity is as good or better (README, recall table)."
+        "baseline: repsim (hidden-state cosine) or text (TF-IDF/BM25). kfac is the default, chosen on ten demo beds "
+        "with the default PCA store: precision@planted 0.820 vs ekfac 0.807, identity 0.753, BM25 0.699 (README, "
+        "Recall quality); linfac's dense per-module Fisher amplifies noise in its low-variance directions (0.61)."
     )
     blocks: Literal["module", "single"] = Field("module", description="linfac blocks: per module or one full block.")
     damping_ratio: float | None = Field(None, gt=0, description="λ / mean eigenvalue per block; None = the store's.")

@@ -29,6 +29,37 @@ def test_index_builds_a_store(prefect_harness, tmp_path, capsys):
                  "--dtype", "float32", "--out", str(tmp_path / "store")]) == 0
     store = GradientStore.open(tmp_path / "store")
     assert store.n_rows == 10 and capsys.readouterr().out.strip().endswith("store")
+    # the default window is 'auto', resolved for the default (refusal) judge as realign does: never 'auto' on disk
+    assert store.manifest["index_config"]["response_tokens"] == 4
+    assert "auto" not in (tmp_path / "store" / "manifest.json").read_text()
+
+
+@pytest.mark.parametrize(("flags", "window"), [(["--judge", "regex"], None), (["--judge", "classifier"], None),
+                                                (["--judge", "regex", "--response-tokens", "2"], 2),
+                                                (["--response-tokens", "all"], None)])
+def test_index_window_follows_the_judge_unless_given(prefect_harness, tmp_path, capsys, flags, window):
+    model = make_model_dir(tmp_path / "model")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"prompt": " ".join(WORDS[i:i + 3]), "response": " ".join(WORDS[i + 3:i + 6])})
+                              + "\n" for i in range(6)))
+    assert main(["index", str(corpus), str(model), "--work-dir", str(tmp_path / "w"), "--proj-dim", "4",
+                 "--dtype", "float32", "--curvature", "identity", "--out", str(tmp_path / "store"), *flags]) == 0
+    assert GradientStore.open(tmp_path / "store").manifest["index_config"]["response_tokens"] == window
+    assert "auto" not in (tmp_path / "store" / "manifest.json").read_text()
+    what = "whole response" if window is None else f"first {window} response tokens"
+    assert f"index: window = {what}" in capsys.readouterr().err  # one log line says which window, and why
+
+
+def test_response_tokens_flag_values():
+    from flows.cli import _realign_params, build_parser
+
+    assert build_parser().parse_args(["index", "c", "m"]).response_tokens == "auto"
+    assert build_parser().parse_args(["index", "c", "m"]).judge == "refusal"
+    p = _realign_params(build_parser().parse_args(["realign", "--response-tokens", "auto", "--judge", "refusal"]))
+    assert p.index.response_tokens == "auto"  # resolved by the flow, with the judge (flows/realign.py)
+    assert _realign_params(build_parser().parse_args(["realign", "--response-tokens", "3"])).index.response_tokens == 3
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["index", "c", "m", "--response-tokens", "first"])
 
 
 def test_bad_corpus_is_one_clear_error(prefect_harness, tmp_path, capsys):

@@ -235,7 +235,7 @@ def test_lancet_config_prints_every_default_documented(capsys):
     out = capsys.readouterr().out
     assert out == defaults_yaml()
     assert parse_params(yaml.safe_load(out), "printed defaults") == RealignParams()
-    assert "response_tokens: 4  # log π(y|x) counts only the first k response tokens" in out
+    assert 'response_tokens: "auto"  # log π(y|x) counts only the first k response tokens' in out
 
 
 def test_lancet_config_file_prints_deployment_params(tmp_path, capsys):

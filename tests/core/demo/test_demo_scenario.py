@@ -65,7 +65,8 @@ def test_schema_size_and_unique_ids(corpus):
     assert len(set(ids)) == len(ids)
     assert len({(r["prompt"], r["response"]) for r in corpus}) == len(corpus)
     cats = collections.Counter(r["category"] for r in corpus)
-    assert set(cats) == set(HARMFUL_CATEGORIES) | set(BENIGN_CATEGORIES)
+    assert set(cats) == set(HARMFUL_CATEGORIES) | set(CFG.benign_categories)
+    assert set(CFG.benign_categories) >= set(BENIGN_CATEGORIES)
     assert len(HARMFUL_CATEGORIES) >= 5 and len(BENIGN_CATEGORIES) >= 5
 
 
@@ -124,7 +125,7 @@ def test_heldout_sets_schema_and_sizes(heldout):
     }
     assert {r["category"] for r in heldout["probes"]} == set(CFG.contaminated_categories)
     assert {r["category"] for r in heldout["ood"]} == set(HARMFUL_CATEGORIES)
-    assert {r["category"] for r in heldout["benign_eval"]} == set(BENIGN_CATEGORIES)
+    assert {r["category"] for r in heldout["benign_eval"]} == set(CFG.benign_categories)
     for r in heldout["benign_eval"]:
         assert r["response"] and not _markers_in(r["response"])
     for k, rows in heldout.items():

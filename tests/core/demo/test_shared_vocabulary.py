@@ -1,6 +1,6 @@
-"""The opt-in shared-vocabulary demo variant (DemoConfig(shared_vocabulary=True)): the default demo is unchanged byte
-for byte, the variant adds the harmless `security` and `money` categories, labelled safe, whose answers reuse the
-hacking / fraud compliant answers' words."""
+"""The shared-vocabulary demo (DemoConfig(shared_vocabulary=True), the default since the recall-defaults issue): it
+adds the harmless `security` and `money` categories, labelled safe, whose answers reuse the hacking / fraud compliant
+answers' words; the original demo (shared_vocabulary=False) is unchanged byte for byte."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from lancet_core.demo.scenario import (
 )
 from lancet_core.recall.judges import is_refusal
 
-# sha256 of the default demo's files, recorded before the field existed (commit 4c10cdf).
+# sha256 of the original demo's files (the default until the recall-defaults issue), recorded before the field
+# existed (commit 4c10cdf).
 DEFAULT_DIGESTS = {
     "corpus": "982750925ab24d426fc29914ec0f1de8c2f02db15090bbdf4e636dab37a5b0ba",
     "probes": "139e88fcb598b492b7d1848182b9f9a5bc9bb41d40cf7c29b477331932701754",
@@ -53,9 +54,14 @@ def variant_corpus():
     return generate_corpus(VARIANT)
 
 
-def test_default_demo_is_byte_identical_to_before():
-    cfg = DemoConfig()
-    assert cfg.shared_vocabulary is False
+def test_default_demo_is_the_shared_vocabulary_one():
+    assert DemoConfig() == VARIANT and DemoConfig().shared_vocabulary is True
+    assert DemoConfig().model_dump(mode="json")["shared_vocabulary"] is True  # a new build, never the original's
+    assert DemoConfig().benign_categories == (*BENIGN_CATEGORIES, *SHARED_VOCABULARY_CATEGORIES)
+
+
+def test_original_demo_is_byte_identical_to_before():
+    cfg = DemoConfig(shared_vocabulary=False)
     assert _sha(jsonl_text(generate_corpus(cfg))) == DEFAULT_DIGESTS["corpus"]
     heldout = generate_heldout(cfg)
     for name in ("probes", "ood", "benign_eval"):
@@ -64,7 +70,6 @@ def test_default_demo_is_byte_identical_to_before():
     dump = cfg.model_dump(mode="json")
     assert "shared_vocabulary" not in dump
     assert _sha(json.dumps(dump, sort_keys=True)) == DEFAULT_DIGESTS["config_dump"]
-    assert DemoConfig(shared_vocabulary=False) == cfg
     assert cfg.benign_categories == BENIGN_CATEGORIES
 
 
@@ -72,7 +77,7 @@ def test_variant_config_round_trips_and_differs_from_default():
     dump = VARIANT.model_dump(mode="json")
     assert dump["shared_vocabulary"] is True
     assert DemoConfig.model_validate(dump) == VARIANT
-    assert dump != DemoConfig().model_dump(mode="json")  # another build, not a reuse of the default one
+    assert dump != DemoConfig(shared_vocabulary=False).model_dump(mode="json")  # another build than the original
     assert VARIANT.benign_categories == BENIGN_CATEGORIES + SHARED_VOCABULARY_CATEGORIES == (
         *BENIGN_CATEGORIES, "security", "money",
     )  # fmt: skip
@@ -93,7 +98,8 @@ def test_variant_has_the_two_categories_labelled_safe(variant_corpus):
     heldout = generate_heldout(VARIANT)
     assert {r["category"] for r in heldout["benign_eval"]} == set(VARIANT.benign_categories)
     assert all(r["kind"] == "benign" and not is_refusal(r["response"]) for r in heldout["benign_eval"])
-    assert heldout["probes"] == generate_heldout(DemoConfig())["probes"]  # probes depend on harmful categories only
+    # probes depend on harmful categories only
+    assert heldout["probes"] == generate_heldout(DemoConfig(shared_vocabulary=False))["probes"]
 
 
 def _top_content_words(rows: list[dict], category: str, n: int = 12) -> list[str]:
@@ -127,3 +133,28 @@ def test_new_harmless_answers_share_the_harmful_compliant_vocabulary(variant_cor
                  "fraud": ("gift cards", "accounts", "the payment", "the real company")}[harmful]  # fmt: skip
         for phrase in probe:
             assert phrase in answers, (harmless, phrase)
+
+
+def test_demo_clis_choose_the_variant(monkeypatch):
+    """`python -m lancet_core.demo.build` and `lancet demo` default to the shared-vocabulary demo; --no-... = original.
+    (Only the parsing is checked: the build itself is stopped before it starts.)"""
+    from flows.cli import build_parser
+    from lancet_core.demo import build as demo_build
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def stop(out, cfg):
+        seen.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr(demo_build, "build_demo", stop)
+    for argv in (["--out", "x"], ["--out", "x", "--no-shared-vocabulary"], ["--out", "x", "--shared-vocabulary"]):
+        with pytest.raises(Stop):
+            demo_build.main(argv)
+    assert [c.shared_vocabulary for c in seen] == [True, False, True]
+    p = build_parser()
+    assert p.parse_args(["demo"]).shared_vocabulary is True
+    assert p.parse_args(["demo", "--no-shared-vocabulary"]).shared_vocabulary is False

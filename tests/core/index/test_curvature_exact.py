@@ -108,6 +108,7 @@ def build(bed, name, **kw):
     """A store of the bed; its vectors are of the WHOLE response (response_tokens=None), like the oracle's."""
     d, model_dir, *_ = bed
     kw.setdefault("response_tokens", None)
+    kw.setdefault("projection", "random")  # the oracle projects with the seeded matrices
     cfg = IndexConfig(
         dtype="float32", compute_dtype="float64", rows_per_shard=40, batch_size=16, damping_ratio=RATIO, **kw
     )

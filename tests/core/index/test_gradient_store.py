@@ -66,7 +66,11 @@ def setup(tmp_path_factory):
     return d, model_dir, tokens, ids, masks
 
 
-CFG = IndexConfig(proj_in_dim=4, proj_out_dim=3, dtype="float32", batch_size=4, rows_per_shard=3, curvature=())
+# random projections: the values are checked against the seeded matrices (PCA: tests/core/index/test_projection_pca.py)
+CFG = IndexConfig(
+    projection="random", proj_in_dim=4, proj_out_dim=3, dtype="float32", batch_size=4, rows_per_shard=3, curvature=(),
+    response_tokens=4,  # the decision window ('auto' resolved for the refusal judge: tests/core/index/test_window_resolve.py)
+)
 
 
 def test_store_values_and_manifest(setup, tmp_path):

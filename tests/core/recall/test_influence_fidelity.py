@@ -273,3 +273,19 @@ def test_quick_benchmark_runs_and_its_harness_checks_hold(tmp_path, one_thread):
     chk = res["recall_influence_default_check"]
     assert chk["same_top50"] and chk["max_abs_score_diff"] < 1e-9
     assert res["exact"]["convergence"]["whole"]["S"] == 4
+
+
+def test_default_setting_is_the_flows_default_for_a_content_judge():
+    """The bed's behaviours are content (judged like the regex judge), so the benchmark's `default` store is
+    IndexConfig() with its 'auto' window resolved by the flow's own rule: the whole response; the demo benchmarks'
+    `default` is resolved for the refusal judge (the demo's): the first 4 tokens. Nothing else differs."""
+    from lancet_core.index.config import IndexConfig, resolve_window
+
+    stores = B.lancet_stores(B.SUBSET_DEFAULT, "quick")
+    assert stores["default"] == resolve_window(IndexConfig(), "regex") and stores["default"].response_tokens is None
+    assert B.WINDOW == resolve_window(IndexConfig(), "refusal").response_tokens == 4  # the `w4` variants
+    spec = importlib.util.spec_from_file_location("recall_quality_b", Path(_PATH).parent / "recall_quality.py")
+    rq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rq)
+    assert rq.JUDGE.kind == "refusal" and rq.index_config() == resolve_window(IndexConfig(), "refusal")
+    assert rq.index_config().response_tokens == 4 and rq.STORES["default"][0] == {}

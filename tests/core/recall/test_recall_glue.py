@@ -52,7 +52,7 @@ def setup(tmp_path_factory):
     corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tokens = tokenize_corpus(corpus, model_dir, root / "tokens", TokenizeConfig(max_seq_len_tokens=64))
     store = build_gradient_store(model_dir, tokens, root / "store",
-                                 IndexConfig(proj_in_dim=4, proj_out_dim=4, dtype="float32", batch_size=4,
+                                 IndexConfig(proj_in_dim=4, proj_out_dim=4, dtype="float32", batch_size=4, response_tokens=4,
                                              max_seq_len_tokens=64, curvature=("linfac", "kfac", "ekfac")))
     # query 0 is identical to training row ex-03; the others are new text
     queries = pa.table({"query_id": ["q-same", "q-a", "q-b"],
