@@ -183,7 +183,7 @@ def main() -> None:
     try:
         model = _model(root / "model", a.layers, a.width, vocab)
         tokens = _tokens(root / "tokens.parquet", a.shards * a.rows_per_shard, vocab)
-        cfg = IndexConfig(rows_per_shard=a.rows_per_shard, batch_size=8)
+        cfg = IndexConfig(rows_per_shard=a.rows_per_shard, batch_size=8, response_tokens=4)  # the demo judge (refusal) window
         out: dict = {"benchmark": "gradient_store_build_serial_vs_ray", "shards": a.shards,
                      "rows_per_shard": a.rows_per_shard, "model": f"GPT-2 {a.layers} layers x {a.width}, vocab {vocab}",
                      "rows_tokens": "48-128 tokens, response = last half", "cpu": _cpu(), "cpu_count": os.cpu_count()}

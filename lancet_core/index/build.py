@@ -198,7 +198,6 @@ def store_lock(store_dir: str | Path):
     """Hold `store_dir/.lock` (the coordinating process only): overlapping builds of one store never interleave."""
     from filelock import FileLock
 
-    cfg.require_resolved()  # response_tokens='auto' needs the judge: resolve_window first (before any work)
     root = Path(store_dir)
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / ".lock")):

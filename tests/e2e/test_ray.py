@@ -30,7 +30,7 @@ from tests.core.index.test_gradient_store import make_model_dir, write_tokens
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).parent / "ray"
-CFG = IndexConfig(proj_in_dim=4, proj_out_dim=3, dtype="float16", batch_size=4, rows_per_shard=10,
+CFG = IndexConfig(proj_in_dim=4, proj_out_dim=3, dtype="float16", batch_size=4, response_tokens=4, rows_per_shard=10,
                   curvature=("kfac",))
 N_ROWS = 60  # 6 shards
 

@@ -17,7 +17,7 @@ from lancet_core.index.config import IndexConfig
 from lancet_core.index.store import GradientStore, StoreFormatError, StoreIncomplete, reduce_factor_sums
 from tests.core.index.test_gradient_store import make_model_dir, write_tokens
 
-CFG = IndexConfig(proj_in_dim=4, proj_out_dim=3, dtype="float16", batch_size=4, rows_per_shard=3,
+CFG = IndexConfig(proj_in_dim=4, proj_out_dim=3, dtype="float16", batch_size=4, response_tokens=4, rows_per_shard=3,
                   curvature=("kfac",))
 
 
