@@ -314,6 +314,7 @@ def post_train(
 
     bar = tqdm(plan, desc=f"post_train[{cfg.loss}]", unit="step", disable=not show_progress)
     for step, idx in enumerate(bar, start=1):
+        t_step = time.perf_counter()
         lr = cfg.learning_rate * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else cfg.learning_rate
         for g in opt.param_groups:
             g["lr"] = lr
@@ -344,7 +345,8 @@ def post_train(
         if not math.isfinite(tot):
             raise FloatingPointError(f"post_train: loss became {tot} at step {step}; lower learning_rate or beta")
         history.append(
-            {"step": step, "loss": tot, "preference": pref, "retain_kl": kl, "lr": lr, "grad_norm": grad_norm}
+            {"step": step, "loss": tot, "preference": pref, "retain_kl": kl, "lr": lr, "grad_norm": grad_norm,
+             "seconds": round(time.perf_counter() - t_step, 4)}
         )
         bar.set_postfix(loss=f"{tot:.4f}")
     bar.close()

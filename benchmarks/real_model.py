@@ -1,0 +1,250 @@
+"""Real-model figures on SmolLM2-135M-Instruct (the `lancet demo --real` scenario); prints ONE JSON object.
+
+- extraction vs plain: projected per-example gradient extraction with the IndexConfig defaults (kfac factors
+  collected, first-4-token window) vs a plain batched forward+backward with parameter gradients (one training step
+  without the optimizer), on the scenario's corpus rows through the chat template, batch 8. Each mode runs in its own
+  subprocess (peak RSS = ru_maxrss), alternating for --rounds rounds, best round kept (the box is shared).
+- bytes per stored row at the default projection (a float16 shard of the extracted rows).
+- IBO step vs TRL DPOTrainer step on the same pairs (pairs.parquet of a realign run on the scenario) and model, both
+  LoRA on the same target modules, rank, batch size and learning rate, fp32, CPU: median seconds per optimizer step
+  after one warm-up step. IBO is timed with its defaults (λ_B > 0: one retain batch through policy and reference
+  per step) and with λ_B = 0 (the same work as DPO: chosen + rejected through policy and reference).
+- realign stage times: read from a `lancet realign --json` summary when --realign-json is given.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/real_model.py --demo .lancet/real-demo \
+        --pairs-dir .lancet/pairs/<id> [--realign-json realign.json] [--steps 6] [--rounds 2]
+
+Needs the `bench` extra for the DPO comparison (`pip install -e '.[bench]'`: trl); without trl that part is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH = 8
+
+
+def _rows(demo: Path, n: int) -> list[dict]:
+    from lancet_core.demo.scenario import read_jsonl
+
+    return read_jsonl(demo / "corpus.jsonl")[:n]
+
+
+def child_gradients(mode: str, demo: Path, n_batches: int) -> dict:
+    import numpy as np
+    import torch
+
+    from lancet_core.chat import encode_example
+    from lancet_core.index.config import IndexConfig
+    from lancet_core.index.hooks import ProjectedGradientExtractor, build_layout, right_pad, sequence_loglik
+    from lancet_core.index.store import _encode_shard
+    from lancet_core.manifest import atomic_write_parquet
+    from lancet_core.model_io import load_model, load_tokenizer
+
+    model_dir = demo / "model"
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir).eval()
+    rows = _rows(demo, BATCH * (n_batches + 1))
+    enc = [encode_example(tok, r["prompt"], r["response"], 256) for r in rows]
+    batches = [right_pad([e.input_ids for e in enc[i:i + BATCH]], [e.loss_mask for e in enc[i:i + BATCH]],
+                         tok.pad_token_id) for i in range(0, len(enc), BATCH)]
+    res = {"params": sum(p.numel() for p in model.parameters()),
+           "mean_tokens_per_row": float(np.mean([len(e.input_ids) for e in enc]))}
+    times = []
+    if mode == "plain":
+        def step(ids, attn, lm):
+            model.zero_grad(set_to_none=True)
+            out = model(input_ids=ids, attention_mask=attn, use_cache=False)
+            (-sequence_loglik(out.logits, ids, lm, attn, "mean").mean()).backward()
+
+        step(*batches[0])
+        for b in batches[1:]:
+            t0 = time.perf_counter()
+            step(*b)
+            times.append(time.perf_counter() - t0)
+    else:
+        cfg = IndexConfig()
+        layout = build_layout(model, cfg.target_modules, cfg.proj_in_dim, cfg.proj_out_dim)
+        grads = []
+        with ProjectedGradientExtractor(model, layout, cfg.projection_seed, cfg.reduction,
+                                        cfg.collect_kronecker_factors, cfg.response_tokens) as ex:
+            ex.batch_gradients(*batches[0])
+            for b in batches[1:]:
+                t0 = time.perf_counter()
+                grads.append(ex.batch_gradients(*b).numpy())
+                times.append(time.perf_counter() - t0)
+        g = np.concatenate(grads)
+        with tempfile.TemporaryDirectory() as tmp:
+            p = atomic_write_parquet(_encode_shard([f"ex{i:08d}" for i in range(len(g))], g, cfg.dtype),
+                                     Path(tmp) / "s.parquet", use_dictionary=False)
+            res["bytes_per_row"] = p.stat().st_size / len(g)
+        res.update(dim=int(g.shape[1]), modules=len(layout), store_dtype=cfg.dtype,
+                   projection=f"{cfg.proj_in_dim}x{cfg.proj_out_dim}")
+    del torch
+    res["rows_per_s_median"] = BATCH / statistics.median(times)
+    res["rows_per_s_best"] = BATCH / min(times)
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return res
+
+
+def _train_cfg(**kw):
+    from lancet_core.correct.config import TrainConfig
+
+    return TrainConfig(device="cpu", **kw)
+
+
+def child_ibo(demo: Path, pairs_dir: Path, steps: int, lambda_b: float | None) -> dict:
+    from lancet_core.correct.trainer import post_train
+    from lancet_core.manifest import read_manifest
+
+    kw = {"max_steps": steps}
+    if lambda_b is not None:
+        kw["lambda_b"] = lambda_b
+    cfg = _train_cfg(**kw)
+    retain = pairs_dir / "retain.parquet"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = post_train(demo / "model", pairs_dir / "pairs.parquet", retain if retain.exists() else None,
+                         Path(tmp) / "m", cfg, show_progress=False)
+        hist = read_manifest(out)["loss_history"]
+    secs = [h["seconds"] for h in hist[1:]] or [hist[0]["seconds"]]
+    return {"steps": len(hist), "batch_size": cfg.batch_size, "lambda_b": cfg.lambda_b, "lora_rank": cfg.lora_rank,
+            "seconds_per_step_median": statistics.median(secs), "seconds_per_step_best": min(secs),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def child_dpo(demo: Path, pairs_dir: Path, steps: int) -> dict:
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from lancet_core.correct.trainer import lora_target_modules
+    from lancet_core.model_io import load_model, load_tokenizer
+
+    cfg = _train_cfg(max_steps=steps)
+    t = pq.read_table(pairs_dir / "pairs.parquet").to_pylist()
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in t])
+    tok = load_tokenizer(demo / "model")
+    model = load_model(demo / "model")
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = DPOConfig(output_dir=tmp, per_device_train_batch_size=cfg.batch_size, max_steps=steps,
+                         learning_rate=cfg.learning_rate, beta=cfg.beta, report_to=[], logging_steps=1,
+                         save_strategy="no", use_cpu=True, max_length=cfg.max_seq_len_tokens,
+                         gradient_accumulation_steps=1, dataloader_num_workers=0, disable_tqdm=True)
+        peft = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                          target_modules=list(lora_target_modules(model)), task_type="CAUSAL_LM")
+        trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft,
+                             callbacks=[Clock()])
+        trainer.train()
+    secs = times[1:] or times
+    return {"steps": len(times), "batch_size": cfg.batch_size, "seconds_per_step_median": statistics.median(secs),
+            "seconds_per_step_best": min(secs), "trl": __import__("trl").__version__,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _run(args: list[str], env: dict) -> dict:
+    r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--demo", type=Path, required=True, help="a `lancet demo --real` directory")
+    ap.add_argument("--pairs-dir", type=Path, help="a realign run's pairs folder (pairs.parquet, retain.parquet)")
+    ap.add_argument("--realign-json", type=Path, help="`lancet realign --json` output of the run on --demo")
+    ap.add_argument("--batches", type=int, default=4, help="timed extraction / plain batches of 8 rows")
+    ap.add_argument("--steps", type=int, default=5, help="optimizer steps per IBO / DPO run (first is warm-up)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--child", nargs="+")
+    a = ap.parse_args()
+    if a.child:
+        kind = a.child[0]
+        if kind in ("plain", "extraction"):
+            out = child_gradients(kind, a.demo, a.batches)
+        elif kind == "ibo":
+            out = child_ibo(a.demo, a.pairs_dir, a.steps, float(a.child[1]) if len(a.child) > 1 else None)
+        else:
+            out = child_dpo(a.demo, a.pairs_dir, a.steps)
+        print(json.dumps(out))
+        return
+    import torch
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", DO_NOT_TRACK="true", TRANSFORMERS_VERBOSITY="error")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    base = ["--demo", str(a.demo), "--batches", str(a.batches), "--steps", str(a.steps)]
+    if a.pairs_dir:
+        base += ["--pairs-dir", str(a.pairs_dir)]
+    out: dict = {"model": str(a.demo / "model"), "torch_threads": torch.get_num_threads(), "batch_size": BATCH,
+                 "note": "shared 2-core machine; modes alternate in subprocesses, best round kept"}
+    grads: dict = {}
+    for _ in range(a.rounds):
+        for mode in ("plain", "extraction"):
+            r = _run(["--child", mode, *base], env)
+            if "error" in r:
+                grads[mode] = r
+            elif mode not in grads or r["rows_per_s_best"] > grads[mode].get("rows_per_s_best", 0):
+                grads[mode] = r
+    if all("rows_per_s_best" in grads.get(m, {}) for m in ("plain", "extraction")):
+        grads["throughput_ratio_extraction_over_plain"] = (grads["extraction"]["rows_per_s_best"]
+                                                           / grads["plain"]["rows_per_s_best"])
+        grads["throughput_ratio_median"] = (grads["extraction"]["rows_per_s_median"]
+                                            / grads["plain"]["rows_per_s_median"])
+        grads["peak_rss_ratio_extraction_over_plain"] = (grads["extraction"]["peak_rss_mb"]
+                                                         / grads["plain"]["peak_rss_mb"])
+        grads["bytes_per_row"] = grads["extraction"]["bytes_per_row"]
+    out["gradients"] = grads
+    if a.pairs_dir:
+        step: dict = {}
+        for _ in range(a.rounds):
+            for name, args in (("ibo", ["ibo"]), ("ibo_lambda_b_0", ["ibo", "0"]), ("dpo_trl", ["dpo"])):
+                r = _run(["--child", *args, *base], env)
+                if name not in step or r.get("seconds_per_step_median", 1e9) < step[name].get(
+                        "seconds_per_step_median", 1e9):
+                    step[name] = r
+        d = step.get("dpo_trl", {}).get("seconds_per_step_median")
+        for name in ("ibo", "ibo_lambda_b_0"):
+            s = step.get(name, {}).get("seconds_per_step_median")
+            if d and s:
+                step[f"{name}_over_dpo_trl"] = s / d
+        out["correction_step"] = step
+    if a.realign_json:
+        s = json.loads(a.realign_json.read_text())
+        found = {}
+
+        def walk(x):
+            if isinstance(x, dict):
+                for k, v in x.items():
+                    if isinstance(k, str) and k.startswith("time_") and isinstance(v, int | float):
+                        found[k] = v
+                    walk(v)
+
+        walk(s)
+        out["realign_stage_seconds"] = found
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
