@@ -9,10 +9,10 @@
   LoRA on the same target modules, rank, batch size and learning rate, fp32, CPU: median seconds per optimizer step
   after one warm-up step. IBO is timed with its defaults (λ_B > 0: one retain batch through policy and reference
   per step) and with λ_B = 0 (the same work as DPO: chosen + rejected through policy and reference).
-- realign stage times: read from a `lancet realign --json` summary when --realign-json is given.
+- realign stage times: parsed from the stage lines of a `lancet realign` log when --realign-log is given.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/real_model.py --demo .lancet/real-demo \
-        --pairs-dir .lancet/pairs/<id> [--realign-json realign.json] [--steps 6] [--rounds 2]
+        --pairs-dir .lancet/pairs/<id> [--realign-log realign.log] [--steps 6] [--rounds 2]
 
 Needs the `bench` extra for the DPO comparison (`pip install -e '.[bench]'`: trl); without trl that part is skipped.
 """
@@ -174,7 +174,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo", type=Path, required=True, help="a `lancet demo --real` directory")
     ap.add_argument("--pairs-dir", type=Path, help="a realign run's pairs folder (pairs.parquet, retain.parquet)")
-    ap.add_argument("--realign-json", type=Path, help="`lancet realign --json` output of the run on --demo")
+    ap.add_argument("--realign-log", type=Path, help="the terminal log of `lancet realign` on --demo (stage lines)")
     ap.add_argument("--batches", type=int, default=4, help="timed extraction / plain batches of 8 rows")
     ap.add_argument("--steps", type=int, default=5, help="optimizer steps per IBO / DPO run (first is warm-up)")
     ap.add_argument("--rounds", type=int, default=2)
@@ -230,19 +230,17 @@ def main() -> None:
             if d and s:
                 step[f"{name}_over_dpo_trl"] = s / d
         out["correction_step"] = step
-    if a.realign_json:
-        s = json.loads(a.realign_json.read_text())
-        found = {}
+    if a.realign_log:
+        import re
 
-        def walk(x):
-            if isinstance(x, dict):
-                for k, v in x.items():
-                    if isinstance(k, str) and k.startswith("time_") and isinstance(v, int | float):
-                        found[k] = v
-                    walk(v)
-
-        walk(s)
-        out["realign_stage_seconds"] = found
+        stages = {}
+        for line in a.realign_log.read_text(errors="replace").splitlines():
+            m = re.search(r"\b(demo|find_undesirable|evaluate_before|tokenize|index|recall|repair|pairs|ibo|"
+                          r"evaluate_after): .*\(([\d.]+) s\)\s*$", line)
+            if m:
+                stages[m.group(1)] = float(m.group(2))
+        stages["total_stages"] = round(sum(stages.values()), 1)
+        out["realign_stage_seconds"] = stages
     print(json.dumps(out, indent=1))
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from lancet_core.index.projection import ModuleLayout
+from lancet_core.model_io import autocast_context
 
 _BLOCK_RE = re.compile(r"(^|\.)(h|layers|layer|blocks|block)\.\d+\.")
 _NEVER = ("lm_head", "embed", "wte", "wpe")
@@ -146,8 +147,10 @@ class ProjectedGradientExtractor:
         reduction: str = "mean",
         collect_kronecker_factors: bool = False,
         response_tokens: int | None = None,
+        autocast: str = "off",
     ):
         _check_window(response_tokens)  # at construction, not at the first batch
+        self.autocast = autocast  # bf16 autocast of the forward pass (lancet_core.model_io.autocast_context)
         self.model = model
         self.response_tokens = response_tokens
         self.layout = list(layout)
@@ -194,12 +197,16 @@ class ProjectedGradientExtractor:
                 return
             if name in self._acts:
                 raise RuntimeError(f"module {name} ran twice in one forward pass; not supported (no checkpointing)")
-            a = args[0].detach()
-            at = a @ p_in if p_in is not None else a  # [B, T, k_in]
-            at = at * self._mask.unsqueeze(-1)
+            # under bf16 autocast activations and output gradients arrive in bf16: projections, per-example blocks and
+            # Kronecker factors are computed in the model's dtype (float32), never in bf16
+            a = args[0].detach().to(self.dtype)
+            with torch.autocast(a.device.type, enabled=False):
+                at = a @ p_in if p_in is not None else a  # [B, T, k_in]
+                at = at * self._mask.unsqueeze(-1)
             self._acts[name] = at
 
             def on_grad(grad: torch.Tensor):
+                grad = grad.to(self.dtype)
                 dt = grad @ p_out if p_out is not None else grad  # [B, T, k_out]
                 act = self._acts.pop(name)
                 self._blocks[name] = torch.einsum("bto,bti->boi", dt, act)
@@ -251,9 +258,10 @@ class ProjectedGradientExtractor:
         self.model.eval()
         try:
             with torch.enable_grad():
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                with autocast_context(input_ids.device, self.autocast):
+                    out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
                 window = response_window(loss_mask, self.response_tokens)
-                ll = sequence_loglik(out.logits, input_ids, window, attention_mask, self.reduction)
+                ll = sequence_loglik(out.logits.to(self.dtype), input_ids, window, attention_mask, self.reduction)
                 del out
                 ll.sum().backward()
             if self.collect:
