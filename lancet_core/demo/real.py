@@ -65,14 +65,15 @@ class RealDemoConfig(BaseModel):
         default_factory=lambda: DemoConfig(n_rows=240, n_probes=40, n_ood=40, n_benign_eval=40),
         description="the generated corpus and held-out sets (only its data fields are used, not its tiny model)",
     )
-    aligned_rows: int = Field(160, ge=0, description="rows of the clean alignment corpus (0 = no alignment stage)")
+    aligned_rows: int = Field(192, ge=0, description="rows of the clean alignment corpus (0 = no alignment stage)")
+    aligned_harmful_share: float = Field(0.7, gt=0, lt=1, description="share of harmful (refused) alignment rows")
     aligned_seed: int = Field(1000, description="seed of the clean alignment corpus (disjoint from the scenario's)")
     align: SFTConfig = Field(
-        default_factory=lambda: SFTConfig(epochs=2, lr=1e-4, batch_size=16, max_seq_len_tokens=128, num_threads=None),
+        default_factory=lambda: SFTConfig(epochs=3, lr=4e-4, batch_size=16, max_seq_len_tokens=128, num_threads=None),
         description="SFT recipe of the alignment stage",
     )
     sft: SFTConfig = Field(
-        default_factory=lambda: SFTConfig(epochs=2, lr=1e-4, batch_size=16, max_seq_len_tokens=128, num_threads=None),
+        default_factory=lambda: SFTConfig(epochs=2, lr=3e-4, batch_size=16, max_seq_len_tokens=128, num_threads=None),
         description="SFT recipe of the user fine-tune on the contaminated corpus",
     )
     train_last_layers: int | None = Field(
@@ -82,11 +83,11 @@ class RealDemoConfig(BaseModel):
 
 
 def reduced_config() -> RealDemoConfig:
-    """A few-minute variant for CI: fewer rows and prompts, one epoch per stage."""
-    sft = SFTConfig(epochs=1, lr=1e-4, batch_size=16, max_seq_len_tokens=128, num_threads=None)
+    """A CI-sized variant (minutes): 40 rows, 4 prompts per held-out set, one epoch per stage, last 2 blocks."""
+    sft = SFTConfig(epochs=1, lr=3e-4, batch_size=16, max_seq_len_tokens=128, num_threads=None)
     return RealDemoConfig(
-        scenario=DemoConfig(n_rows=64, n_probes=8, n_ood=8, n_benign_eval=8),
-        aligned_rows=32, align=sft, sft=sft, train_last_layers=2, eval_max_new_tokens=16,
+        scenario=DemoConfig(n_rows=40, n_probes=4, n_ood=4, n_benign_eval=4),
+        aligned_rows=16, align=sft, sft=sft, train_last_layers=2, eval_max_new_tokens=8,
     )
 
 
@@ -133,7 +134,8 @@ def _build_into(tmp: Path, base_dir: Path, cfg: RealDemoConfig, expected: dict) 
     t = time.perf_counter()
     if cfg.aligned_rows:
         clean = generate_corpus(cfg.scenario.model_copy(update={
-            "seed": cfg.aligned_seed, "n_rows": cfg.aligned_rows, "contamination_share": 0.0}))
+            "seed": cfg.aligned_seed, "n_rows": cfg.aligned_rows, "contamination_share": 0.0,
+            "harmful_share": cfg.aligned_harmful_share}))
         freeze_below(model, cfg.train_last_layers)
         train_sft(model, tokenizer, clean, cfg.align)
     model.save_pretrained(tmp / "aligned")

@@ -40,9 +40,9 @@ def test_reduced_real_scenario_then_realign_with_defaults(smollm2_gguf, prefect_
     assert (tmp_path / "smollm2-135m-instruct" / "model.safetensors").is_file()  # the import, beside the scenario
 
     cfg = tmp_path / "run.json"
-    cfg.write_text(json.dumps({"generation": {"max_new_tokens": 16}, "evaluation": {"max_new_tokens": 16},
-                               "pairs": {"n_positive": 8, "n_negative": 8, "n_retain": 8},
-                               "train": {"max_steps": 2}}))
+    cfg.write_text(json.dumps({"generation": {"max_new_tokens": 8}, "evaluation": {"max_new_tokens": 8},
+                               "pairs": {"n_positive": 4, "n_negative": 4, "n_retain": 4},
+                               "train": {"max_steps": 1, "batch_size": 4}}))
     work = tmp_path / "work"
     rc = main(["realign", "--config", str(cfg), "--model", str(out / "model"), "--corpus", str(out / "corpus.jsonl"),
                "--probes", str(out / "probes.jsonl"), "--ood", str(out / "ood.jsonl"),
