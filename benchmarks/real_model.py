@@ -133,9 +133,11 @@ def child_dpo(demo: Path, pairs_dir: Path, steps: int) -> dict:
 
     cfg = _train_cfg(max_steps=steps)
     t = pq.read_table(pairs_dir / "pairs.parquet").to_pylist()
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                             "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in t])
+    # TRL needs one prompt per pair: IBO's chosen row may come from a nearest prompt, so DPO gets the rejected
+    # row's prompt with both responses (the same number of sequences and about the same tokens per step)
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["rejected_prompt"]}],
+                             "chosen": [{"role": "assistant", "content": r["chosen_response"]}],
+                             "rejected": [{"role": "assistant", "content": r["rejected_response"]}]} for r in t])
     tok = load_tokenizer(demo / "model")
     model = load_model(demo / "model")
     times: list[float] = []
