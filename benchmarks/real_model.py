@@ -165,6 +165,37 @@ def child_dpo(demo: Path, pairs_dir: Path, steps: int) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def recall_figures(demo: Path, work: Path) -> dict:
+    """AP / precision@planted of the realign run's influence vs BM25, TF-IDF and RepSim on the same flagged queries."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from lancet_core.demo.scenario import read_jsonl
+    from lancet_core.model_io import load_model, load_tokenizer
+    from lancet_core.recall.baselines import repsim_scores, text_similarity_scores
+    from lancet_core.recall.metrics import average_precision, precision_at_k
+
+    (influence,) = work.glob("influence/*/influence.parquet")
+    (queries,) = work.glob("queries/*/queries.parquet")
+    (tokens,) = work.glob("tokens/*/tokens.parquet")
+    corpus = read_jsonl(demo / "corpus.jsonl")
+    label = {r["example_id"]: bool(r["is_unsafe"]) for r in corpus}
+    n_pos = sum(label.values())
+
+    def figs(t) -> dict:
+        ids, sc = t.column("example_id").to_pylist(), np.asarray(t.column("score").to_numpy(), dtype=np.float64)
+        y = np.array([label[i] for i in ids])
+        return {"ap": average_precision(sc, y), "p_at_planted": precision_at_k(sc, y, n_pos)}
+
+    out = {"planted": n_pos, "rows": len(corpus), "flagged_queries": pq.read_metadata(queries).num_rows,
+           "influence_default": figs(pq.read_table(influence, columns=["example_id", "score"]))}
+    for m in ("bm25", "tfidf"):
+        out[m] = figs(text_similarity_scores(corpus, str(queries), method=m))
+    model, tok = load_model(demo / "model").eval(), load_tokenizer(demo / "model")
+    out["repsim"] = figs(repsim_scores(model, tok, str(tokens), str(queries)))
+    return out
+
+
 def _run(args: list[str], env: dict) -> dict:
     r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -176,6 +207,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo", type=Path, required=True, help="a `lancet demo --real` directory")
     ap.add_argument("--pairs-dir", type=Path, help="a realign run's pairs folder (pairs.parquet, retain.parquet)")
+    ap.add_argument("--recall-work", type=Path, help="work dir of a realign run on --demo: recall AP vs baselines")
+    ap.add_argument("--skip-gradients", action="store_true", help="skip the extraction / plain comparison")
     ap.add_argument("--realign-log", type=Path, help="the terminal log of `lancet realign` on --demo (stage lines)")
     ap.add_argument("--batches", type=int, default=4, help="timed extraction / plain batches of 8 rows")
     ap.add_argument("--steps", type=int, default=5, help="optimizer steps per IBO / DPO run (first is warm-up)")
@@ -202,7 +235,7 @@ def main() -> None:
     out: dict = {"model": str(a.demo / "model"), "torch_threads": torch.get_num_threads(), "batch_size": BATCH,
                  "note": "shared 2-core machine; modes alternate in subprocesses, best round kept"}
     grads: dict = {}
-    for _ in range(a.rounds):
+    for _ in range(0 if a.skip_gradients else a.rounds):
         for mode in ("plain", "extraction"):
             r = _run(["--child", mode, *base], env)
             if "error" in r:
@@ -217,7 +250,10 @@ def main() -> None:
         grads["peak_rss_ratio_extraction_over_plain"] = (grads["extraction"]["peak_rss_mb"]
                                                          / grads["plain"]["peak_rss_mb"])
         grads["bytes_per_row"] = grads["extraction"]["bytes_per_row"]
-    out["gradients"] = grads
+    if grads:
+        out["gradients"] = grads
+    if a.recall_work:
+        out["recall"] = recall_figures(a.demo, a.recall_work)
     if a.pairs_dir:
         step: dict = {}
         for _ in range(a.rounds):
