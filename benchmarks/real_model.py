@@ -12,7 +12,7 @@
 - realign stage times: parsed from the stage lines of a `lancet realign` log when --realign-log is given.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/real_model.py --demo .lancet/real-demo \
-        --pairs-dir .lancet/pairs/<id> [--realign-log realign.log] [--steps 6] [--rounds 2]
+        (--pairs-dir .lancet/pairs/<id> | --label-pairs DIR) [--recall-work W] [--realign-log realign.log] [--steps 6] [--rounds 2]
 
 Needs the `bench` extra for the DPO comparison (`pip install -e '.[bench]'`: trl); without trl that part is skipped.
 """
@@ -196,6 +196,24 @@ def recall_figures(demo: Path, work: Path) -> dict:
     return out
 
 
+def label_pairs(demo: Path, out: Path) -> Path:
+    """Pairs for the step comparison when no realign run is at hand: lancet's pair builder (PairConfig defaults) on
+    label scores (+1 planted, -1 refusal, 0 benign), so (refusal, compliance) pairs like the influence-ranked ones."""
+    import pyarrow as pa
+
+    from lancet_core.correct.config import PairConfig
+    from lancet_core.correct.pairs import build_pairs, write_pair_tables
+    from lancet_core.demo.scenario import read_jsonl
+
+    rows = read_jsonl(demo / "corpus.jsonl")
+    score = [1.0 if r["is_unsafe"] else (-1.0 if r["kind"] == "harmful" else 0.0) for r in rows]
+    t = pa.table({"example_id": [r["example_id"] for r in rows], "score": score,
+                  "prompt": [r["prompt"] for r in rows], "response": [r["response"] for r in rows]})
+    pairs, retain = build_pairs(t, PairConfig())
+    write_pair_tables(out, pairs, retain, {"influence_digest": "labels"})
+    return out
+
+
 def _run(args: list[str], env: dict) -> dict:
     r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -207,6 +225,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo", type=Path, required=True, help="a `lancet demo --real` directory")
     ap.add_argument("--pairs-dir", type=Path, help="a realign run's pairs folder (pairs.parquet, retain.parquet)")
+    ap.add_argument("--label-pairs", type=Path, metavar="DIR",
+                    help="build pairs from the corpus labels into DIR and use them as --pairs-dir")
     ap.add_argument("--recall-work", type=Path, help="work dir of a realign run on --demo: recall AP vs baselines")
     ap.add_argument("--skip-gradients", action="store_true", help="skip the extraction / plain comparison")
     ap.add_argument("--realign-log", type=Path, help="the terminal log of `lancet realign` on --demo (stage lines)")
@@ -227,6 +247,8 @@ def main() -> None:
         return
     import torch
 
+    if a.label_pairs:
+        a.pairs_dir = label_pairs(a.demo, a.label_pairs)
     env = dict(os.environ, HF_HUB_OFFLINE="1", DO_NOT_TRACK="true", TRANSFORMERS_VERBOSITY="error")
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     base = ["--demo", str(a.demo), "--batches", str(a.batches), "--steps", str(a.steps)]
