@@ -295,10 +295,11 @@ def main() -> None:
 
         stages = {}
         for line in a.realign_log.read_text(errors="replace").splitlines():
-            m = re.search(r"\b(demo|find_undesirable|evaluate_before|tokenize|index|recall|repair|pairs|ibo|"
-                          r"evaluate_after): .*\(([\d.]+) s\)\s*$", line)
-            if m:
-                stages[m.group(1)] = float(m.group(2))
+            m = re.search(r"flow_runs: (demo|find_undesirable|evaluate_before|tokenize|index|recall|repair|pairs|ibo|"
+                          r"evaluate_after): (.*)$", line)
+            secs = re.findall(r"([\d.]+) s[,)]", m.group(2)) if m else []
+            if secs:
+                stages[m.group(1)] = float(secs[0])
         stages["total_stages"] = round(sum(stages.values()), 1)
         out["realign_stage_seconds"] = stages
     print(json.dumps(out, indent=1))
