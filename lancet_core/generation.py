@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from lancet_core.chat import render_prompt_ids, to_messages
+from lancet_core.model_io import autocast_context
 
 
 @torch.no_grad()
@@ -31,9 +32,11 @@ def generate_answers(
     top_p: float = 1.0,
     seed: int = 0,
     desc: str = "generate",
+    autocast: str = "auto",
 ) -> list[str]:
     """One answer per prompt, in order. Deterministic for greedy decoding; seeded for sampling. A progress bar
-    (`desc`) appears when generation takes longer than 5 s."""
+    (`desc`) appears when generation takes longer than 5 s. `autocast`: bf16 autocast of the forward passes
+    ('auto' = on CUDA only, 'bf16' = also on CPU, 'off'; see `lancet_core.model_io.autocast_context`)."""
     from tqdm import tqdm
 
     if max_new_tokens < 1:
@@ -60,7 +63,8 @@ def generate_answers(
             else:
                 kwargs.update(do_sample=False)
             device = next(model.parameters()).device
-            seqs = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs).cpu()
+            with autocast_context(device, autocast):
+                seqs = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs).cpu()
             for j in range(len(rows)):
                 out.append(tokenizer.decode(seqs[j, width:], skip_special_tokens=True).strip())
             bar.update(len(rows))

@@ -60,6 +60,25 @@ def load_model(model_dir: str | Path, dtype=None, eager_attention: bool = True):
     return AutoModelForCausalLM.from_pretrained(str(_require_dir(model_dir, "model")), **kwargs)
 
 
+AUTOCAST_MODES = ("auto", "bf16", "off")
+
+
+def autocast_context(device, mode: str = "auto"):
+    """bf16 autocast for a forward pass: 'bf16' always (CPU included), 'off' never, 'auto' only on a CUDA device
+    that supports bf16. Matmuls then run in bf16 while weights, optimizer state and reductions stay float32."""
+    import contextlib
+
+    import torch
+
+    if mode not in AUTOCAST_MODES:
+        raise ValueError(f"autocast must be one of {AUTOCAST_MODES}, got {mode!r}")
+    device = torch.device(device)
+    on = mode == "bf16" or (mode == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if not on:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 def resolve_device(name: str):
     """'auto' → cuda when available, else cpu; 'cuda' without CUDA is an error."""
     import torch

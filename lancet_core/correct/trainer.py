@@ -44,7 +44,14 @@ from lancet_core.manifest import (
     read_manifest,
     write_manifest,
 )
-from lancet_core.model_io import load_model, load_tokenizer, model_digest, resolve_device, tokenizer_digest
+from lancet_core.model_io import (
+    autocast_context,
+    load_model,
+    load_tokenizer,
+    model_digest,
+    resolve_device,
+    tokenizer_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +321,7 @@ def post_train(
 
     bar = tqdm(plan, desc=f"post_train[{cfg.loss}]", unit="step", disable=not show_progress)
     for step, idx in enumerate(bar, start=1):
+        t_step = time.perf_counter()
         lr = cfg.learning_rate * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else cfg.learning_rate
         for g in opt.param_groups:
             g["lr"] = lr
@@ -325,11 +333,12 @@ def post_train(
         for k, mb in enumerate(micro):
             batch = [examples[i] for i in mb]
             weight = torch.tensor([e.weight for e in batch], dtype=dtype, device=device)
-            terms = _micro_terms(policy, ref, spec, cfg, batch, weight, pad_id, device)
-            kl_rows = None
-            if stream is not None:
-                rseqs = [retain_seqs[i] for i in ridx[k * retain_bs : (k + 1) * retain_bs]]
-                kl_rows = retain_kl_from_models(policy, ref, *_collate(rseqs, pad_id, device))
+            with autocast_context(device, cfg.autocast):  # log-probs and KL are upcast to float32 in losses.py
+                terms = _micro_terms(policy, ref, spec, cfg, batch, weight, pad_id, device)
+                kl_rows = None
+                if stream is not None:
+                    rseqs = [retain_seqs[i] for i in ridx[k * retain_bs : (k + 1) * retain_bs]]
+                    kl_rows = retain_kl_from_models(policy, ref, *_collate(rseqs, pad_id, device))
             terms = spec.fn(**terms, beta=cfg.beta, weight=weight, retain_kl_per_row=kl_rows, lambda_b=cfg.lambda_b)
             part = terms.accumulation_loss(n_step, max(m_step, 1))
             part.backward()
@@ -344,7 +353,8 @@ def post_train(
         if not math.isfinite(tot):
             raise FloatingPointError(f"post_train: loss became {tot} at step {step}; lower learning_rate or beta")
         history.append(
-            {"step": step, "loss": tot, "preference": pref, "retain_kl": kl, "lr": lr, "grad_norm": grad_norm}
+            {"step": step, "loss": tot, "preference": pref, "retain_kl": kl, "lr": lr, "grad_norm": grad_norm,
+             "seconds": round(time.perf_counter() - t_step, 4)}
         )
         bar.set_postfix(loss=f"{tot:.4f}")
     bar.close()

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from lancet_core.index.projection import ModuleLayout
+from lancet_core.model_io import autocast_context
 
 _BLOCK_RE = re.compile(r"(^|\.)(h|layers|layer|blocks|block)\.\d+\.")
 _NEVER = ("lm_head", "embed", "wte", "wpe")
@@ -176,12 +177,14 @@ class ProjectedGradientExtractor:
         basis: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
         fisher: str = "empirical",
         per_example: bool = True,
+        autocast: str = "off",
     ):
         _check_window(response_tokens)  # at construction, not at the first batch
         if fisher not in ("empirical", "true"):
             raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
         if not per_example and not collect_kronecker_factors:
             raise ValueError("per_example=False only makes sense when collecting the Kronecker factors")
+        self.autocast = autocast  # bf16 autocast of the forward pass (lancet_core.model_io.autocast_context)
         self.model = model
         self.fisher = fisher
         self.per_example = per_example
@@ -242,14 +245,18 @@ class ProjectedGradientExtractor:
                 raise RuntimeError(f"module {name} ran twice in one forward pass; not supported (no checkpointing)")
             phase = self._phase
             if phase == "empirical":
-                a = args[0].detach()
-                at = a @ p_in if p_in is not None else a  # [B, T, k_in]
-                at = at * self._mask.unsqueeze(-1)
+                # under bf16 autocast activations and output gradients arrive in bf16: projections, per-example
+                # blocks and Kronecker factors are computed in the model's dtype (float32), never in bf16
+                a = args[0].detach().to(self.dtype)
+                with torch.autocast(a.device.type, enabled=False):
+                    at = a @ p_in if p_in is not None else a  # [B, T, k_in]
+                    at = at * self._mask.unsqueeze(-1)
                 self._acts[name] = at
             else:
                 self._acts[name] = None  # the sampled-label pass only needs δ (for S)
 
             def on_grad(grad: torch.Tensor):
+                grad = grad.to(self.dtype)
                 dt = grad @ p_out if p_out is not None else grad  # [B, T, k_out]
                 act = self._acts.pop(name)
                 if phase == "empirical" and self.per_example:
@@ -312,8 +319,9 @@ class ProjectedGradientExtractor:
             window = response_window(loss_mask, self.response_tokens)
             self._phase = "empirical"
             with torch.enable_grad():
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                ll = sequence_loglik(out.logits, input_ids, window, attention_mask, self.reduction)
+                with autocast_context(input_ids.device, self.autocast):
+                    out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                ll = sequence_loglik(out.logits.to(self.dtype), input_ids, window, attention_mask, self.reduction)
                 del out
                 ll.sum().backward()
             missing = [ml.name for ml, *_ in self._modules if ml.name not in self._blocks]
@@ -322,10 +330,12 @@ class ProjectedGradientExtractor:
             if self.collect and self.fisher == "true":
                 self._phase = "true"
                 with torch.enable_grad():
-                    out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                    sampled = sample_labels(out.logits.detach(), input_ids, attention_mask)
-                    ll = sequence_loglik(out.logits, sampled, window, attention_mask, self.reduction)
-                    del out
+                    with autocast_context(input_ids.device, self.autocast):
+                        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                    logits = out.logits.to(self.dtype)
+                    sampled = sample_labels(logits.detach(), input_ids, attention_mask)
+                    ll = sequence_loglik(logits, sampled, window, attention_mask, self.reduction)
+                    del out, logits
                     ll.sum().backward()
             if self.collect:
                 self.factor_tokens += int(attention_mask.sum())

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,6 +38,8 @@ class GenerationConfig(BaseModel):
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature (do_sample only)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (do_sample only)")
     seed: int = Field(0, description="sampling seed (do_sample only)")
+    autocast: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="bf16 autocast of generation: auto = on CUDA only, bf16 = also on CPU, off = float32")
 
 
 def nothing_to_correct_message(n_probes: int, judge_name: str) -> str:
