@@ -44,7 +44,7 @@ def child_gradients(mode: str, demo: Path, n_batches: int) -> dict:
     import torch
 
     from lancet_core.chat import encode_example
-    from lancet_core.index.config import IndexConfig
+    from lancet_core.index.config import IndexConfig, resolve_window
     from lancet_core.index.hooks import ProjectedGradientExtractor, build_layout, right_pad, sequence_loglik
     from lancet_core.index.store import _encode_shard
     from lancet_core.manifest import atomic_write_parquet
@@ -72,7 +72,7 @@ def child_gradients(mode: str, demo: Path, n_batches: int) -> dict:
             step(*b)
             times.append(time.perf_counter() - t0)
     else:
-        cfg = IndexConfig()
+        cfg = resolve_window(IndexConfig(), "refusal")  # the scenario's judge, as the realign flow resolves it
         layout = build_layout(model, cfg.target_modules, cfg.proj_in_dim, cfg.proj_out_dim)
         grads = []
         with ProjectedGradientExtractor(model, layout, cfg.projection_seed, cfg.reduction,

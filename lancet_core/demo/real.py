@@ -62,7 +62,7 @@ class RealDemoConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     scenario: DemoConfig = Field(
-        default_factory=lambda: DemoConfig(n_rows=240, n_probes=40, n_ood=40, n_benign_eval=40),
+        default_factory=lambda: DemoConfig(n_rows=240, n_probes=40, n_ood=40, n_benign_eval=40, shared_vocabulary=False),
         description="the generated corpus and held-out sets (only its data fields are used, not its tiny model)",
     )
     aligned_rows: int = Field(192, ge=0, description="rows of the clean alignment corpus (0 = no alignment stage)")
