@@ -60,7 +60,7 @@ from lancet_core.manifest import (
     read_manifest,
     write_manifest,
 )
-from lancet_core.model_io import load_model, load_tokenizer, model_digest, tokenizer_digest
+from lancet_core.model_io import load_model, load_tokenizer, model_digest, resolve_device, tokenizer_digest
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def plan_build(
     tokens_manifest = read_manifest(tpath.parent) or {}
     model = None
     if modules is None or cfg.projection == "pca":
-        model = _shard_model(str(model_dir), cfg.compute_dtype)
+        model = _shard_model(str(model_dir), cfg.compute_dtype, cfg.device)
         modules = [ml.to_json() for ml in _layout(model, cfg)]
     dim = sum(ModuleLayout.from_json(d).size for d in modules)
     model_dig, tok_dig = _digests(model_dir)
@@ -243,6 +243,7 @@ def plan_build(
         "gradient_sign": GRADIENT_SIGN,
         "build_settings": {
             "batch_size": cfg.batch_size,
+            "device": resolve_device(cfg.device).type,  # where it ran (auto resolved); fails early without CUDA
             "curvature": list(cfg.curvature),
             "damping_ratio": cfg.damping_ratio,
         },
@@ -291,12 +292,14 @@ def record_shards(plan: BuildPlan, entries) -> None:
 _MODEL_CACHE: dict[tuple[str, str], torch.nn.Module] = {}
 
 
-def _shard_model(model_dir: str, compute_dtype: str) -> torch.nn.Module:
-    """The model, loaded once per process (a worker computing several shards loads it once)."""
-    key = (str(Path(model_dir).resolve()), compute_dtype)
+def _shard_model(model_dir: str, compute_dtype: str, device: str = "cpu") -> torch.nn.Module:
+    """The model on its device (IndexConfig.device; auto = CUDA when present), loaded once per process (a worker
+    computing several shards loads it once)."""
+    dev = resolve_device(device)
+    key = (str(Path(model_dir).resolve()), compute_dtype, str(dev))
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
-        _MODEL_CACHE[key] = load_model(model_dir).to(_torch_dtype(compute_dtype)).eval()
+        _MODEL_CACHE[key] = load_model(model_dir).to(dev, _torch_dtype(compute_dtype)).eval()
     return _MODEL_CACHE[key]
 
 
@@ -311,7 +314,7 @@ def compute_shard(plan: BuildPlan, job: ShardJob, progress: Callable[[int], None
     part = _read_tokens(Path(plan.tokens_file), cfg.max_seq_len_tokens).slice(job.lo, job.hi - job.lo)
     if rows_digest(part) != job.rows_digest:
         raise CorpusError(f"{plan.tokens_file}: rows {job.lo}..{job.hi - 1} changed since the build was planned")
-    model = _shard_model(plan.model_dir, cfg.compute_dtype)
+    model = _shard_model(plan.model_dir, cfg.compute_dtype, cfg.device)
     layout = [ModuleLayout.from_json(d) for d in plan.modules]
     dim = int(plan.manifest["dim"])
     n = job.hi - job.lo

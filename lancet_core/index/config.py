@@ -76,6 +76,12 @@ class IndexConfig(BaseModel):
         "4-token window drops planted P@10 from 1.0 to 0.3; README, Fidelity).",
     )
     batch_size: int = Field(8, ge=1, description="Examples per batched forward/backward pass.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where the gradients are extracted: auto = CUDA when present, else CPU. Not part of the store "
+        "identity (like the batch size it changes float32 rounding, not what is stored); recorded in the manifest's "
+        "build_settings. A Ray shard task requests one GPU when the cluster has one.",
+    )
     max_seq_len_tokens: int = Field(
         1024, ge=2, description="Longer token rows are refused (tokenize with the same or a smaller limit)."
     )
@@ -127,7 +133,7 @@ class IndexConfig(BaseModel):
         """The settings that determine the stored vectors; a store built with other values is refused. Needs a
         resolved window (never 'auto': the identity, the manifest and artifact keys hold the concrete value)."""
         d = self.require_resolved().model_dump(mode="json")
-        for k in ("batch_size", "curvature", "damping_ratio"):
+        for k in ("batch_size", "curvature", "damping_ratio", "device"):
             d.pop(k)
         d["collect_kronecker_factors"] = self.collect_kronecker_factors
         # settings added later appear only when they change the stored data, so existing stores stay valid

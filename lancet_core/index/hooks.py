@@ -195,6 +195,7 @@ class ProjectedGradientExtractor:
         self.reduction = reduction
         self.collect = collect_kronecker_factors
         self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device  # inputs and projections follow the model (CPU or CUDA)
         modules = dict(model.named_modules())
         self._modules = []
         for ml in self.layout:
@@ -204,11 +205,12 @@ class ProjectedGradientExtractor:
             if _dims(m) != (ml.d_in, ml.d_out):
                 raise ValueError(f"module {ml.name!r} has dims {_dims(m)}, layout expects {(ml.d_in, ml.d_out)}")
             if basis is None:
-                p_in, p_out = ml.matrices(seed, self.dtype)
+                p_in, p_out = (None if p is None else p.to(self.device) for p in ml.matrices(seed, self.dtype))
             else:
                 if ml.name not in basis:
                     raise ValueError(f"the projection basis has no matrices for module {ml.name!r}")
-                p_in, p_out = (None if p is None else torch.as_tensor(p).to(self.dtype) for p in basis[ml.name])
+                p_in, p_out = (None if p is None else torch.as_tensor(p).to(self.device, self.dtype)
+                               for p in basis[ml.name])  # fmt: skip
                 for side, p, d, k in (("in", p_in, ml.d_in, ml.k_in), ("out", p_out, ml.d_out, ml.k_out)):
                     if (p is None) != (k is None) or (p is not None and tuple(p.shape) != (d, k)):
                         got = None if p is None else tuple(p.shape)
@@ -267,10 +269,10 @@ class ProjectedGradientExtractor:
                     A, S = self.factor_sums[name]
                     if phase == "empirical":
                         flat = act.reshape(-1, act.shape[-1])
-                        A += (flat.T @ flat).double()
+                        A += (flat.T @ flat).double().cpu()  # [k, k]: the sums stay on the host, in float64
                     if phase == ("true" if self.fisher == "true" else "empirical"):
                         mdt = (dt * self._mask.unsqueeze(-1)).reshape(-1, dt.shape[-1])
-                        S += (mdt.T @ mdt).double()
+                        S += (mdt.T @ mdt).double().cpu()
 
             output.register_hook(on_grad)
 
@@ -312,6 +314,7 @@ class ProjectedGradientExtractor:
             raise RuntimeError("use ProjectedGradientExtractor as a context manager")
         self._acts.clear()
         self._blocks.clear()
+        input_ids, attention_mask, loss_mask = (t.to(self.device) for t in (input_ids, attention_mask, loss_mask))
         self._mask = attention_mask.to(self.dtype)
         was_training = self.model.training
         self.model.eval()
@@ -342,7 +345,7 @@ class ProjectedGradientExtractor:
             if not self.per_example:
                 return None
             b = input_ids.shape[0]
-            return torch.cat([self._blocks[ml.name].reshape(b, -1) for ml, *_ in self._modules], dim=1)
+            return torch.cat([self._blocks[ml.name].reshape(b, -1) for ml, *_ in self._modules], dim=1).cpu()
         finally:
             self._acts.clear()
             self._blocks.clear()
