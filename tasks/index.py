@@ -178,6 +178,7 @@ def run_index_build(model_dir: str, tokens_path: str, store_dir: str, cfg: Index
         out = finalize_build(plan, entries.values())
     if plan.todo:
         secs = [t["seconds"] for t in timings]
-        log.info("index: %d shard(s) on %s in %.1f s (shard %.2f-%.2f s, %d worker process(es))", len(timings),
+        # detail under the flow's one index line (`lancet -v` shows it): where the shards ran and how long each took
+        log.debug("index: %d shard(s) on %s in %.1f s (shard %.2f-%.2f s, %d worker process(es))", len(timings),
                  runner, time.perf_counter() - t0, min(secs), max(secs), len({t["worker"] for t in timings}))
     return str(out)
