@@ -85,7 +85,10 @@ from lancet_core.index.build import build_gradient_store, compute_query_gradient
 from lancet_core.index.config import DECISION_WINDOWS, IndexConfig, resolve_window  # noqa: E402
 from lancet_core.index.curvature import precondition  # noqa: E402
 from lancet_core.index.store import GradientStore  # noqa: E402
-from lancet_core.manifest import json_digest  # noqa: E402
+from lancet_core.manifest import (
+    cpu_name,  # noqa: E402
+    json_digest,  # noqa: E402
+)
 from lancet_core.model_io import load_model, load_tokenizer  # noqa: E402
 from lancet_core.recall.baselines import repsim_scores, text_similarity_scores  # noqa: E402
 from lancet_core.recall.influence import RecallConfig, recall_influence  # noqa: E402
@@ -788,7 +791,7 @@ def _run(args, plan: dict, work: Path, t_start: float) -> dict:
         "meets_goal": {"criterion": "all-queries planted p@10 >= 0.9 and top-10 overlap with the exact GN >= 0.6 "
                                     "(both_vs_*: gnx_whole, the expectation over the vocabulary, when available; "
                                     "each reference listed)", "settings": meets},
-        "machine": {"cpu": _cpu_name(), "python": platform.python_version(), "torch": torch.__version__,
+        "machine": {"cpu": cpu_name(), "python": platform.python_version(), "torch": torch.__version__,
                     "transformers": transformers.__version__},
         "seconds_total": round(time.perf_counter() - t_start, 2),
     }
@@ -947,16 +950,6 @@ def _check_recall_influence(sdir, model_dir, qpath, tokens_file, work, scores_al
     mine = np.array([got[i] for i in ids])
     return {"seconds": round(time.perf_counter() - t0, 2), "max_abs_score_diff": float(np.max(np.abs(mine - scores_all))),
             "same_top50": bool(list(top_k(mine, ids, 50)) == list(top_k(scores_all, ids, 50)))}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -54,6 +53,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lancet_core.manifest import cpu_name  # noqa: E402
 from lancet_core.recall import scan as scan_mod  # noqa: E402
 from lancet_core.recall.scan import open_store, scan_store  # noqa: E402
 
@@ -233,7 +233,7 @@ def _duckdb_reference(store: Path, v: np.ndarray) -> dict:
     import duckdb
 
     files = _files(store)
-    d = len(v)
+    d = int(len(v))  # an array type's size cannot be a bound parameter: the only value spliced in, an int
     u = (v / np.linalg.norm(v)).tolist()
     sql = f"SELECT example_id, array_inner_product(grad::DOUBLE[{d}], ?::DOUBLE[{d}]) AS q0 FROM read_parquet(?)"
     con = duckdb.connect()
@@ -400,16 +400,6 @@ def _blas_threads() -> list:
     ]
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000, help="rows of the main case (D = --dim)")
@@ -477,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "influence_query_latency",
         "engine": "lancet_core.recall.scan.scan_store: pyarrow iter_batches -> float64 GEMM blocks -> streaming top-k",
         "reader_threads_default": scan_mod._readers(None),
-        "cpu": _cpu_model(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "blas_threads": _blas_threads(),

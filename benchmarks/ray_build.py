@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -50,6 +49,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 from prefect import flow  # noqa: E402
 
 from lancet_core.index.config import IndexConfig  # noqa: E402
+from lancet_core.manifest import cpu_name  # noqa: E402
 from tasks.index import run_index_build  # noqa: E402
 
 
@@ -186,7 +186,7 @@ def main() -> None:
         cfg = IndexConfig(rows_per_shard=a.rows_per_shard, batch_size=8, response_tokens=4)  # the demo judge (refusal) window
         out: dict = {"benchmark": "gradient_store_build_serial_vs_ray", "shards": a.shards,
                      "rows_per_shard": a.rows_per_shard, "model": f"GPT-2 {a.layers} layers x {a.width}, vocab {vocab}",
-                     "rows_tokens": "48-128 tokens, response = last half", "cpu": _cpu(), "cpu_count": os.cpu_count()}
+                     "rows_tokens": "48-128 tokens, response = last half", "cpu": cpu_name(), "cpu_count": os.cpu_count()}
         import torch
 
         # warm-up (imports, first model load), untimed: a 1-shard build of the first rows
@@ -256,13 +256,6 @@ def _torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -158,6 +158,19 @@ def check_manifest(directory: str | Path, expected: Mapping[str, Any], keys: Ite
     return existing
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo; else platform.processor()): benchmarks report it beside their figures."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries whose behaviour shapes lancet's artifacts."""
     from importlib.metadata import PackageNotFoundError, version
