@@ -75,12 +75,10 @@ def _cmd_index(args) -> int:
         from tasks.index import check_ray_reachable
 
         check_ray_reachable(args.ray_address)
-    from tqdm import tqdm
-
     from flows.data import tokenize_flow
+    from flows.index import index_flow
     from flows.paths import artifact_dir, default_work_dir
     from lancet_core.data.tokenize import TokenizeConfig
-    from lancet_core.index.build import build_gradient_store
     from lancet_core.index.config import IndexConfig, describe_window, resolve_window
 
     given = IndexConfig(proj_in_dim=args.proj_dim, proj_out_dim=args.proj_dim, dtype=args.dtype,
@@ -92,17 +90,9 @@ def _cmd_index(args) -> int:
                            TokenizeConfig(max_seq_len_tokens=args.max_seq_len_tokens))
     out = Path(args.out) if args.out else artifact_dir(args.work_dir or default_work_dir(), "stores",
                                                        Path(args.model), cfg.store_identity())
-    if args.runner == "ray":
-        from flows.index import index_flow
-
-        store = index_flow(str(args.model), str(tokens), str(out), cfg, runner="ray", ray_address=args.ray_address)
-    else:
-        with tqdm(desc="gradient store", unit="rows") as bar:
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-
-            store = build_gradient_store(args.model, tokens, out, cfg, progress=progress)
+    # one path for both runners: the index flow maps a task per shard, here or on Ray (its bar counts shards)
+    store = index_flow(str(args.model), str(tokens), str(out), cfg, runner=args.runner or "local",
+                       ray_address=args.ray_address)
     print(store)
     return 0
 
@@ -182,18 +172,10 @@ def _cmd_monitor(args) -> int:
     """`lancet monitor`: one check of the deployed model (flows/monitor.py); inputs checked before any model loads."""
     from pydantic import ValidationError
 
-    from flows.inputs import InputError
-    from lancet_core.data.corpus import load_prompt_rows
-    from lancet_core.errors import LancetError
+    from flows.inputs import InputError, check_monitor_inputs
     from lancet_core.evaluate.drift import MonitorConfig
 
-    if args.model and not args.model.startswith(("models:/", "runs:/")) and not Path(args.model).is_dir():
-        raise InputError(f"--model {args.model}: directory not found (a Hugging Face model directory or models:/ URI)")
-    if args.probes:
-        try:
-            load_prompt_rows(args.probes)
-        except (LancetError, FileNotFoundError) as e:  # one line naming the option, the file and the row
-            raise InputError(f"--probes {str(e).split('; map one with')[0]}") from None
+    check_monitor_inputs(args.model, args.probes, {"model": "--model", "probes_path": "--probes"})
     try:
         drift = MonitorConfig(threshold=args.threshold, category_threshold=args.category_threshold)
     except ValidationError as e:
@@ -205,15 +187,9 @@ def _cmd_monitor(args) -> int:
                   use_champion=not args.no_champion, work_dir=args.work_dir or ".lancet",
                   tracking_uri=args.tracking_uri, experiment=args.experiment, drift=drift,
                   realign_deployment=args.realign_deployment)
-    cats = ", ".join(f"{c} {r:.2f}" for c, r in out["by_category"].items())
-    print(f"\n{out['model']}: harmful rate {out['harmful_rate']:.3f} ({out['n_flagged']} of {out['n_probes']} probes"
-          f"{'; ' + cats if cats else ''}) -> {'DRIFT' if out['drifted'] else 'ok'} ({'; '.join(out['reasons'])})")
-    if out["drifted"]:
-        print(f"event {out['event_id']}; " + (f"realign flow run {out['realign_flow_run_id']} started"
-                                              if out["realign_flow_run_id"] else
-                                              "no realign started (give --realign-deployment, e.g. realign/demo, "
-                                              "with PREFECT_API_URL pointing at the server that serves it)"))
-    print(f"MLflow monitor run {out['mlflow_run_id']} (step {out['step']}) at {out['tracking_uri']}")
+    from flows.report import monitor_summary
+
+    print(monitor_summary(out))
     if args.json:
         print(json.dumps(out, indent=2, default=str))
     return 0

@@ -180,6 +180,23 @@ def check_inputs(params: RealignParams, names: dict[str, str] = CLI_NAMES) -> Ch
     return out
 
 
+def check_monitor_inputs(model: str | None, probes_path: str | None, names: dict[str, str] | None = None) -> None:
+    """Validate what a monitor run reads (the model directory, the probes), before any model loads; `names` maps the
+    parameters to the names the user gave them (CLI flags; default: the flow's parameter names)."""
+    from lancet_core.data.corpus import load_prompt_rows
+
+    names = names or {"model": "model", "probes_path": "probes_path"}
+    if model:
+        _check_model_dir(model, names["model"])
+    if probes_path:
+        if not Path(probes_path).exists():
+            raise InputError(f"{names['probes_path']} {probes_path}: file not found")
+        try:
+            load_prompt_rows(probes_path)
+        except LancetError as e:  # the monitor maps no columns: drop the realign-only '--column' hint
+            raise InputError(f"{names['probes_path']} {str(e).split('; map one with')[0]}") from None
+
+
 def write_mapped_inputs(params: RealignParams, work_dir: str | Path) -> RealignParams:
     """With a column mapping, write each user file renamed to lancet's columns (JSONL, renamed with `datasets`) under
     work_dir/inputs/<digest>/ and return the parameters pointing at the copies; without one, `params` unchanged."""

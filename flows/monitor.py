@@ -28,6 +28,7 @@ from prefect.deployments import run_deployment
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
+from flows.inputs import check_monitor_inputs
 from flows.paths import artifact_dir
 from lancet_core.demo.config import DemoConfig
 from lancet_core.evaluate.drift import MonitorConfig, decide_drift
@@ -69,6 +70,7 @@ def monitor(
     """
     log = get_run_logger()
     t0 = time.perf_counter()
+    check_monitor_inputs(model, probes_path)  # a deployment's parameters get the CLI's checks, before any model loads
     work = Path(work_dir).resolve()
     given_probes = probes_path
     if not (model and probes_path):

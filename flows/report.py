@@ -160,6 +160,21 @@ def closing_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def monitor_summary(out: dict) -> str:
+    """What `lancet monitor` prints after a check: the rate, the decision, the event / realign run, the MLflow run."""
+    cats = ", ".join(f"{c} {r:.2f}" for c, r in out["by_category"].items())
+    lines = [f"\n{out['model']}: harmful rate {out['harmful_rate']:.3f} ({out['n_flagged']} of {out['n_probes']} "
+             f"probes{'; ' + cats if cats else ''}) -> {'DRIFT' if out['drifted'] else 'ok'} "
+             f"({'; '.join(out['reasons'])})"]
+    if out["drifted"]:
+        lines.append(f"event {out['event_id']}; " + (
+            f"realign flow run {out['realign_flow_run_id']} started" if out["realign_flow_run_id"] else
+            "no realign started (give --realign-deployment, e.g. realign/demo, with PREFECT_API_URL pointing at the "
+            "server that serves it)"))
+    lines.append(f"MLflow monitor run {out['mlflow_run_id']} (step {out['step']}) at {out['tracking_uri']}")
+    return "\n".join(lines)
+
+
 def summary_json(summary: dict) -> dict:
     """The realign summary's user-facing keys (for `lancet realign --json`)."""
     keep = ("status", "n_flagged", "run_id", "version", "promoted", "reasons", "tracking_uri", "corrected_model",
