@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import nn
 
@@ -158,8 +159,7 @@ def store_basis(
     existing: Mapping | None,
     model: nn.Module,
     layout: Sequence[ModuleLayout],
-    rows_ids: Sequence[Sequence[int]],
-    rows_mask: Sequence[Sequence[int]],
+    tokens: pa.Table,
     *,
     kind: str,
     sample_rows: int,
@@ -169,7 +169,7 @@ def store_basis(
 ) -> Basis | None:
     """The basis a store build projects with: None for 'random'; for 'pca' the one the existing store was built with
     (its basis.npz; so a grown corpus keeps its basis and its finished shards), else computed from `sample_rows` rows
-    spread over the given ones. The caller compares `projection_entry` with the manifest, then saves it."""
+    spread over the token rows (`tokens`: input_ids, loss_mask). The caller compares `projection_entry` with the manifest, then saves it."""
     if kind == "random":
         return None
     if kind != "pca":
@@ -177,12 +177,12 @@ def store_basis(
     prev = (existing or {}).get("projection") or {}
     if prev.get("kind") == "pca" and (root / BASIS_FILE).is_file():
         return load_basis(root / BASIS_FILE)
-    sel = sample_indices(len(rows_ids), sample_rows)
+    sample = tokens.take(sample_indices(tokens.num_rows, sample_rows))  # only the sampled rows become Python lists
     return pca_basis(
         model,
         layout,
-        [rows_ids[i] for i in sel],
-        [rows_mask[i] for i in sel],
+        sample["input_ids"].to_pylist(),
+        sample["loss_mask"].to_pylist(),
         batch_size=batch_size,
         reduction=reduction,
         response_tokens=response_tokens,

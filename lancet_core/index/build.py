@@ -251,8 +251,7 @@ def plan_build(
     }
     existing = check_manifest(root, manifest, keys=[k for k in IDENTITY_KEYS if k != "projection"])
     # the projection basis (None: seeded random matrices) is an input of every shard; PCA: one pass over a sample
-    basis = store_basis(root, existing, model, [ModuleLayout.from_json(d) for d in modules],
-                        table["input_ids"].to_pylist(), table["loss_mask"].to_pylist(),
+    basis = store_basis(root, existing, model, [ModuleLayout.from_json(d) for d in modules], table,
                         kind=cfg.projection, sample_rows=cfg.projection_sample_rows, batch_size=cfg.batch_size,
                         reduction=cfg.reduction, response_tokens=cfg.response_tokens)  # fmt: skip
     manifest["projection"] = projection_entry(basis, cfg.projection_sample_rows)
