@@ -15,10 +15,10 @@ Knows about Prefect, prefect-ray and the build's three steps; knows nothing abou
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import task, unmapped
@@ -93,7 +93,16 @@ def check_ray_reachable(ray_address: str | None, timeout_s: float = 3.0) -> None
         raise RayUnavailable(f"runner 'ray': the Ray cluster at {ray_address} does not answer ({e})") from None
 
 
-@contextmanager
+def _remote_options(options: dict):
+    """prefect-ray's per-task resource requests (Ray only: the local runner never imports ray)."""
+    if not options:
+        return contextlib.nullcontext()
+    from prefect_ray.context import remote_options
+
+    return remote_options(**options)
+
+
+@contextlib.contextmanager
 def task_runner(runner: str = "local", ray_address: str | None = None):
     """The task runner that shards are mapped over, started; the remote options each shard asks for; the torch
     threads a shard computes with (None: the process's own)."""
@@ -141,8 +150,6 @@ def run_index_build(model_dir: str, tokens_path: str, store_dir: str, cfg: Index
     """The coordinator (inside a Prefect flow or task): plan, map the shards, record them as they finish,
     finalise. Returns store_dir; raises ShardsLost after recording every shard that did finish. `timings`: a list
     that gets {index, seconds, worker, finished_at} per computed shard (for benchmarks)."""
-    from prefect_ray.context import remote_options
-
     t0 = time.perf_counter()
     cfg.require_resolved()  # response_tokens='auto' needs the judge: resolve_window first (before any work)
     with store_lock(store_dir):
@@ -151,7 +158,7 @@ def run_index_build(model_dir: str, tokens_path: str, store_dir: str, cfg: Index
         failed: list[tuple[int, str]] = []
         timings = [] if timings is None else timings
         if plan.todo:
-            with task_runner(runner, ray_address) as (tr, options, threads), remote_options(**options):
+            with task_runner(runner, ray_address) as (tr, options, threads), _remote_options(options):
                 futures = tr.map(index_shard, {"plan": unmapped(plan), "job": list(plan.todo),
                                                "threads": unmapped(threads)})
                 job_of = {f.task_run_id: j for f, j in zip(futures, plan.todo, strict=True)}
