@@ -949,6 +949,7 @@ def _check_recall_influence(sdir, model_dir, qpath, tokens_file, work, scores_al
     got = dict(zip(t["example_id"].to_pylist(), t["score"].to_numpy(), strict=True))
     mine = np.array([got[i] for i in ids])
     return {"seconds": round(time.perf_counter() - t0, 2), "max_abs_score_diff": float(np.max(np.abs(mine - scores_all))),
+            "max_abs_score": float(np.max(np.abs(scores_all))),
             "same_top50": bool(list(top_k(mine, ids, 50)) == list(top_k(scores_all, ids, 50)))}
 
 

@@ -4,7 +4,8 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/query_latency.py                                 # 1M x 1024 + wide
 
 Stores (format 2: `grad` fixed_size_binary, raw values) are written shard by shard like lancet_core.index.build
-writes them, in a child process whose peak RSS is reported (pq.write_table, snappy, NO dictionary encoding, --shard-rows rows per shard = IndexConfig.rows_per_shard's default 4096), from the SAME random rows (row
+writes them (lancet_core.index.store.write_shard: grad uncompressed PLAIN pages, the rest snappy), in a child
+process whose peak RSS is reported, --shard-rows rows per shard = IndexConfig.rows_per_shard's default 4096, from the SAME random rows (row
 norms spread over a decade; real gradients are more structured). The main case (N = --rows, D = --dim) writes fp16
 (the default storage), fp32 and int8 stores; the wide case (--wide-rows x --wide-dim, D ~ 54k as for a 7B model's
 full projected layout) only fp16; its numpy references hold only --wide-numpy-rows rows in RAM and are scaled
@@ -12,15 +13,17 @@ linearly to N. For each case, "the query" is `scan_store(..., top_k=k, keep_scor
 row scored, top-k kept (k = --top-k):
 
 - warm: the query repeated in this process (files in the page cache, nothing else kept between queries; median of
-  --repeats; with the default reader threads, and with one) vs numpy on the same data held in RAM: the fp32 matrix times one vector (sgemv), and the fp16 matrix
-  upcast to fp32 in chunks and multiplied. Goal: query <= 2x the fp32 matvec.
+  --repeats; with the default reader threads, with none and with two, and in float64) vs numpy on the same data
+  held in RAM: the fp32 matrix times one vector (sgemv), and the fp16 matrix upcast to fp32 in chunks and
+  multiplied. Goal: query <= 2x the fp32 matvec.
 - cold: the query as the first thing a FRESH PROCESS does after the stores were written, vs a fresh process reading
   the `grad` column with pyarrow (pq.read_table of all shards, its default threads; and iter_batches streamed like
   the scan). The OS page cache cannot be dropped here (no root): "cold" means a cold process (imports done, nothing
   read yet), NOT a cold disk; the files were just written, so they are probably in the page cache. Goal: <= 1.3x
   pq.read_table. Alternating repeats, medians.
 - Q = 32 queries with per-query top-k (one GEMM against 32 vectors per block, 33 top-k selections) vs Q = 1. Goal:
-  <= 1.5x. Also the folded Q = 32 query (one vector).
+  <= 1.5x. Also the folded Q = 32 query (one vector), the float64 one, and the GEMM's GFLOP/s (Q = 32 is 64
+  flops per stored value: it is bound by the core's FMA rate, not by reading the store).
 - peak RSS (VmHWM) of a fresh process running the query (Q = 1 and Q = 32 per-query), with its RSS before the
   query (imports) beside it.
 - main case, references (--no-reference skips them): the same fp16 rows as a FORMAT-1 store (grad
@@ -53,6 +56,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lancet_core.index.store import write_shard  # noqa: E402
 from lancet_core.manifest import cpu_name  # noqa: E402
 from lancet_core.recall import scan as scan_mod  # noqa: E402
 from lancet_core.recall.scan import open_store, scan_store  # noqa: E402
@@ -103,7 +107,12 @@ def _write_stores(
                 cols["grad"] = _grad_column(x.astype(_NP[dt], copy=False))
                 cols["grad_norm"] = norms
             name = f"shard-{s:05d}.parquet"
-            pq.write_table(pa.table(cols), dirs[dt] / name, use_dictionary=False)  # as lancet_core.index.build
+            table = pa.table(cols)
+            if dt == "float16-format1":
+                pq.write_table(table, dirs[dt] / name, use_dictionary=False)  # as lancet_core.index.build used to
+            else:  # as lancet_core.index.build writes them: grad non-nullable, uncompressed PLAIN pages
+                schema = table.schema.set(1, table.schema.field("grad").with_nullable(False))
+                write_shard(table.cast(schema), dirs[dt] / name)
             manifests[dt]["shards"].append({"file": name, "rows": b - a})
             del cols
         del x
@@ -302,8 +311,14 @@ def bench(
         V32 = _queries(d, 32, seed)
         scan_store(main, v, top_k=k, keep_scores=False)  # warm-up
         warm_q1 = _timed(lambda: scan_store(main, v, top_k=k, keep_scores=False), repeats)
-        warm_q1_r1 = _timed(lambda: scan_store(main, v, top_k=k, keep_scores=False, readers=1), repeats)
+        warm_q1_r0 = _timed(lambda: scan_store(main, v, top_k=k, keep_scores=False, readers=0), repeats)
+        warm_q1_r2 = _timed(lambda: scan_store(main, v, top_k=k, keep_scores=False, readers=2), repeats)
+        warm_q1_f64 = _timed(lambda: scan_store(main, v, top_k=k, keep_scores=False, precision="float64"), repeats)
         warm_q32 = _timed(lambda: scan_store(main, V32, per_query=True, top_k=k, keep_scores=False), repeats)
+        warm_q32_f64 = _timed(
+            lambda: scan_store(main, V32, per_query=True, top_k=k, keep_scores=False, precision="float64"),
+            max(1, repeats // 2),
+        )
         warm_q32_fold = _timed(lambda: scan_store(main, V32, top_k=k, keep_scores=False), max(1, repeats // 2))
         # numpy in RAM on the first numpy_rows rows (all of them unless RAM forbids), scaled linearly to N rows
         m32 = _load_numpy(main, np.float32, numpy_rows)
@@ -325,8 +340,10 @@ def bench(
         res["warm"] = {
             "query_seconds": _r(warm_q1["seconds"]),
             "query_cpu_seconds": _r(warm_q1["cpu_seconds"]),
-            "query_1_reader_thread_seconds": _r(warm_q1_r1["seconds"]),
-            "query_1_reader_thread_cpu_seconds": _r(warm_q1_r1["cpu_seconds"]),
+            "query_no_reader_thread_seconds": _r(warm_q1_r0["seconds"]),
+            "query_2_reader_threads_seconds": _r(warm_q1_r2["seconds"]),
+            "query_float64_seconds": _r(warm_q1_f64["seconds"]),
+            "ratio_float64_vs_numpy_fp32": _r(warm_q1_f64["seconds"] / np_f32["seconds"], 2),
             "numpy_fp32_in_ram_seconds": _r(np_f32["seconds"]),
             "numpy_rows_measured": min(n, numpy_rows),
             "numpy_scaled_from_rows": scale_n != 1,
@@ -341,6 +358,9 @@ def bench(
             "q32_per_query_topk_seconds": _r(warm_q32["seconds"]),
             "q32_per_query_topk_cpu_seconds": _r(warm_q32["cpu_seconds"]),
             "q32_folded_seconds": _r(warm_q32_fold["seconds"]),
+            "q32_per_query_float64_seconds": _r(warm_q32_f64["seconds"]),
+            "q32_gemm_gflop": _r(2 * n * d * 32 / 1e9, 1),
+            "q32_achieved_gflops": _r(2 * n * d * 32 / 1e9 / warm_q32["seconds"], 1),
             "q1_seconds": _r(warm_q1["seconds"]),
             "ratio_q32_per_query_vs_q1": _r(warm_q32["seconds"] / warm_q1["seconds"], 3),
             "cpu_ratio_q32_per_query_vs_q1": _r(warm_q32["cpu_seconds"] / warm_q1["cpu_seconds"], 3),
@@ -465,7 +485,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     out = {
         "benchmark": "influence_query_latency",
-        "engine": "lancet_core.recall.scan.scan_store: pyarrow iter_batches -> float64 GEMM blocks -> streaming top-k",
+        "engine": "lancet_core.recall.scan.scan_store: grad page bytes read as they are (lancet_core.recall.pages) "
+        "-> torch cast into cache-sized float32 GEMM blocks -> one GEMM per block -> streaming top-k per stage",
         "reader_threads_default": scan_mod._readers(None),
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),

@@ -18,9 +18,12 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lancet_core.errors import ManifestMismatch
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MANIFEST_NAME = "manifest.json"
 _CHUNK = 1 << 20
@@ -206,3 +209,20 @@ def publishing_dir(out: str | Path, expected: Mapping[str, Any], keys: Iterable[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """An .npz (np.load reads it) whose bytes depend only on the arrays: np.savez stamps each member with the
+    current time, so two identical computations would not give identical files."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, value in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+    return buf.getvalue()

@@ -16,7 +16,6 @@ queries or orchestration.
 from __future__ import annotations
 
 import hashlib
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from torch import nn
 from lancet_core.errors import ManifestMismatch
 from lancet_core.index.hooks import ProjectedGradientExtractor, right_pad
 from lancet_core.index.projection import ModuleLayout
-from lancet_core.manifest import atomic_write_bytes
+from lancet_core.manifest import atomic_write_bytes, npz_bytes
 
 BASIS_FILE = "basis.npz"
 Basis = dict[str, tuple[np.ndarray | None, np.ndarray | None]]
@@ -123,9 +122,7 @@ def save_basis(path: str | Path, basis: Mapping[str, tuple[np.ndarray | None, np
     for name, (p_in, p_out) in basis.items():
         for side, p in (("in", p_in), ("out", p_out)):
             arrays[f"{side}:{name}"] = np.zeros((0, 0)) if p is None else np.asarray(p, dtype=np.float64)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return atomic_write_bytes(Path(path), buf.getvalue())
+    return atomic_write_bytes(Path(path), npz_bytes(arrays))
 
 
 def load_basis(path: str | Path) -> Basis:

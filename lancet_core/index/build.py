@@ -50,10 +50,10 @@ from lancet_core.index.store import (
     _shard_ok,
     npz_bytes,
     rows_digest,
+    write_shard,
 )
 from lancet_core.manifest import (
     atomic_write_bytes,
-    atomic_write_parquet,
     check_manifest,
     file_digest,
     library_versions,
@@ -339,7 +339,7 @@ def compute_shard(plan: BuildPlan, job: ShardJob, progress: Callable[[int], None
             for name, (a, s) in ex.factor_sums.items():
                 factors[f"A:{name}"], factors[f"S:{name}"] = a.numpy(), s.numpy()
     eids = part["example_id"].to_pylist()
-    atomic_write_parquet(_encode_shard(eids, shard_grads, cfg.dtype), root / job.file, use_dictionary=False)
+    write_shard(_encode_shard(eids, shard_grads, cfg.dtype), root / job.file)
     entry = {
         "index": job.index,
         "file": job.file,

@@ -30,7 +30,6 @@ Knows about a gradient store's vectors and manifest; knows nothing about models,
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
@@ -39,7 +38,14 @@ import numpy as np
 
 from lancet_core.errors import LancetError
 from lancet_core.index.store import GradientStore
-from lancet_core.manifest import atomic_write_bytes, atomic_write_parquet, file_digest, read_manifest, write_manifest
+from lancet_core.manifest import (
+    atomic_write_bytes,
+    atomic_write_parquet,
+    file_digest,
+    npz_bytes,
+    read_manifest,
+    write_manifest,
+)
 
 Kind = Literal["linfac", "kfac", "ekfac", "identity"]
 Blocks = Literal["module", "single"]
@@ -158,9 +164,7 @@ def build_curvature(
                 arrays[f"w:{ml.name}"] = ekfac_sums[ml.name] / n
         for ml in store.layout:
             arrays[f"lambda:{ml.name}"] = np.array(_damping(arrays[f"w:{ml.name}"], ratio))
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, npz_bytes(arrays))
     m = read_manifest(store.root)
     m.setdefault("curvature", {})[rel] = {
         "kind": kind,

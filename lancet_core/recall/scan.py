@@ -1,5 +1,5 @@
-"""Score EVERY training row of a gradient store against preconditioned query vectors: Parquet streamed through Arrow,
-inner products in BLAS, DuckDB for the SQL around them (joins, ranking, corpus columns).
+"""Score EVERY training row of a gradient store against preconditioned query vectors: Parquet pages read as they are
+(or streamed through Arrow), inner products in BLAS, DuckDB for the SQL around them (joins, ranking, corpus columns).
 
 Input: a gradient-store directory (format in `lancet_core.formats`: `shard-NNNNN.parquet` with `example_id`, `grad`
 fixed_size_binary[D × itemsize] = the row's raw float16|float32|int8 values, `grad_norm`, `grad_scale`;
@@ -25,22 +25,28 @@ Train-side normalisation (`train_norm`), against high-norm outliers dominating e
     as `self_influence_path` (joined to the store by example_id in DuckDB, before the scan). Without either it is a
     clear error, never a silent fallback. Rows with self_influence = 0 score 0; a negative one is an error.
 
-How the scan runs (`scan_store`): each shard is streamed as Arrow record batches (pyarrow `iter_batches`, only
-example_id, grad and the grad_scale / denominator column, column chunks read through a bounded buffer), shards
-decoded a few batches ahead by reader threads (two by default) and consumed in store order. The fixed-size-binary
-value buffer (PLAIN-encoded in Parquet: decoding is a memcpy, not a per-value loop as for a nested list) is viewed as
-a numpy [n, D] array without a copy (np.frombuffer) and cast, in place, into a float64 block of B rows (B a
-multiple of 64, ~4 MiB); each full block is multiplied by all Qc query vectors in ONE BLAS GEMM ([B, D] @ [D, Qc]);
-int8 rows are then scaled by grad_scale, and normalised. So no step holds more than a few batches and blocks of
-gradients; the per-row scores [N] (and [N, Q] when per-query scores are asked) are kept. Float64, because
-fp16/int8/fp32 values are exact in it and scores then match a float64 oracle to ~1e-12, so rankings are not at the
-mercy of float32 summation order; every block has the same GEMM shape (the last one is zero-padded), so identical
-rows get bit-identical scores and ties stay ties. Top-k (folded and per query) is selected while streaming: rows
-below the running k-th score are skipped, the rest cut with np.partition and merged; ties are broken by
-`example_id` ascending (byte order of UTF-8, i.e. code points), as DuckDB's `ORDER BY score DESC, example_id ASC` in
+How the scan runs (`scan_store`): a reader thread (one by default) reads each shard in store order: its `grad`
+column chunk's bytes with one positioned read when the shard stores them as uncompressed PLAIN pages (the builder's
+layout; lancet_core.recall.pages finds the values between the page headers, nothing is decoded), else pyarrow record
+batches (any other Parquet writer's layout; the fixed-size-binary value buffer is viewed without a copy), plus the
+small columns (example_id, grad_scale / denominator). It hands them over in segments of ~8 MiB, a few segments ahead.
+The consumer casts the stored values (torch's vectorised cast; numpy's fp16 cast is ~4x slower) into a GEMM block of
+B rows sized to stay in cache (~1 MiB) and multiplies each full block by all Qc query vectors in ONE BLAS GEMM
+([B, D] @ [D, Qc]); with 8 or more query vectors the GEMM is the bottleneck, so the reader casts instead and the
+consumer multiplies the segment's blocks where they are. Products of a stage of ~16k rows are then scaled (int8),
+normalised, checked and selected at once. So no step holds more than a few segments of gradients; the per-row scores
+[N] (and [N, Q] when per-query scores are asked) are kept.
+Precision (`precision`, RecallConfig.score_precision): float32 by default. fp16/int8/fp32 values are exact in it, the
+unit-normalised queries are rounded to it, and a score's error is bounded by (D+2)·2⁻²⁴·Σ|g_i v_i| (checked in
+tests/core/recall/test_scan_float32.py): ~1000x below the fp16 storage's own rounding. `float64` matches a float64
+oracle to ~1e-12 and costs ~2x (tests/core/recall/test_scan_blas.py checks that mode). Every block has the same GEMM
+shape (the last one is zero-padded), so identical rows get bit-identical scores and ties stay ties, in both.
+Top-k (folded and per query) is selected while streaming: until a column holds k rows each stage is cut at its own
+k-th best, then rows below the running k-th score are skipped, the rest merged; ties are broken by `example_id`
+ascending (byte order of UTF-8, i.e. code points), as DuckDB's `ORDER BY score DESC, example_id ASC` in
 `rank_scores` does. DuckDB gets values only as parameters, never formatted into SQL.
 
-Knows about the store's file format, Arrow, BLAS (through numpy) and DuckDB. Knows nothing about models, gradients'
+Knows about the store's file format, Arrow, BLAS (through numpy), torch's cast and DuckDB. Knows nothing about models, gradients'
 computation, curvature or judges.
 """
 
@@ -51,6 +57,7 @@ import os
 import queue
 import re
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,13 +68,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc  # imported with the module, not lazily inside the first query
 import pyarrow.parquet as pq
+import torch  # only for its fast fp16/int8 -> float32 cast (vectorised; numpy's is ~4x slower here)
 
 from lancet_core.errors import LancetError
 from lancet_core.formats import GRADIENT_STORE_FORMAT, INFLUENCE_FILE, TOKEN_COLUMNS
 from lancet_core.manifest import MANIFEST_NAME, atomic_write_parquet
+from lancet_core.recall.pages import column_pages
 
 TrainNorm = Literal["none", "cosine", "relative"]
 _TRAIN_NORMS = ("none", "cosine", "relative")
+Precision = Literal["float32", "float64"]
+_PRECISIONS = {"float32": np.float32, "float64": np.float64}
 _DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "int8": np.dtype("i1")}
 _SHARD_NAME = re.compile(r"^shard-\d{5,}\.parquet$")
 # Columns of tokens.parquet/corpus that are NOT copied into influence.parquet (model inputs, not for reading).
@@ -229,8 +240,9 @@ def fold_queries(V: np.ndarray, dim: int) -> np.ndarray:
 # identical rows must get bit-identical scores for ties to be ties (measured: shapes that are not multiples of 64, or
 # that change between calls, break exact ties by 1 ulp).
 _GEMM_ROW_ALIGN = 64
-# float64 GEMM block ~ 4 MiB: 512 rows at D = 1024 (in cache); never under 64 rows (27 MiB at D = 54k)
-_GEMM_BLOCK_BYTES = 4 << 20
+# GEMM block ~ 2 MiB (this CPU's L2 per core): 512 float32 rows at D = 1024; never under 64 rows (14 MiB at D = 54k).
+# Measured (200k x 1024 fp16, float32): 128 / 256 / 512 / 1024 rows within 5 % of each other.
+_GEMM_BLOCK_BYTES = 2 << 20
 _GEMM_MAX_ROWS = 4096
 # one Arrow record batch holds ~ 2 MiB of stored gradient values (measured: larger batches are no faster, and each
 # batch in flight costs RSS)
@@ -239,13 +251,35 @@ _READ_BATCH_BYTES = 2 << 20
 # (pre_buffer=True) reads a whole row group's column chunk first: a whole shard, ~1 GB at D = 54k x 4096 rows;
 # measured also slower (1.4-1.8 s vs 1.15 s for 200k x 1024 fp16).
 _READ_BUFFER_BYTES = 2 << 20
-_PREFETCH_DEPTH = 2  # record batches decoded ahead by each reader thread
-# Shards read ahead in parallel by default, overlapping Parquet reading with the consumer's conversion and GEMMs.
-# Format 1's nested `grad` column decoded at ~0.4 GB/s per core and needed it; format 2's binary column reads at
-# ~2 GB/s, so the consumer (fp16 -> float64 cast + GEMM) now bounds the scan and readers help little (README,
-# Performance); more are allowed through `readers`, 0 reads in the consumer's thread.
-_DEFAULT_READERS = 2
-_TOPK_STAGE_ROWS = 16_384  # rows of scores per top-k selection step
+_SEGMENT_BYTES = 8 << 20  # the reader threads hand over gradients in segments of about this size
+_CAST_IN_READER_QUERIES = 8  # from this many query vectors on, the readers cast (see scan_store)
+_PREFETCH_DEPTH = 4  # segments read ahead by each reader thread, at most
+_PREFETCH_BYTES = 32 << 20  # ... and at most about this many bytes of them (but always one)
+# One reader thread by default, overlapping reading with the consumer's cast and GEMMs. Measured on 2 cores
+# (200k x 1024 fp16, plain pages): Q = 1 1.9x the in-RAM matvec with one reader, 2.7x with none; a second reader
+# only competes with the consumer for the cores (Q = 32: 4.2x vs 4.8x). More are allowed through `readers`, 0 reads
+# in the consumer's thread.
+_DEFAULT_READERS = 1
+_STAGE_ROWS = 16_384  # rows per scoring stage (bookkeeping and top-k selection), a multiple of the GEMM block
+
+
+def _aligned_empty(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array starting on a 4 KiB boundary. Every GEMM operand of a scan is one of these
+    (or a whole-block slice of one, at a multiple of the block's bytes): MKL may take another code path, and round
+    differently, for another alignment of the same shape, and identical rows must get bit-identical scores."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + 4096, np.uint8)
+    at = -raw.ctypes.data % 4096
+    return raw[at : at + nbytes].view(dtype).reshape(shape)
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A torch view of a numpy array, also of a read-only one (an Arrow buffer): it is only ever read."""
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        return torch.from_numpy(a)
 
 
 def _check_train_norm(train_norm: str) -> None:
@@ -257,9 +291,9 @@ def _round_up(n: int, m: int) -> int:
     return -(-int(n) // m) * m
 
 
-def _gemm_rows(dim: int, n_rows: int, batch_rows: int | None) -> int:
+def _gemm_rows(dim: int, n_rows: int, batch_rows: int | None, itemsize: int = 8) -> int:
     if batch_rows is None:
-        batch_rows = min(_GEMM_MAX_ROWS, max(1, _GEMM_BLOCK_BYTES // (8 * dim)))
+        batch_rows = min(_GEMM_MAX_ROWS, max(1, _GEMM_BLOCK_BYTES // (itemsize * dim)))
     if not isinstance(batch_rows, (int, np.integer)) or isinstance(batch_rows, bool) or batch_rows < 1:
         raise InfluenceQueryError(f"batch_rows must be an integer >= 1, got {batch_rows!r}")
     return _round_up(min(int(batch_rows), n_rows), _GEMM_ROW_ALIGN)
@@ -394,7 +428,7 @@ class _RunningTopK:
     Per column: the kept (score, example_id) pairs (at most k once merged), a threshold (the k-th kept score, -inf
     until k rows were kept) and pending candidates. A block only looks at its rows scoring >= threshold (a row below
     can never enter: the kept set only improves), cuts them to the block's k best with np.partition (ties at the cut
-    kept) and queues them; pending candidates are merged (sorted by score, then example_id) once they outnumber
+    kept: a block's candidates are its rows >= max(threshold, the block's own k-th best)) and queues them; pending candidates are merged (sorted by score, then example_id) once they outnumber
     max(k, 1024), and at the end. Merging late keeps the threshold lower for a while, which costs candidates, never
     correctness."""
 
@@ -408,33 +442,39 @@ class _RunningTopK:
         self.pending: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_cols)]
         self.n_pending = np.zeros(n_cols, np.int64)
 
-    def push(self, S: np.ndarray, ids: pa.Array) -> None:
-        """S [n, n_cols]: finite scores of n rows whose example_ids are `ids` (an Arrow array of length n)."""
-        mask = S >= self.threshold[None, :]
+    def push(self, S: np.ndarray, ids: pa.Array, first: int = 0) -> None:
+        """S [n, m]: finite scores of n rows (example_ids `ids`, an Arrow array of length n) for the m columns
+        first .. first + m - 1."""
+        n, m = S.shape
+        threshold = self.threshold[first : first + m]
+        if n > self.k and np.isinf(threshold).any():
+            # until every column holds k rows: no row below a column's k-th best of this block can enter (ties at
+            # the cut are kept); later blocks have few rows above the threshold, the partition would cost more
+            threshold = np.maximum(threshold, np.partition(S, n - self.k, axis=0)[n - self.k])
+        mask = S >= threshold[None, :]
         rows_any = np.flatnonzero(mask.any(axis=1))
         if rows_any.size == 0:
             return
         cand_ids = np.array(pc.take(ids, pa.array(rows_any)).to_pylist(), dtype=object)
         sub = mask[rows_any]
-        for c in np.flatnonzero(sub.any(axis=0)):
-            sel = np.flatnonzero(sub[:, c])
-            s = S[rows_any[sel], c]
-            if sel.size > self.k:
-                kth = np.partition(s, sel.size - self.k)[sel.size - self.k]  # the block's k-th largest
-                keep = s >= kth
-                sel, s = sel[keep], s[keep]
-            self.pending[c].append((s, cand_ids[sel]))
-            self.n_pending[c] += s.size
-            if self.n_pending[c] >= max(self.k, self._MERGE_AT):
-                self._merge(c)
+        for j in np.flatnonzero(sub.any(axis=0)):
+            c = first + j
+            sel = np.flatnonzero(sub[:, j])
+            self.pending[c].append((S[rows_any[sel], j].astype(np.float64), cand_ids[sel]))
+            self.n_pending[c] += sel.size
+            if self.n_pending[c] >= (self.k if np.isinf(self.threshold[c]) else max(self.k, self._MERGE_AT)):
+                self._merge(c)  # the first k rows at once: from then on the threshold filters the blocks
 
     def _merge(self, c: int) -> None:
         if not self.pending[c]:
             return
         all_s = np.concatenate([self.scores[c]] + [s for s, _ in self.pending[c]])
         all_ids = np.concatenate([self.ids[c]] + [i for _, i in self.pending[c]])
-        # Python's str order is code point order, as DuckDB's; numpy's 'U' strings would drop trailing NULs
-        order = np.array(sorted(range(len(all_s)), key=lambda i: (-all_s[i], all_ids[i]))[: self.k], np.int64)
+        order = np.argsort(-all_s, kind="stable")
+        if (all_s[order[1:]] == all_s[order[:-1]]).any():  # equal scores: order them by example_id too
+            # Python's str order is code point order, as DuckDB's; numpy's 'U' strings would drop trailing NULs
+            order = sorted(range(len(all_s)), key=lambda i: (-all_s[i], all_ids[i]))
+        order = np.asarray(order[: self.k], np.int64)
         self.scores[c], self.ids[c] = all_s[order], all_ids[order]
         self.pending[c], self.n_pending[c] = [], 0
         if len(order) == self.k:
@@ -480,7 +520,10 @@ class StoreScan:
 
 
 class _Scanner:
-    """The state of one streaming scan: the float64 GEMM block being filled, the per-row outputs, the running top-k."""
+    """The state of one streaming scan. Rows are cast into a small GEMM block (B rows, sized to stay in cache) and
+    multiplied by the query vectors into a stage of R = a multiple of B rows of products; everything per row that is
+    not arithmetic (example_ids, int8 scales, train-norm denominators, finiteness checks, the kept scores, the top-k
+    selection) is done once per stage, so the per-block Python work is two calls (cast, GEMM)."""
 
     def __init__(
         self,
@@ -497,57 +540,83 @@ class _Scanner:
         self.info, self.W, self.B = info, W, B
         self.per_query, self.train_norm, self.with_den = per_query, train_norm, with_den
         N, D, Qc = info.n_rows, info.dim, W.shape[1]
-        self.block = np.zeros((B, D), np.float64)  # gradients as float64: exact for fp16/fp32/int8 values
-        self.prod = np.empty((B, Qc), np.float64)
-        self.scale = np.ones(B, np.float64)  # int8: grad_scale per row
-        self.den = np.ones(B, np.float64)  # train-norm denominator per row (NaN = missing or invalid)
-        self.seg_ids: list[pa.Array] = []  # example_ids of the rows now in the block
-        self.fill = self.done = self.null_ids = 0
+        # gradients in the compute precision (W's dtype): fp16/int8 values are exact in float32 and float64
+        self.block = _aligned_empty((B, D), W.dtype)
+        self.block[:] = 0
+        self.block_t = torch.from_numpy(self.block)  # the same memory, for torch's cast and GEMM
+        self.W_t = torch.from_numpy(W)
+        self.R = R = B * max(1, _STAGE_ROWS // B)
+        self.prod = np.empty((R, Qc), W.dtype)  # the stage's products, R rows
+        self.prod_t = torch.from_numpy(self.prod)
+        self.scale = np.ones(R, np.float64)  # int8: grad_scale per row
+        self.den = np.ones(R, np.float64)  # train-norm denominator per row (NaN = missing or invalid)
+        self.stage_ids: list[pa.Array] = []  # example_ids of the stage's rows
+        self.fill = self.staged = self.done = self.null_ids = 0  # rows in the block; block rows in the stage; rows done
         self.id_type: pa.DataType | None = None
         self.kept_ids: list[pa.Array] | None = [] if keep_scores else None
         self.score = np.empty(N, np.float64) if keep_scores else None
         self.query_scores = np.empty((N, Qc), np.float64) if keep_scores and per_query else None
         n_top = 1 + (Qc if per_query else 0)  # column 0: folded; then one per query
         self.top = _RunningTopK(top_k, n_top) if top_k is not None else None
-        # top-k selection runs on a stage of several GEMM blocks (fewer, larger pushes)
-        self.stage = np.empty((B * max(1, _TOPK_STAGE_ROWS // B), n_top), np.float64) if top_k is not None else None
-        self.stage_n = 0
-        self.stage_ids: list[pa.Array] = []
 
     def error(self, ids: pa.Array, i: int, what: str) -> InfluenceQueryError:
         return InfluenceQueryError(f"{self.info.directory}: row example_id={ids[i].as_py()!r}: {what}")
 
     def add(self, ids: pa.Array, g: np.ndarray, scale: np.ndarray | None, den: np.ndarray | None) -> None:
-        """Rows [n] in store order: example_ids, stored vectors g [n, D] (fp16/fp32/int8 view), int8 scale, den."""
+        """Rows [n] in store order: example_ids, vectors g [n, D] (C-contiguous; stored fp16/fp32/int8 values, or
+        already cast to the compute dtype), int8 scale, den."""
         self.id_type = ids.type
         self.null_ids += ids.null_count
         if self.kept_ids is not None:
             self.kept_ids.append(ids)
         n, i, B = len(g), 0, self.B
+        cast = g.dtype != self.block.dtype
+        gt = _tensor(g)
         while i < n:
-            f = self.fill
-            m = min(B - f, n - i)
-            np.copyto(self.block[f : f + m], g[i : i + m])  # -> float64, in place
+            p = self.staged + self.fill  # the stage row the next row goes to
+            end = i + min(self.R - p, n - i)  # rows [i, end) of this segment belong to the current stage
+            self.stage_ids.append(ids if (i == 0 and end == n) else ids.slice(i, end - i))
             if scale is not None:
-                self.scale[f : f + m] = scale[i : i + m]
+                self.scale[p : p + end - i] = scale[i:end]
             if den is not None:
-                self.den[f : f + m] = den[i : i + m]
-            self.seg_ids.append(ids.slice(i, m))
-            self.fill, i = f + m, i + m
-            if self.fill == B:
+                self.den[p : p + end - i] = den[i:end]
+            while i < end:
+                f = self.fill
+                if f == 0 and end - i >= B and not cast:  # a whole block of the segment: multiplied where it is
+                    self._gemm(gt[i : i + B])
+                    i += B
+                    continue
+                m = min(B - f, end - i)
+                if cast:
+                    self.block_t[f : f + m].copy_(gt[i : i + m])  # cast in place, into the block
+                else:
+                    self.block[f : f + m] = g[i : i + m]  # rows that straddle segments: gathered into the block
+                self.fill, i = f + m, i + m
+                if self.fill == B:
+                    self._gemm(self.block_t)
+            if self.staged == self.R:
                 self.flush()
 
+    def _gemm(self, block: torch.Tensor) -> None:
+        """ONE GEMM of a block of B rows against all queries: [B, D] @ [D, Qc], into the stage's products. torch's
+        (MKL): 1.5x numpy's OpenBLAS at [512, 1024] @ [1024, 32] in float32 here (160 vs 106 GFLOP/s, one thread)."""
+        at = self.staged
+        torch.mm(block, self.W_t, out=self.prod_t[at : at + self.B])
+        self.staged, self.fill = at + self.B, 0
+
     def flush(self) -> None:
-        n, at = self.fill, self.done
+        """Score the stage's rows: scales, denominators, checks, kept scores, top-k."""
+        n = self.staged + self.fill
+        if self.fill:  # the last block: the same GEMM shape as every other one, zero rows past the data
+            self.block[self.fill :] = 0.0
+            self._gemm(self.block_t)
+        at = self.done
         if n == 0:
             return
-        if n < self.B:
-            self.block[n:] = 0.0  # the last block: the same GEMM shape as every other one, zero rows past the data
-        np.matmul(self.block, self.W, out=self.prod)  # ONE GEMM for all queries: [B, D] @ [D, Qc]
-        S = self.prod[:n]
-        ids = self.seg_ids[0] if len(self.seg_ids) == 1 else pa.concat_arrays(self.seg_ids)
+        S = self.prod[:n]  # in the compute dtype; float64 once scales or denominators apply
+        ids = self.stage_ids[0] if len(self.stage_ids) == 1 else pa.concat_arrays(self.stage_ids)
         if self.info.dtype == "int8":
-            S *= self.scale[:n, None]
+            S = S * self.scale[:n, None]
         if self.with_den:
             d = self.den[:n]
             if np.isnan(d).any():
@@ -557,29 +626,20 @@ class _Scanner:
                 raise self.error(ids, int(np.flatnonzero(np.isnan(d))[0]), what)
             with np.errstate(divide="ignore", invalid="ignore"):
                 S = np.where(d[:, None] > 0, S / np.where(d > 0, d, 1.0)[:, None], 0.0)
-        if not np.isfinite(S).all():
-            i = int(np.flatnonzero(~np.isfinite(S).all(axis=1))[0])
-            raise self.error(ids, i, "has a non-finite score (NaN/inf gradient?)")
-        folded = S.mean(axis=1) if self.per_query else S[:, 0]
+        folded = S.mean(axis=1, dtype=np.float64) if self.per_query else S[:, 0].astype(np.float64)
+        if not np.isfinite(folded).all():  # a NaN or inf in any query's score makes the row's mean non-finite
+            raise self.error(ids, int(np.flatnonzero(~np.isfinite(folded))[0]), "has a non-finite score (NaN/inf gradient?)")
         if self.score is not None:
             self.score[at : at + n] = folded
         if self.query_scores is not None:
             self.query_scores[at : at + n] = S
         if self.top is not None:
-            if self.stage_n + n > len(self.stage):
-                self.push_stage()
-            self.stage[self.stage_n : self.stage_n + n, 0] = folded
+            self.top.push(folded[:, None], ids)
             if self.per_query:
-                self.stage[self.stage_n : self.stage_n + n, 1:] = S
-            self.stage_n += n
-            self.stage_ids.append(ids)
-        self.seg_ids.clear()
-        self.fill, self.done = 0, at + n
-
-    def push_stage(self) -> None:
-        if self.stage_n:
-            self.top.push(self.stage[: self.stage_n], pa.concat_arrays(self.stage_ids))
-        self.stage_n, self.stage_ids = 0, []
+                self.top.push(S, ids, first=1)
+        self.stage_ids = []
+        self.fill = self.staged = 0
+        self.done = at + n
 
     def finish(self) -> StoreScan:
         self.flush()
@@ -591,7 +651,6 @@ class _Scanner:
         id_type = self.id_type if self.id_type is not None else pa.string()
         top_table = per_q = None
         if self.top is not None:
-            self.push_stage()
             top_table = self.top.table(0, id_type)
             if self.per_query:
                 per_q = [self.top.table(1 + j, id_type) for j in range(self.W.shape[1])]
@@ -617,6 +676,7 @@ def scan_store(
     batch_rows: int | None = None,
     read_rows: int | None = None,
     readers: int | None = None,
+    precision: Precision = "float32",
     con: duckdb.DuckDBPyConnection | None = None,
 ) -> StoreScan:
     """Stream every shard once and score each row against all query vectors with BLAS (see the module docstring).
@@ -624,8 +684,12 @@ def scan_store(
     `top_k`: also keep the folded and (per_query) per-query top-k, selected while streaming. `keep_scores=False`:
     keep only that top-k, not the per-row scores. `batch_rows` (rounded up to a multiple of 64) and `read_rows` set
     the GEMM block and the Arrow record-batch sizes (defaults sized from D); `readers`: threads decoding shards ahead
-    (default min(2, CPUs); 0 = decode in this thread). Results do not depend on any of the three."""
+    (default min(2, CPUs); 0 = decode in this thread). Results do not depend on any of the three. `precision`: the
+    GEMM's (float32 by default; float64 matches a float64 oracle to ~1e-12, see the module docstring)."""
     _check_train_norm(train_norm)
+    if precision not in _PRECISIONS:
+        raise InfluenceQueryError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+    cdt = np.dtype(_PRECISIONS[precision])
     info = open_store(store_dir)
     n_readers = _readers(readers)
     U = normalized_queries(V, info.dim)
@@ -634,7 +698,7 @@ def scan_store(
     elif not keep_scores:
         raise InfluenceQueryError("keep_scores=False needs a top_k: the scan would return nothing")
     D = int(info.dim)
-    W = np.ascontiguousarray((U if per_query else U.mean(axis=0, keepdims=True)).T)  # [D, Qc] float64
+    W = np.ascontiguousarray((U if per_query else U.mean(axis=0, keepdims=True)).T, cdt)  # [D, Qc]
 
     si_file = _relative_denominator_source(info, self_influence_path) if train_norm == "relative" else None
     si_all = si_ids = None
@@ -650,30 +714,67 @@ def scan_store(
         per_query=per_query,
         train_norm=train_norm,
         with_den=train_norm != "none",
-        B=_gemm_rows(D, info.n_rows, batch_rows),
+        B=_gemm_rows(D, info.n_rows, batch_rows, cdt.itemsize),
         keep_scores=keep_scores,
         top_k=top_k,
     )
 
+    dt = _DTYPES[info.dtype]
+    side = [c for c in columns if c != "grad"]
+
+    # With many query vectors the consumer's GEMM is the bottleneck: the reader threads then also cast the stored
+    # values to the compute dtype (torch's vectorised cast). With few, the GEMM is cheap and the reader, which
+    # copies the bytes out of the file, would become the bottleneck: the consumer casts, block by block
+    # (measured at 200k x 1024 fp16: Q = 1 2.2x vs 3.0x the in-RAM matvec, Q = 32 5.2x vs 4.1x).
+    cast_in_reader = W.shape[1] >= _CAST_IN_READER_QUERIES and n_readers > 0
+    seg_rows = max(sc.B, _SEGMENT_BYTES // (D * (cdt if cast_in_reader else dt).itemsize) // sc.B * sc.B)
+    depth = max(1, min(_PREFETCH_DEPTH, _PREFETCH_BYTES // (seg_rows * D * (cdt if cast_in_reader else dt).itemsize)))
+
+    def segments(ids: pa.Array, g: np.ndarray, rb: pa.RecordBatch):
+        for a in range(0, len(g), seg_rows):
+            part = g[a : a + seg_rows]
+            if cast_in_reader and part.dtype != cdt:
+                out = _aligned_empty(part.shape, cdt)
+                torch.from_numpy(out).copy_(_tensor(part))
+                part = out
+            yield (ids, part, rb) if len(g) <= seg_rows else (ids.slice(a, seg_rows), part, rb.slice(a, seg_rows))
+
     def read_file(f: str):
+        """Yield (example_ids, grad [n, D] in the compute dtype, record batch of the other columns) segments of one
+        shard, in row order: from the shard's grad pages as they are in the file when it stores them plainly
+        (lancet_core.recall.pages), else from pyarrow record batches."""
         try:
-            yield from pq.ParquetFile(f, pre_buffer=False, buffer_size=_READ_BUFFER_BYTES).iter_batches(
-                batch_size=rows_per_read, columns=columns
-            )
+            pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=_READ_BUFFER_BYTES)
+            pages = column_pages(f, "grad", dt, metadata=pf.metadata)
+            if pages is not None:
+                table = pf.read(columns=side)
+                if table.num_rows != sum(len(g) for g in pages):
+                    raise InfluenceQueryError(f"{f}: the grad pages do not hold the file's {table.num_rows} rows")
+                small = table.combine_chunks().to_batches()[0] if table.num_rows else None
+                a = 0
+                for g in pages:
+                    rb = small.slice(a, len(g))
+                    yield from segments(rb.column("example_id"), g, rb)
+                    a += len(g)
+                return
+            for rb in pf.iter_batches(batch_size=rows_per_read, columns=columns):
+                n = rb.num_rows
+                ids, grad = rb.column("example_id"), rb.column("grad")
+                if grad.null_count:
+                    raise sc.error(
+                        ids, int(np.flatnonzero(grad.is_null().to_numpy(zero_copy_only=False))[0]), "grad is null"
+                    )
+                # a view of the Arrow value buffer, no copy and no decoding
+                g = np.frombuffer(grad.buffers()[1], dt, count=n * D, offset=grad.offset * D * dt.itemsize)
+                yield from segments(ids, g.reshape(n, D), rb)
         except (pa.ArrowException, OSError) as e:
             raise InfluenceQueryError(f"{f}: cannot read the shard ({e})") from e
 
-    at = 0  # store row of the batch's first row
-    dt = _DTYPES[info.dtype]
-    for rb in _read_in_order(info.files, read_file, n_readers, _PREFETCH_DEPTH):
-        n = rb.num_rows
+    at = 0  # store row of the segment's first row
+    for ids, g, rb in _read_in_order(info.files, read_file, n_readers, depth):
+        n = len(g)
         if n == 0:
             continue
-        ids, grad = rb.column("example_id"), rb.column("grad")
-        if grad.null_count:
-            raise sc.error(ids, int(np.flatnonzero(grad.is_null().to_numpy(zero_copy_only=False))[0]), "grad is null")
-        # a view of the Arrow value buffer, no copy and no decoding
-        g = np.frombuffer(grad.buffers()[1], dt, count=n * D, offset=grad.offset * D * dt.itemsize).reshape(n, D)
         scale = rb.column("grad_scale").to_numpy(zero_copy_only=False) if info.dtype == "int8" else None
         if den_col is not None:
             den = rb.column(den_col).to_numpy(zero_copy_only=False).astype(np.float64)
@@ -699,12 +800,19 @@ def score_store(
     train_norm: TrainNorm = "none",
     per_query: bool = False,
     self_influence_path: str | Path | None = None,
+    precision: Precision = "float32",
     con: duckdb.DuckDBPyConnection | None = None,
 ) -> pa.Table:
     """One scan of the store. Returns an Arrow table: example_id, score (float64, folded over queries) and, when
     per_query, `query_scores` list<double> (one per query, in V's row order). Rows are in store order (unranked)."""
     return scan_store(
-        store_dir, V, train_norm=train_norm, per_query=per_query, self_influence_path=self_influence_path, con=con
+        store_dir,
+        V,
+        train_norm=train_norm,
+        per_query=per_query,
+        self_influence_path=self_influence_path,
+        precision=precision,
+        con=con,
     ).to_table()
 
 
@@ -828,6 +936,7 @@ def query_influence(
     per_query: bool = False,
     query_ids: Sequence[str] | None = None,
     self_influence_path: str | Path | None = None,
+    precision: Precision = "float32",
 ) -> InfluenceResult:
     """Score every training row against the (preconditioned) query vectors V [Q, D], write influence.parquet
     (`out_path`: a file, or a directory that gets `influence.parquet`; None = do not write) and return top-k.
@@ -849,6 +958,7 @@ def query_influence(
         per_query=per_query,
         self_influence_path=self_influence_path,
         top_k=top_k if per_query else None,
+        precision=precision,
     )
     scores = scan.to_table()
     ranked = rank_scores(scores, corpus_path)

@@ -76,8 +76,10 @@ def _stop_all(procs: list[subprocess.Popen]) -> None:
 
 
 def _files(store: Path) -> dict[str, bytes]:
-    return {p.relative_to(store).as_posix(): p.read_bytes() for p in sorted(store.glob("shard-*.parquet"))
-            + sorted((store / "curvature" / "factors").glob("*.npz"))}
+    """Every data file of the store: shards, the PCA basis, per-shard factor sums and the built curvatures."""
+    files = sorted(store.glob("shard-*.parquet")) + sorted(store.rglob("*.npz"))
+    assert any(p.parent.name == "curvature" for p in files)  # the built curvature is among them
+    return {p.relative_to(store).as_posix(): p.read_bytes() for p in files}
 
 
 def _shard_entries(store: Path) -> list[dict]:

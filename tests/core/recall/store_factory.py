@@ -13,6 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lancet_core.index.store import write_shard as write_store_shard
+
 _NP = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "int8": np.dtype("i1")}
 
 
@@ -34,7 +36,11 @@ def quantize(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndar
     return q, np.ones(len(x), np.float32), q.astype(np.float64)
 
 
-def write_shard(path: Path, ids: list[str], x: np.ndarray, dtype: str, extra: dict | None = None) -> np.ndarray:
+def write_shard(
+    path: Path, ids: list[str], x: np.ndarray, dtype: str, extra: dict | None = None, *, plain: bool = True
+) -> np.ndarray:
+    """plain: grad as the store builder writes it (uncompressed PLAIN pages, read without decoding); else pyarrow's
+    defaults (snappy, dictionary, statistics), which the scan reads through pyarrow."""
     q, scale, deq = quantize(x.astype(np.float32), dtype)
     cols = {
         "example_id": pa.array(ids, pa.string()),
@@ -45,7 +51,10 @@ def write_shard(path: Path, ids: list[str], x: np.ndarray, dtype: str, extra: di
         cols["grad_scale"] = pa.array(scale, pa.float32())
     for k, v in (extra or {}).items():
         cols[k] = v
-    pq.write_table(pa.table(cols), path)
+    if plain:
+        write_store_shard(pa.table(cols), path)
+    else:
+        pq.write_table(pa.table(cols), path)
     return deq
 
 
@@ -58,6 +67,7 @@ def make_store(
     n_shards: int = 3,
     extra_columns: dict[str, np.ndarray] | None = None,
     manifest_extra: dict | None = None,
+    plain: bool = True,
 ) -> tuple[list[str], np.ndarray]:
     """Write rows x [N, D] as a store in `directory`; returns (example_ids in store order, dequantised float64 [N, D])."""
     directory = Path(directory)
@@ -70,7 +80,7 @@ def make_store(
         a, b = bounds[s], bounds[s + 1]
         name = f"shard-{s:05d}.parquet"
         extra = {k: pa.array(v[a:b]) for k, v in (extra_columns or {}).items()}
-        deqs.append(write_shard(directory / name, ids[a:b], x[a:b], dtype, extra))
+        deqs.append(write_shard(directory / name, ids[a:b], x[a:b], dtype, extra, plain=plain))
         shards.append({"file": name, "rows": int(b - a), "digest": "sha256:test"})
     manifest = {"format_version": 2, "dim": d, "dtype": dtype, "shards": shards, "model_digest": "sha256:test"}
     manifest.update(manifest_extra or {})

@@ -271,7 +271,9 @@ def test_quick_benchmark_runs_and_its_harness_checks_hold(tmp_path, one_thread):
             a = r[f"subset_kfull_{window}_identity"][qs]["vs"][f"id_{window}"]
             assert a["spearman"] > 0.999 and a["overlap@10"] == 1.0, (window, qs, a)
     chk = res["recall_influence_default_check"]
-    assert chk["same_top50"] and chk["max_abs_score_diff"] < 1e-9
+    # the entry point scores per query and averages; the benchmark folds the queries into one vector first. Equal
+    # up to the scan's float32 rounding (RecallConfig.score_precision; unit-norm queries, so ~1e-7 of the scores)
+    assert chk["same_top50"] and chk["max_abs_score_diff"] < 1e-6 * chk["max_abs_score"]
     assert res["exact"]["convergence"]["whole"]["S"] == 4
 
 

@@ -208,7 +208,7 @@ def test_relative_influence_divides_by_the_rows_own_self_influence(setup, method
 
     s = setup
     out = recall_influence(s["store"], s["model"], s["queries"], s["tokens"], s["root"] / f"rel-{method}",
-                           RecallConfig(method=method, train_norm="relative"))
+                           RecallConfig(method=method, train_norm="relative", score_precision="float64"))
     st = GradientStore.open(s["store"])
     g = st.read_all(np.float64)
     si = np.einsum("nd,nd->n", precondition(st.root, g, method), g)
