@@ -9,7 +9,8 @@ tokens.parquet (one row per training example, written by `lancet_core.data.token
 gradient store (directory, written by `lancet_core.index.store`):
     shard-NNNNN.parquet (format GRADIENT_STORE_FORMAT): example_id string, grad fixed_size_binary[D * itemsize] (the
         row's D float16|float32|int8 values, raw little-endian; dtype and D in manifest.json), grad_norm float32
-        (norm of the unquantised vector), grad_scale float32 (int8 only: value = int8 * grad_scale)
+        (norm of the unquantised vector), grad_scale float32 (int8 only: value = int8 * grad_scale); grad written
+        non-nullable as uncompressed PLAIN pages (read without decoding; any other Parquet layout is read too)
     manifest.json, curvature/ beside the shards.
 
 queries.parquet (flagged undesirable outputs): query_id string, prompt string, response string, judge string.

@@ -1,13 +1,15 @@
-"""numpy views of a Parquet column's values, straight from the bytes of the file's pages (no decoding).
+"""A Parquet column's fixed-width values read straight from the file's pages into numpy arrays (no decoding).
 
 A gradient store's `grad` column is written PLAIN-encoded and uncompressed (lancet_core.index.store): each data page
-is a page header followed by the rows' raw bytes, back to back. `column_pages` reads a column chunk's bytes with one
-positioned read and finds the values by parsing the pages' Thrift-compact headers: no Parquet decoding (pyarrow's
-reader decompresses and decodes every page into new buffers, which measured ~3× the whole in-RAM matvec). Why a read
-and not mmap: a scan maps and unmaps a file per shard, and page faults and unmaps on one core stall the other
-core's scan on the process's memory-map lock (measured: 2.3× instead of 1.5× the matvec).
+is a page header followed by the rows' raw bytes, back to back. `plain_column` reads only the footer and the page
+headers (Thrift compact protocol, parsed here) and returns where each page's values lie; `PlainColumn.read` then
+reads any run of rows of a page into a caller's array with one positioned read. So the scan reads each segment of
+rows into its own small array: no Parquet decoding (pyarrow's reader decompresses and copies every page, which cost
+~3× the whole in-RAM matvec), no whole-chunk buffer (a 110 MB chunk per shard at D = 54k was mapped fresh and
+page-faulted for every shard: 3× slower), and no mmap (page faults and unmaps on one core stalled the other core's
+scan on the process's memory-map lock: 2.3× instead of 1.5× the matvec). Measured in benchmarks/query_latency.py.
 
-It returns None, never a wrong view, whenever a column chunk is not exactly that simple layout (compressed,
+It returns None, never a wrong layout, whenever a column chunk is not exactly that simple layout (compressed,
 dictionary- or otherwise encoded, nulls present, repeated, a page type it does not know, a size that does not add
 up): the caller then reads the column with pyarrow as usual. Validated against pyarrow's own decoding in
 tests/core/recall/test_pages.py.
@@ -18,6 +20,7 @@ stores or scores.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +37,10 @@ class _Unsupported(Exception):
     """The page layout is not the simple one this module views; the caller falls back to pyarrow."""
 
 
+class _Short(_Unsupported):
+    """The bytes read so far end inside a page header: read more."""
+
+
 class _Reader:
     """Just enough of Thrift's compact protocol to read a PageHeader (parquet.thrift) and skip what it does not need."""
 
@@ -42,7 +49,7 @@ class _Reader:
 
     def byte(self) -> int:
         if self.pos >= self.end:
-            raise _Unsupported("page header runs past the column chunk")
+            raise _Short("page header runs past the bytes read")
         b = self.buf[self.pos]
         self.pos += 1
         return b
@@ -93,7 +100,7 @@ class _Reader:
         else:
             raise _Unsupported(f"unknown thrift type {ttype}")
         if self.pos > self.end:
-            raise _Unsupported("page header runs past the column chunk")
+            raise _Short("page header runs past the bytes read")
 
     def struct(self, on_field) -> None:
         """Read one struct, calling on_field(field_id, type) for each field (which must consume it)."""
@@ -172,14 +179,34 @@ def _page_header(r: _Reader) -> _Page:
     return p
 
 
-def _chunk_pages(buf, start: int, end: int, width: int, max_def: int) -> list[tuple[int, int]]:
-    """(byte offset of the first value, number of rows) of every data page in buf[start:end]."""
+_HEADER_READ = 4096  # bytes read for a page header at first (a header with min/max statistics can be larger)
+
+
+def _pread(fd: int, n: int, at: int) -> bytes:
+    out = os.pread(fd, n, at)
+    if len(out) != n:
+        raise _Unsupported("the file ends inside a column chunk")
+    return out
+
+
+def _chunk_pages(fd: int, start: int, end: int, width: int, max_def: int) -> list[tuple[int, int]]:
+    """(file offset of the first value, number of rows) of every data page of the column chunk at [start, end):
+    only the page headers are read."""
     out = []
     pos = start
     while pos < end:
-        r = _Reader(buf, pos, end)
-        p = _page_header(r)
-        body = r.pos
+        window = _HEADER_READ
+        while True:  # the header's length is only known once it is parsed: read more until it fits
+            head = _pread(fd, min(window, end - pos), pos)
+            r = _Reader(head, 0, len(head))
+            try:
+                p = _page_header(r)
+                break
+            except _Short:
+                if pos + window >= end:
+                    raise _Unsupported("page header runs past the column chunk") from None
+                window *= 4
+        body = pos + r.pos
         if p.compressed < 0 or p.compressed != p.uncompressed or body + p.compressed > end:
             raise _Unsupported("page sizes do not add up (compressed page?)")
         if p.kind not in (_DATA_PAGE, _DATA_PAGE_V2):
@@ -191,7 +218,7 @@ def _chunk_pages(buf, start: int, end: int, width: int, max_def: int) -> list[tu
             if max_def > 0:  # v1: RLE definition levels, prefixed by their 4-byte length
                 if p.compressed < 4:
                     raise _Unsupported("short page")
-                values += 4 + int.from_bytes(bytes(buf[body : body + 4]), "little")
+                values += 4 + int.from_bytes(_pread(fd, 4, body), "little")
         else:
             values += p.def_bytes + p.rep_bytes
         # exactly num_values values fill the rest of the page: so no value was null and nothing else is there
@@ -202,14 +229,36 @@ def _chunk_pages(buf, start: int, end: int, width: int, max_def: int) -> list[tu
     return out
 
 
-def column_pages(
-    path: str | Path, column: str, dtype: np.dtype, *, metadata: pq.FileMetaData | None = None
-) -> list[np.ndarray] | None:
-    """[rows, width // itemsize] views of `column` (a fixed_len_byte_array of raw `dtype` values), one per data page
-    in row order, over ONE buffer per row group that holds the column chunk's bytes as they are in the file (read
-    with one positioned read, no decoding); None when the column is not stored as uncompressed PLAIN pages without
-    nulls. `metadata`: the file's footer, when the caller has already read it."""
-    dtype = np.dtype(dtype)
+@dataclass(frozen=True)
+class PlainColumn:
+    """Where a fixed-width column's values lie in a Parquet file: per data page in row order, the file offset of its
+    first value and its number of rows; `width` bytes per row."""
+
+    path: str
+    width: int
+    pages: tuple[tuple[int, int], ...]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(n for _, n in self.pages)
+
+    def read(self, fd: int, page: int, first: int, out: np.ndarray) -> np.ndarray:
+        """Read rows [first, first + len(out)) of data page `page` into `out` (C-contiguous, len(out) × width
+        bytes) with one positioned read; returns out."""
+        off, n = self.pages[page]
+        if first < 0 or first + len(out) > n or out.nbytes != len(out) * self.width:
+            raise ValueError(f"rows [{first}, {first + len(out)}) of a {n}-row page into a {out.shape} array")
+        got = os.preadv(fd, [memoryview(out).cast("B")], off + first * self.width)
+        if got != out.nbytes:
+            raise OSError(f"{self.path}: short read ({got} of {out.nbytes} bytes): the file changed or is truncated")
+        return out
+
+
+def plain_column(path: str | Path, column: str, itemsize: int, *, metadata: pq.FileMetaData | None = None
+                 ) -> PlainColumn | None:
+    """The page layout of `column` (a fixed_len_byte_array whose width is a multiple of `itemsize`) when every row
+    group stores it as uncompressed PLAIN pages without nulls; else None. Reads the footer (unless given) and the page
+    headers only. `metadata`: the file's footer, when the caller has already read it."""
     meta = metadata if metadata is not None else pq.read_metadata(path)
     names = [meta.schema.column(j).path for j in range(meta.num_columns)]
     if column not in names:
@@ -219,25 +268,41 @@ def column_pages(
     if col.physical_type != "FIXED_LEN_BYTE_ARRAY" or col.max_repetition_level != 0:
         return None
     width = col.length
-    if width % dtype.itemsize:
+    if width % itemsize:
         return None
     chunks = []
     for g in range(meta.num_row_groups):
         c = meta.row_group(g).column(j)
-        if c.compression != "UNCOMPRESSED" or c.has_dictionary_page:
+        if c.compression != "UNCOMPRESSED" or c.has_dictionary_page or c.data_page_offset < 0:
             return None
         chunks.append((c.data_page_offset, c.total_compressed_size, meta.row_group(g).num_rows))
-    views = []
-    with open(path, "rb", buffering=0) as fh:
+    pages: list[tuple[int, int]] = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
         for start, length, rows in chunks:
-            buf = np.empty(length, np.uint8)
-            if start < 0 or fh.seek(start) != start or fh.readinto(buf) != length:
+            found = _chunk_pages(fd, start, start + length, width, col.max_definition_level)
+            if sum(n for _, n in found) != rows:
                 return None
-            try:
-                pages = _chunk_pages(memoryview(buf), 0, length, width, col.max_definition_level)
-            except _Unsupported:
-                return None
-            if sum(n for _, n in pages) != rows:
-                return None
-            views += [buf[off : off + n * width].view(dtype).reshape(n, -1) for off, n in pages]
-    return views
+            pages += found
+    except _Unsupported:
+        return None
+    finally:
+        os.close(fd)
+    return PlainColumn(str(path), width, tuple(pages))
+
+
+def column_pages(
+    path: str | Path, column: str, dtype: np.dtype, *, metadata: pq.FileMetaData | None = None
+) -> list[np.ndarray] | None:
+    """The whole column as [rows, width // itemsize] arrays of `dtype`, one per data page in row order (read with
+    `plain_column`; None when it does not apply)."""
+    dtype = np.dtype(dtype)
+    layout = plain_column(path, column, dtype.itemsize, metadata=metadata)
+    if layout is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return [layout.read(fd, i, 0, np.empty((n, layout.width // dtype.itemsize), dtype))
+                for i, (_, n) in enumerate(layout.pages)]
+    finally:
+        os.close(fd)

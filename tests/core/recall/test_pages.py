@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lancet_core.index.store import write_shard
-from lancet_core.recall.pages import column_pages
+from lancet_core.recall.pages import column_pages, plain_column
 
 _NP = {"float16": np.float16, "float32": np.float32, "int8": np.int8}
 
@@ -114,3 +114,33 @@ def test_corrupted_page_header_gives_none(tmp_path):
     raw[start : start + 6] = b"\x15\x00\x15\x02\x15\x04"  # a data page claiming 1 value in 2 bytes (uncompressed 1)
     path.write_bytes(bytes(raw))
     assert column_pages(path, "grad", np.float16) is None
+
+
+def test_page_headers_longer_than_the_first_read(tmp_path):
+    """Min/max statistics of 3000-byte rows make a page header ~6 kB, more than the 4 kB read first."""
+    t, x = _table(40, 1500, "float16")
+    pq.write_table(t, tmp_path / "s.parquet", compression="none", use_dictionary=False, write_statistics=True)
+    views = column_pages(tmp_path / "s.parquet", "grad", np.float16)
+    assert views is not None and np.array_equal(np.concatenate(views).view(np.uint8), x.view(np.uint8))
+
+
+def test_read_any_run_of_rows(tmp_path):
+    import os
+
+    t, x = _table(300, 10, "float32", nullable=False)
+    pq.write_table(t, tmp_path / "s.parquet", compression="none", use_dictionary=False, data_page_size=2000,
+                   write_batch_size=16)
+    layout = plain_column(tmp_path / "s.parquet", "grad", 4)
+    assert layout.num_rows == 300 and len(layout.pages) > 2
+    fd = os.open(tmp_path / "s.parquet", os.O_RDONLY)
+    try:
+        row = 0
+        for p, (_, n) in enumerate(layout.pages):
+            for first, m in ((0, n), (1, n - 1), (n // 2, 1)):
+                got = layout.read(fd, p, first, np.empty((m, 10), np.float32))
+                assert np.array_equal(got, x[row + first : row + first + m])
+            row += n
+        with pytest.raises(ValueError):
+            layout.read(fd, 0, 1, np.empty((layout.pages[0][1], 10), np.float32))  # past the page's end
+    finally:
+        os.close(fd)
