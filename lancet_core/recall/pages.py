@@ -133,49 +133,31 @@ def _int(r: _Reader, ttype: int) -> int:
     return r.zigzag()
 
 
+# The integer fields read from parquet.thrift's PageHeader and its data-page headers (field id -> _Page attribute);
+# every other field is skipped.
+_PAGE_HEADER_INTS = {1: "kind", 2: "uncompressed", 3: "compressed"}
+_DATA_PAGE_INTS = {5: {1: "num_values", 2: "encoding"},  # PageHeader.data_page_header: DataPageHeader
+                   8: {1: "num_values", 2: "num_nulls", 4: "encoding", 5: "def_bytes", 6: "rep_bytes"}}  # ...V2
+_V2_IS_COMPRESSED = 7
+
+
 def _page_header(r: _Reader) -> _Page:
     p = _Page()
 
-    def data_v1(fid: int, t: int) -> None:
-        if fid == 1:
-            p.num_values = _int(r, t)
-        elif fid == 2:
-            p.encoding = _int(r, t)
-        else:
-            r.skip(t)
-
-    def data_v2(fid: int, t: int) -> None:
-        if fid == 1:
-            p.num_values = _int(r, t)
-        elif fid == 2:
-            p.num_nulls = _int(r, t)
-        elif fid == 4:
-            p.encoding = _int(r, t)
-        elif fid == 5:
-            p.def_bytes = _int(r, t)
-        elif fid == 6:
-            p.rep_bytes = _int(r, t)
-        elif fid == 7:  # is_compressed
-            if t == _BOOL_TRUE:
+    def fields(ints: dict[int, str], v2: bool):
+        def on(fid: int, t: int) -> None:
+            if fid in ints:
+                setattr(p, ints[fid], _int(r, t))
+            elif v2 and fid == _V2_IS_COMPRESSED and t == _BOOL_TRUE:
                 raise _Unsupported("compressed v2 page")
-        else:
-            r.skip(t)
+            elif ints is _PAGE_HEADER_INTS and fid in _DATA_PAGE_INTS and t == _STRUCT:
+                r.struct(fields(_DATA_PAGE_INTS[fid], v2=fid == 8))
+            else:
+                r.skip(t)
 
-    def top(fid: int, t: int) -> None:
-        if fid == 1:
-            p.kind = _int(r, t)
-        elif fid == 2:
-            p.uncompressed = _int(r, t)
-        elif fid == 3:
-            p.compressed = _int(r, t)
-        elif fid == 5 and t == _STRUCT:
-            r.struct(data_v1)
-        elif fid == 8 and t == _STRUCT:
-            r.struct(data_v2)
-        else:
-            r.skip(t)
+        return on
 
-    r.struct(top)
+    r.struct(fields(_PAGE_HEADER_INTS, v2=False))
     return p
 
 
