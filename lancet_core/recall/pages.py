@@ -271,20 +271,3 @@ def plain_column(path: str | Path, column: str, itemsize: int, *, metadata: pq.F
     finally:
         os.close(fd)
     return PlainColumn(str(path), width, tuple(pages))
-
-
-def column_pages(
-    path: str | Path, column: str, dtype: np.dtype, *, metadata: pq.FileMetaData | None = None
-) -> list[np.ndarray] | None:
-    """The whole column as [rows, width // itemsize] arrays of `dtype`, one per data page in row order (read with
-    `plain_column`; None when it does not apply)."""
-    dtype = np.dtype(dtype)
-    layout = plain_column(path, column, dtype.itemsize, metadata=metadata)
-    if layout is None:
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return [layout.read(fd, i, 0, np.empty((n, layout.width // dtype.itemsize), dtype))
-                for i, (_, n) in enumerate(layout.pages)]
-    finally:
-        os.close(fd)

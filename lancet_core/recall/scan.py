@@ -584,15 +584,19 @@ class _Scanner:
     def error(self, ids: pa.Array, i: int, what: str) -> InfluenceQueryError:
         return InfluenceQueryError(f"{self.info.directory}: row example_id={ids[i].as_py()!r}: {what}")
 
-    def add(self, ids: pa.Array, g: np.ndarray, scale: np.ndarray | None, den: np.ndarray | None) -> None:
+    def add(
+        self, ids: pa.Array, g: np.ndarray, scale: np.ndarray | None, den: np.ndarray | None, aligned: bool
+    ) -> None:
         """Rows [n] in store order: example_ids, vectors g [n, D] (C-contiguous; stored fp16/fp32/int8 values, or
-        already cast to the compute dtype), int8 scale, den."""
+        already cast to the compute dtype), int8 scale, den. `aligned`: g is a pooled buffer (`_aligned_empty`), so
+        its whole blocks may be multiplied where they are; any other array (an Arrow buffer) goes through the block,
+        keeping every GEMM operand equally aligned."""
         self.id_type = ids.type
         self.null_ids += ids.null_count
         if self.kept_ids is not None:
             self.kept_ids.append(ids)
         n, i, B = len(g), 0, self.B
-        cast = g.dtype != self.block.dtype
+        direct = aligned and g.dtype == self.block.dtype
         gt = _tensor(g)
         while i < n:
             p = self.staged + self.fill  # the stage row the next row goes to
@@ -604,15 +608,12 @@ class _Scanner:
                 self.den[p : p + end - i] = den[i:end]
             while i < end:
                 f = self.fill
-                if f == 0 and end - i >= B and not cast:  # a whole block of the segment: multiplied where it is
+                if f == 0 and end - i >= B and direct:  # a whole block of the segment: multiplied where it is
                     self._gemm(gt[i : i + B])
                     i += B
                     continue
                 m = min(B - f, end - i)
-                if cast:
-                    self.block_t[f : f + m].copy_(gt[i : i + m])  # cast in place, into the block
-                else:
-                    self.block[f : f + m] = g[i : i + m]  # rows that straddle segments: gathered into the block
+                self.block_t[f : f + m].copy_(gt[i : i + m])  # cast (or copy) in place, into the block
                 self.fill, i = f + m, i + m
                 if self.fill == B:
                     self._gemm(self.block_t)
@@ -749,12 +750,12 @@ def scan_store(
     # copies the bytes out of the file, would become the bottleneck: the consumer casts, block by block
     # (measured at 200k x 1024 fp16: Q = 1 2.2x vs 3.0x the in-RAM matvec, Q = 32 5.2x vs 4.1x).
     cast_in_reader = W.shape[1] >= _CAST_IN_READER_QUERIES and n_readers > 0
-    seg_rows = max(sc.B, _SEGMENT_BYTES // (D * (cdt if cast_in_reader else dt).itemsize) // sc.B * sc.B)
-    depth = max(1, min(_PREFETCH_DEPTH, _PREFETCH_BYTES // (seg_rows * D * (cdt if cast_in_reader else dt).itemsize)))
+    seg_dtype = cdt if cast_in_reader else dt  # what the consumer gets
+    seg_rows = max(sc.B, _SEGMENT_BYTES // (D * seg_dtype.itemsize) // sc.B * sc.B)
+    depth = max(1, min(_PREFETCH_DEPTH, _PREFETCH_BYTES // (seg_rows * D * seg_dtype.itemsize)))
 
     # Segment buffers are recycled: the consumer hands each back once it has multiplied it (fresh 2-8 MiB arrays
     # cost page faults and zeroing on every segment: measured 1.9x -> 2.8x the matvec at 200k x 1024).
-    seg_dtype = cdt if cast_in_reader else dt
     free: list[np.ndarray] = []  # list.append / pop are atomic: the reader takes, the consumer gives back
 
     def take() -> np.ndarray:
@@ -764,8 +765,9 @@ def scan_store(
             return _aligned_empty((seg_rows, D), seg_dtype)
 
     def ready(part: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(the segment in the dtype the consumer wants, the pooled buffer to give back or None)."""
-        if cast_in_reader and part.dtype != cdt:
+        """(rows not read into a pooled buffer, as the consumer wants them; the pooled buffer to give back or None).
+        When the reader casts, the rows always land in a pooled (aligned) buffer, whatever their dtype."""
+        if cast_in_reader:
             buf = take()
             out = buf[: len(part)]
             torch.from_numpy(out).copy_(_tensor(part))
@@ -847,7 +849,7 @@ def scan_store(
         if den is not None and train_norm == "relative":
             with np.errstate(invalid="ignore"):
                 den = np.sqrt(np.where(den < 0, np.nan, den))  # a negative self-influence is an error, like missing
-        sc.add(ids, g, scale, den)  # done with g: its rows were cast or multiplied
+        sc.add(ids, g, scale, den, aligned=buf is not None)  # done with g: its rows were cast or multiplied
         if buf is not None:
             free.append(buf)
         at += n

@@ -10,10 +10,26 @@ import pyarrow.parquet as pq
 import pytest
 
 from lancet_core.index.store import write_shard
-from lancet_core.recall.pages import column_pages, plain_column
+from lancet_core.recall.pages import plain_column
 
 _NP = {"float16": np.float16, "float32": np.float32, "int8": np.int8}
 
+
+
+def column_pages(path, column: str, dtype) -> list[np.ndarray] | None:
+    """The whole column through plain_column: one [rows, width // itemsize] array per data page (None: not plain)."""
+    import os
+
+    dtype = np.dtype(dtype)
+    layout = plain_column(path, column, dtype.itemsize)
+    if layout is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return [layout.read(fd, i, 0, np.empty((n, layout.width // dtype.itemsize), dtype))
+                for i, (_, n) in enumerate(layout.pages)]
+    finally:
+        os.close(fd)
 
 def _table(n: int, d: int, dtype: str, seed: int = 0, nullable: bool = True) -> tuple[pa.Table, np.ndarray]:
     rng = np.random.default_rng(seed)
