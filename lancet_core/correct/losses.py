@@ -20,6 +20,7 @@ influence scores, label columns, pairing or optimisation.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -243,6 +244,36 @@ def _logits(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
+def _accepts_logits_to_keep(model) -> bool:
+    """Whether the HF model under `model` (a PEFT wrapper or anything with `get_base_model`) takes `logits_to_keep`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forward = getattr(base, "forward", None)
+    return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+
+
+def response_logits(model, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The logits of exactly the positions that predict response tokens: (logits [N,V], targets [N], row [N]).
+
+    Position t-1 predicts token t, so a response token t (loss_mask[b, t] == 1, t ≥ 1) needs position t-1. The LM head
+    runs only from the batch's first such position on (`logits_to_keep`, when the model takes it), and prompt and
+    padding positions are dropped before any full-vocabulary log_softmax: the same values as slicing the full logits,
+    for a fraction of the work (prompts with a system prompt are most of a chat row).
+    """
+    predicted = loss_mask[:, 1:].bool()
+    cols = predicted.any(0).nonzero()
+    start = int(cols[0]) if len(cols) else predicted.shape[1]  # first position whose logits are needed
+    keep = input_ids.shape[1] - start
+    kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+    logits = logits[:, logits.shape[1] - keep :]  # a model that ignores logits_to_keep returns every position
+    sel = predicted[:, start:]
+    return logits[:, :-1][sel], input_ids[:, start + 1 :][sel], sel.nonzero()[:, 0]
+
+
+def _row_sum(values: Tensor, rows: Tensor, n_rows: int) -> Tensor:
+    return torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)
+
+
 def token_logprobs_from_logits(logits: Tensor, input_ids: Tensor) -> Tensor:
     """[B,T-1]: log π(x_t | x_<t) for t = 1..T-1 (position t-1's logits predict token t)."""
     logp = torch.log_softmax(_upcast(logits[:, :-1]), dim=-1)
@@ -257,8 +288,19 @@ def sequence_logprobs_from_logits(logits: Tensor, input_ids: Tensor, loss_mask: 
 
 
 def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tensor:
-    """[B]: sequence log-likelihood of the response, summed over response tokens (the IBO/DPO/NPO/GA input)."""
-    return sequence_logprobs_from_logits(_logits(model, input_ids, attention_mask), input_ids, loss_mask)
+    """[B]: sequence log-likelihood of the response, summed over response tokens (the IBO/DPO/NPO/GA input).
+
+    Equals `sequence_logprobs_from_logits` on the full logits; only the response positions' logits are formed."""
+    logits, targets, rows = response_logits(model, input_ids, attention_mask, loss_mask)
+    tok = torch.log_softmax(_upcast(logits), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return _row_sum(tok, rows, input_ids.shape[0])
+
+
+def _response_counts(loss_mask: Tensor) -> Tensor:
+    n = loss_mask[:, 1:].sum(-1)
+    if bool((n == 0).any()):
+        raise ValueError("a retain row has no response tokens (all masked or truncated away); cannot average its KL")
+    return n
 
 
 def token_kl_per_row_from_logits(policy_logits: Tensor, ref_logits: Tensor, loss_mask: Tensor) -> Tensor:
@@ -266,9 +308,7 @@ def token_kl_per_row_from_logits(policy_logits: Tensor, ref_logits: Tensor, loss
 
     A row without response tokens raises (its mean is undefined)."""
     mask = loss_mask[:, 1:]
-    n = mask.sum(-1)
-    if bool((n == 0).any()):
-        raise ValueError("a retain row has no response tokens (all masked or truncated away); cannot average its KL")
+    n = _response_counts(loss_mask)
     logp = torch.log_softmax(_upcast(policy_logits[:, :-1]), dim=-1)
     logq = torch.log_softmax(_upcast(ref_logits[:, :-1]), dim=-1)
     kl_tok = (logq.exp() * (logq - logp)).sum(-1)  # [B, T-1]
@@ -281,12 +321,17 @@ def retain_kl_from_models(
     """[B]: token-mean KL(π_ref ‖ π_θ) on each retain row; the reference forward runs without gradients.
 
     `ref_model` is anything called like a HF model (a frozen copy, or a wrapper that runs the PEFT model with its
-    adapter disabled); here it is simply called.
+    adapter disabled; `get_base_model` tells whether it takes `logits_to_keep`). Equals
+    `token_kl_per_row_from_logits` on the full logits; only the response positions' logits are formed.
     """
+    n = _response_counts(loss_mask)
     with torch.no_grad():
-        ref_logits = _logits(ref_model, input_ids, attention_mask)
-    pol_logits = _logits(policy_model, input_ids, attention_mask)
-    return token_kl_per_row_from_logits(pol_logits, ref_logits.detach(), loss_mask)
+        ref_logits, _, _ = response_logits(ref_model, input_ids, attention_mask, loss_mask)
+        logq = torch.log_softmax(_upcast(ref_logits), dim=-1)
+    pol_logits, _, rows = response_logits(policy_model, input_ids, attention_mask, loss_mask)
+    logp = torch.log_softmax(_upcast(pol_logits), dim=-1)
+    kl_tok = (logq.exp() * (logq - logp)).sum(-1)  # [N]
+    return _row_sum(kl_tok, rows, input_ids.shape[0]) / n.to(kl_tok.dtype)
 
 
 LOG2 = math.log(2.0)

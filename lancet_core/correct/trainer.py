@@ -130,6 +130,9 @@ class _AdapterDisabled:
         with self.peft_model.disable_adapter():
             return self.peft_model(**kwargs)
 
+    def get_base_model(self):
+        return self.peft_model.get_base_model()
+
 
 def _zero_dropout(model) -> None:
     for m in model.modules():
@@ -315,6 +318,7 @@ def post_train(
     plan = _step_plan(len(examples), cfg)
     stream = _RetainStream(len(retain_seqs), cfg.seed) if retain_seqs else None
     retain_bs = cfg.retain_batch_size or cfg.batch_size
+    ref_logps = _ReferenceLogps(ref, spec, pad_id, device, keep=cfg.disable_dropout)
     history: list[dict] = []
 
     from tqdm.auto import tqdm
@@ -334,7 +338,7 @@ def post_train(
             batch = [examples[i] for i in mb]
             weight = torch.tensor([e.weight for e in batch], dtype=dtype, device=device)
             with autocast_context(device, cfg.autocast):  # log-probs and KL are upcast to float32 in losses.py
-                terms = _micro_terms(policy, ref, spec, cfg, batch, weight, pad_id, device)
+                terms = _micro_terms(policy, ref, spec, batch, ref_logps, pad_id, device)
                 kl_rows = None
                 if stream is not None:
                     rseqs = [retain_seqs[i] for i in ridx[k * retain_bs : (k + 1) * retain_bs]]
@@ -363,30 +367,49 @@ def post_train(
     return _save_atomically(final, tokenizer, out_dir, expected, history, len(examples), len(retain_seqs), t0)
 
 
-def _micro_terms(policy, ref, spec: LossSpec, cfg: TrainConfig, batch, weight, pad_id, device) -> dict:
-    """Per-sequence log-likelihoods of one micro-batch: chosen and rejected in one forward pass when both are needed."""
+def _micro_terms(policy, ref, spec: LossSpec, batch, ref_logps, pad_id, device) -> dict:
+    """Per-sequence log-likelihoods of one micro-batch: chosen and rejected in one forward pass when both are needed;
+    the reference's come from `ref_logps` (each example's computed once, the reference being frozen)."""
     rej = [e.rejected for e in batch]
     seqs = ([e.chosen for e in batch] + rej) if spec.needs_chosen else rej
-    ids, attn, mask = _collate(seqs, pad_id, device)
-    pol = sequence_logprobs(policy, ids, attn, mask)
-    refl = None
-    if spec.needs_reference:
-        with torch.no_grad():
-            refl = sequence_logprobs(ref, ids, attn, mask).detach()
+    pol = sequence_logprobs(policy, *_collate(seqs, pad_id, device))
+    ref_chosen, ref_rejected = ref_logps(batch) if spec.needs_reference else (None, None)
     b = len(batch)
-    if spec.needs_chosen:
-        return {
-            "policy_chosen_logp": pol[:b],
-            "policy_rejected_logp": pol[b:],
-            "ref_chosen_logp": refl[:b] if refl is not None else None,
-            "ref_rejected_logp": refl[b:] if refl is not None else None,
-        }
     return {
-        "policy_chosen_logp": None,
-        "policy_rejected_logp": pol,
-        "ref_chosen_logp": None,
-        "ref_rejected_logp": refl,
+        "policy_chosen_logp": pol[:b] if spec.needs_chosen else None,
+        "policy_rejected_logp": pol[b:] if spec.needs_chosen else pol,
+        "ref_chosen_logp": ref_chosen,
+        "ref_rejected_logp": ref_rejected,
     }
+
+
+class _ReferenceLogps:
+    """The frozen reference's sequence log-likelihoods of the pair examples, each computed once and kept.
+
+    The reference does not change during training (a frozen copy, or the base under a disabled adapter, dropout
+    zeroed), so recomputing its forward pass for an example on every visit is wasted work (TRL's DPOTrainer calls this
+    `precompute_ref_log_probs`). With dropout left on (`disable_dropout=False`) nothing is kept: each visit draws anew.
+    """
+
+    def __init__(self, ref, spec: LossSpec, pad_id: int, device, keep: bool):
+        self.ref, self.spec, self.pad_id, self.device, self.keep = ref, spec, pad_id, device, keep
+        self.cache: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+
+    def __call__(self, batch: list[_Example]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        fresh = {}
+        todo = list({id(e): e for e in batch if id(e) not in self.cache}.values())
+        if todo:
+            seqs = ([e.chosen for e in todo] if self.spec.needs_chosen else []) + [e.rejected for e in todo]
+            with torch.no_grad():
+                lp = sequence_logprobs(self.ref, *_collate(seqs, self.pad_id, self.device)).detach()
+            n = len(todo)
+            for k, e in enumerate(todo):
+                fresh[id(e)] = (lp[k], lp[n + k]) if self.spec.needs_chosen else (None, lp[k])
+            if self.keep:
+                self.cache.update(fresh)
+        got = [fresh.get(id(e)) or self.cache[id(e)] for e in batch]
+        chosen = torch.stack([c for c, _ in got]) if self.spec.needs_chosen else None
+        return chosen, torch.stack([r for _, r in got])
 
 
 def _save_atomically(model, tokenizer, out_dir: Path, expected: dict, history, n_examples, n_retain, t0) -> Path:

@@ -212,3 +212,45 @@ def test_retain_kl_is_zero_with_zero_gradient_at_reference():
             p.add_(0.05 * torch.randn_like(p))
     kl2 = L.retain_kl_from_models(model, ref, ids, attn, lm)
     assert torch.all(kl2 > 1e-6)
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward does not take `logits_to_keep` (custom code): the full logits are sliced instead."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["logits_to_keep", "full_logits"])
+def test_response_only_logits_equal_the_full_logits_path_values_and_gradients(wrap):
+    """sequence_logprobs / retain_kl_from_models form only the response positions' logits; values and gradients must
+    equal the full-logits formulas (sequence_logprobs_from_logits, token_kl_per_row_from_logits) in float64."""
+    rows = [[1, 2, 3, 4, 5, 6, 10, 11, 12], [5, 6, 7, 20, 21, 22, 23, 24], [8, 9, 3, 4, 30, 31]]
+    masks = [[0, 0, 0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1]]
+    ids, attn, lm = _pad(rows, masks)
+    model, ref = _tiny_gpt2(seed=1), _tiny_gpt2(seed=2)
+    m, r = (_NoLogitsToKeep(model), _NoLogitsToKeep(ref)) if wrap else (model, ref)
+    assert L._accepts_logits_to_keep(m) is not wrap
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    got = L.sequence_logprobs(m, ids, attn, lm)
+    want = L.sequence_logprobs_from_logits(L._logits(model, ids, attn), ids, lm)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads((got * torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)).sum()),
+                               grads((want * torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)).sum()),
+                               rtol=1e-10, atol=1e-12)
+    got_kl = L.retain_kl_from_models(m, r, ids, attn, lm)
+    with torch.no_grad():
+        ref_logits = L._logits(ref, ids, attn)
+    want_kl = L.token_kl_per_row_from_logits(L._logits(model, ids, attn), ref_logits, lm)
+    torch.testing.assert_close(got_kl, want_kl, rtol=1e-12, atol=1e-14)
+    assert bool((got_kl > 1e-3).all())  # two different models: a real KL, not zeros on both sides
+    torch.testing.assert_close(grads(got_kl.sum()), grads(want_kl.sum()), rtol=1e-10, atol=1e-12)

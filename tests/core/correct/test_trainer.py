@@ -181,3 +181,33 @@ def test_config_validation_and_step_plan():
     assert len(_step_plan(10, cfg.model_copy(update={"max_steps": 7}))) == 7
     # the plan depends on the effective batch only, not on its split into micro-batches
     assert _step_plan(10, cfg) == _step_plan(10, cfg.model_copy(update={"batch_size": 4, "grad_accum_steps": 1}))
+
+
+def test_reference_logps_are_computed_once_per_example_and_change_nothing(model_dirs, pair_files, tmp_path,
+                                                                          monkeypatch):
+    """The frozen reference's log-likelihood of each pair sequence is computed once (not on every visit), and the
+    trained model is the one a recompute-every-visit run gives (float64, SGD: 1e-12)."""
+    from lancet_core.correct import trainer as T
+
+    ref_rows: list[int] = []
+    real = T.sequence_logprobs
+
+    def counting(model, ids, attn, mask):
+        if not torch.is_grad_enabled():
+            ref_rows.append(int(ids.shape[0]))
+        return real(model, ids, attn, mask)
+
+    monkeypatch.setattr(T, "sequence_logprobs", counting)
+    cfg = TrainConfig(**BASE, loss="ibo", finetune="full", optimizer="sgd", learning_rate=0.5, dtype="float64",
+                      batch_size=4, grad_accum_steps=1, epochs=3)
+    kept = post_train(model_dirs["gpt2"], *pair_files, tmp_path / "kept", cfg, show_progress=False)
+    assert sum(ref_rows) == 2 * 8  # 8 pairs, chosen + rejected, once each over 3 epochs (6 steps)
+    ref_rows.clear()
+    init = T._ReferenceLogps.__init__
+    monkeypatch.setattr(T._ReferenceLogps, "__init__", lambda self, *a, **kw: init(self, *a, **kw | {"keep": False}))
+    fresh = post_train(model_dirs["gpt2"], *pair_files, tmp_path / "fresh", cfg, show_progress=False)
+    assert sum(ref_rows) == 2 * 8 * 3  # recomputed on every visit
+    sk, sf, s0 = _state(kept), _state(fresh), _state(model_dirs["gpt2"])
+    assert max(float((sk[k] - s0[k]).abs().max()) for k in sk) > 1e-4
+    for k in sk:
+        torch.testing.assert_close(sk[k], sf[k], rtol=0, atol=1e-12)
