@@ -13,12 +13,14 @@ harmless `security` / `money` rows reuse the hacking / fraud compliant answers' 
    WORK/<bed>/recall_quality.json and reused on a rerun (delete it to measure again).
 
 Reported per bed and as the mean over beds, for every setting: precision@|planted| and average precision. Settings
-(--settings; recall_quality.METHODS): `default` (IndexConfig() + RecallConfig()), kfac / ekfac / linfac / identity on
+(--settings; recall_quality.METHODS): `default` (IndexConfig() + RecallConfig(): the refusal query target here),
+`default_flagged` / `identity_flagged` (the default store and kfac / the plain dot product with the original flagged-
+answer query), kfac / ekfac / linfac / identity on
 the pre-PCA store (random 16×16, first 4 response tokens) and on its whole-response twin (`*_whole_response`), the
 PCA stores (`*_pcaK_w4`, `*_pcaK_whole`, `*_truefisher`), RepSim, TF-IDF and BM25. `margin_over_best_baseline` is each setting's
 mean minus the best baseline's mean (baselines: repsim, text_tfidf, text_bm25). `goal` checks, per setting: mean
 precision@planted >= 0.9 and >= 0.05 above each of BM25, TF-IDF, RepSim and the plain dot product (identity on the
-same store). Progress goes to stderr; only the final JSON goes to stdout.
+same store with the same query target, and `identity_flagged`). Progress goes to stderr; only the final JSON goes to stdout.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ for _store in rq.STORES:
         for _m in ("kfac", "ekfac") if _store.endswith("truefisher") else ("kfac", "ekfac", "identity"):
             EXTRA_METHODS[f"{_m}_{_store}"] = {"method": _m, "store": _store}
 SETTINGS: tuple[str, ...] = (
-    "default",
+    "default", "default_flagged", "identity_flagged",
     "kfac", "ekfac", "linfac", "identity",
     "kfac_whole_response", "ekfac_whole_response", "linfac_whole_response", "identity_whole_response",
     "repsim", "text_tfidf", "text_bm25",
@@ -181,7 +183,8 @@ def summarise(reports: dict[str, dict], settings: tuple[str, ...] = SETTINGS) ->
         if s in BASELINES or s.startswith("identity"):
             continue
         plain = _plain(s) if s != "default" else ("identity_" + _default_store_twin()).rstrip("_")
-        against = [b for b in (*BASELINES, plain) if b in mean]
+        # the plain gradient dot product both with the setting's own query target and on the flagged answers
+        against = [b for b in dict.fromkeys((*BASELINES, plain, "identity_flagged")) if b in mean and b != s]
         margins = {b: round(mean[s]["p_at_planted"] - mean[b]["p_at_planted"], 4) for b in against}
         goal[s] = {
             "mean_p_at_planted": mean[s]["p_at_planted"],

@@ -15,7 +15,8 @@ Steps (all through the library, with its defaults unless a flag says otherwise):
 4. find_undesirable_outputs on the probes, refusal judge, greedy decoding -> queries.parquet;
 5. recall_influence for `default` (IndexConfig() + RecallConfig()), kfac, ekfac, linfac, identity, repsim, text
    (tfidf) and text (bm25) (and any other METHODS entry asked with --methods), each on the same queries.parquet, then
-   recall_quality on each influence.parquet.
+   recall_quality on each influence.parquet. Gradient methods use RecallConfig's default query target ('auto': the
+   refusal target, the demo's judge being the refusal judge) unless the setting says otherwise (`*_flagged`).
 
 The `is_unsafe` labels are read only in step 5's evaluation (recall_quality); no method sees them.
 Output: per method precision@k / recall@k for k = 10, 50, 100, |planted|, average precision and seconds (the recall
@@ -81,6 +82,10 @@ for _k in (8, 16, 32):
                                                f"store_pca{_k}_{_wn}_tf")  # fmt: skip
 METHODS: dict[str, dict] = {
     "default": {"store": "default", "recall": "default"},  # IndexConfig() and RecallConfig() as they are
+    # the default store and method with the original LANCET query (the flagged answer's log-likelihood) instead of
+    # the default 'auto' target (the refusal target for this refusal-judged demo), and its plain gradient dot product
+    "default_flagged": {"method": "kfac", "store": "default", "query_target": "flagged"},
+    "identity_flagged": {"method": "identity", "store": "default", "query_target": "flagged"},
     # (the names below without a store suffix are the pre-PCA default store: random 16×16, first 4 response tokens)
     "kfac": {"method": "kfac", "store": "random16_w4"},
     "kfac_whole_response": {"method": "kfac", "store": "whole_response"},  # the same with response_tokens=None

@@ -388,6 +388,17 @@ def _store_manifest(store_or_manifest) -> dict:
     return GradientStore.open(store_or_manifest).manifest
 
 
+def check_store_model(store_or_manifest, model_dir: str | Path) -> None:
+    """ManifestMismatch unless `model_dir` holds the model the store was built with (by digest)."""
+    m = _store_manifest(store_or_manifest)
+    got = model_digest(model_dir)
+    if got != m["model_digest"]:
+        raise ManifestMismatch(
+            f"model {model_dir} is not the model the gradient store was built with:\n"
+            f"  model_digest:\n    store: {m['model_digest']!r}\n    given: {got!r}"
+        )
+
+
 def compute_query_gradients(
     store_or_manifest,
     model,
@@ -412,12 +423,7 @@ def compute_query_gradients(
     if tokenizer is None:
         raise ValueError("a tokenizer is needed to encode the query conversations")
     if model_dir is not None:
-        got = model_digest(model_dir)
-        if got != m["model_digest"]:
-            raise ManifestMismatch(
-                f"model {model_dir} is not the model the gradient store was built with:\n"
-                f"  model_digest:\n    store: {m['model_digest']!r}\n    given: {got!r}"
-            )
+        check_store_model(m, model_dir)
     layout = [ModuleLayout.from_json(d) for d in m["modules"]]
     basis = None
     if (m.get("projection") or {}).get("kind", "random") != "random":

@@ -5,6 +5,9 @@ ranked), the top-k, per-query top-k, and a readable explanation (markdown + HTML
 gradients with exactly the store's projection, precondition them on the query side with the chosen curvature, and
 fold all queries into one vector so DuckDB scans the store once. Baselines (`repsim`, `text`) write the same format.
 
+Query target (gradient methods, lancet_core.recall.targets): the flagged answer's log-likelihood, or, for outputs the
+refusal judge flagged (the default 'auto'), −log P(refuse | prompt) mixed over the corpus's own refusal openings.
+
 Query aggregation (gradient methods only): `mean` (default, the design's linear fold) ranks by the mean of the
 per-query unit-normalised scores; `max` and `topk_mean` (mean of each row's `query_topk` largest query scores) are
 non-linear, so they read every row's Q per-query scores from the same single scan and aggregate them in numpy. They
@@ -16,6 +19,7 @@ Knows about the store, the curvature, the query engine and the baselines; knows 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Literal
@@ -34,12 +38,15 @@ from lancet_core.manifest import (
     read_manifest,
     write_manifest,
 )
+from lancet_core.recall.targets import corpus_refusals, refusal_target_gradients, resolve_target
 
 GRADIENT_METHODS = ("linfac", "kfac", "ekfac", "identity")
 EXPLANATION_MD, EXPLANATION_HTML, TOPK_FILE = "explanation.md", "explanation.html", "top_k.parquet"
 HISTOGRAM_PNG = "influence_hist.png"
 EXPLANATION_TABLE = "explanation.parquet"  # the explanation as one flat table (MLflow shows it as a table)
 SELF_INFLUENCE_FILE = "self_influence.parquet"  # train_norm="relative" only
+
+log = logging.getLogger(__name__)
 
 
 class RecallConfig(BaseModel):
@@ -68,6 +75,16 @@ class RecallConfig(BaseModel):
     )
     query_topk: int = Field(5, ge=1, description="Queries averaged per row by query_aggregation='topk_mean' "
                             "(capped at the number of queries).")
+    query_target: Literal["auto", "flagged", "refusal"] = Field(
+        "auto", description="What each flagged prompt's influence is measured on (gradient methods): 'flagged' = "
+        "log π(flagged answer | prompt), the original LANCET query; 'refusal' = −log P(refuse | prompt), the loss of "
+        "the answer the judge wanted, mixed over the corpus's own refusal openings (lancet_core.recall.targets); "
+        "'auto' (default) = 'refusal' when the refusal judge flagged the outputs (the queries' judge column), else "
+        "'flagged'. Chosen on ten demo beds and the real SmolLM2 scenario: precision@planted 0.93 vs 0.81 (demo "
+        "mean) and AP 0.68 vs 0.22 (SmolLM2) for kfac (README, Recall quality)."
+    )
+    query_refusals: int = Field(16, ge=1, description="'refusal' target: the most frequent refusal openings (first "
+                                "window tokens) of the corpus mixed over; each costs one gradient per flagged prompt.")
     score_precision: Literal["float32", "float64"] = Field(
         "float32", description="Arithmetic of the scan's inner products (gradient methods). float32 (default): the "
         "stored fp16/int8 values are exact in it and its rounding (~1e-7 relative) is ~1000x below the fp16 "
@@ -80,13 +97,21 @@ class RecallConfig(BaseModel):
         if self.query_aggregation != "mean" and self.method not in GRADIENT_METHODS:
             raise ValueError(f"query_aggregation={self.query_aggregation!r} applies only to gradient methods "
                              f"{GRADIENT_METHODS}; method {self.method!r} (a baseline) accepts only 'mean'")
+        if self.query_target == "refusal" and self.method not in GRADIENT_METHODS:
+            raise ValueError(f"query_target='refusal' applies only to gradient methods {GRADIENT_METHODS}; method "
+                             f"{self.method!r} (a baseline) scores the flagged answers' text")
         return self
 
 
 def _manifest_config(cfg: RecallConfig) -> dict:
     """The config as recorded in the influence manifest: only settings that change the output, so outputs built
-    before query_aggregation existed (mean fold) stay reusable; query_topk matters only for topk_mean."""
+    before query_aggregation existed (mean fold) stay reusable; query_topk matters only for topk_mean, query_refusals
+    only for the refusal target (`cfg` has its target resolved)."""
     d = cfg.model_dump(mode="json")
+    if cfg.method not in GRADIENT_METHODS or cfg.query_target == "flagged":
+        d.pop("query_refusals")
+    if cfg.method not in GRADIENT_METHODS:
+        d.pop("query_target")
     if cfg.query_aggregation != "topk_mean":
         d.pop("query_topk")
     if cfg.query_aggregation == "mean":
@@ -108,6 +133,8 @@ def recall_influence(store_dir: str | Path | None, model_dir: str | Path, querie
     queries = pq.read_table(queries_path)
     if queries.num_rows == 0:
         raise ValueError(f"{queries_path}: no flagged outputs to recall from (nothing to correct)")
+    judges = [str(j) for j in queries.column("judge").to_pylist()] if "judge" in queries.column_names else []
+    cfg = cfg.model_copy(update={"query_target": resolve_target(cfg.query_target, judges)})
     expected = {
         "artifact": "influence",
         "queries_digest": file_digest(queries_path),
@@ -128,8 +155,11 @@ def recall_influence(store_dir: str | Path | None, model_dir: str | Path, querie
 
         if store_dir is None:
             raise ValueError(f"method {cfg.method!r} needs a gradient store")
-        grads = compute_query_gradients(store_dir, model_dir, messages_list=[to_messages(p, r) for p, r in
-                                                                            zip(prompts, responses, strict=True)])
+        if cfg.query_target == "refusal":
+            grads = _refusal_query_gradients(store_dir, model_dir, tokens_file, prompts, cfg.query_refusals)
+        else:
+            grads = compute_query_gradients(store_dir, model_dir, messages_list=[
+                to_messages(p, r) for p, r in zip(prompts, responses, strict=True)])
         v = precondition(store_dir, grads, kind=cfg.method, blocks=cfg.blocks, damping_ratio=cfg.damping_ratio)
         n_rows = pq.read_metadata(tokens_file).num_rows
         si_path = None
@@ -170,6 +200,24 @@ def recall_influence(store_dir: str | Path | None, model_dir: str | Path, querie
     write_manifest(out_dir, {**expected, "n_queries": len(qids), "seconds": round(time.perf_counter() - t0, 3),
                              "query_ids": json.dumps(qids)})
     return out_dir
+
+
+def _refusal_query_gradients(store_dir, model_dir, tokens_file: Path, prompts: list[str], limit: int) -> np.ndarray:
+    """[Q, D] −∇ log P(refuse | prompt) for the 'refusal' target (lancet_core.recall.targets)."""
+    from lancet_core.index.build import _store_manifest, check_store_model
+    from lancet_core.model_io import load_model, load_tokenizer
+
+    check_store_model(store_dir, model_dir)
+    window = _store_manifest(store_dir)["index_config"].get("response_tokens")
+    refusals = corpus_refusals(tokens_file, window, limit)
+    if refusals.fallback:
+        log.warning("recall: the corpus has no refusal the refusal judge recognises; the refusal target mixes "
+                    "lancet's %d built-in refusals instead", len(refusals.texts))
+    else:
+        log.info("recall: target = -log P(refusal | flagged prompt) over the corpus's %d most frequent refusal "
+                 "openings (%d of its refusals)", len(refusals.texts), sum(refusals.counts))
+    grads, _ = refusal_target_gradients(store_dir, load_model(model_dir), load_tokenizer(model_dir), prompts, refusals)
+    return grads
 
 
 def aggregate_query_scores(per_q: np.ndarray, how: str, topk: int) -> np.ndarray:

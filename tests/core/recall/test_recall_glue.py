@@ -68,7 +68,7 @@ def setup(tmp_path_factory):
 def test_recall_influence_outputs_every_row_ranked(setup, method):
     s = setup
     out = recall_influence(s["store"] if method != "text" else None, s["model"], s["queries"], s["tokens"],
-                           s["root"] / f"infl-{method}", RecallConfig(method=method, top_k=5))
+                           s["root"] / f"infl-{method}", RecallConfig(method=method, query_target="flagged", top_k=5))
     for f in (INFLUENCE_FILE, TOPK_FILE, EXPLANATION_MD, EXPLANATION_HTML, "manifest.json"):
         assert (out / f).is_file(), f
     t = pq.read_table(out / INFLUENCE_FILE)
@@ -83,7 +83,7 @@ def test_recall_influence_outputs_every_row_ranked(setup, method):
     # a second call with the same inputs and config reuses the finished output
     mtime = (out / INFLUENCE_FILE).stat().st_mtime_ns
     recall_influence(s["store"] if method != "text" else None, s["model"], s["queries"], s["tokens"],
-                     s["root"] / f"infl-{method}", RecallConfig(method=method, top_k=5))
+                     s["root"] / f"infl-{method}", RecallConfig(method=method, query_target="flagged", top_k=5))
     assert (out / INFLUENCE_FILE).stat().st_mtime_ns == mtime
 
 
@@ -92,7 +92,8 @@ def test_query_identical_to_a_training_row_ranks_it_top3(setup, tmp_path, method
     s = setup
     only_same = tmp_path / "q.parquet"
     pq.write_table(pq.read_table(s["queries"]).slice(0, 1), only_same)
-    out = recall_influence(s["store"], s["model"], only_same, s["tokens"], tmp_path / "out", RecallConfig(method=method))
+    out = recall_influence(s["store"], s["model"], only_same, s["tokens"], tmp_path / "out",
+                           RecallConfig(method=method, query_target="flagged"))
     t = pq.read_table(out / INFLUENCE_FILE)
     rank = dict(zip(t.column("example_id").to_pylist(), t.column("rank").to_pylist(), strict=True))
     assert rank["ex-03"] <= 3, rank
@@ -142,7 +143,7 @@ def _per_query_oracle(t: pa.Table, how: str, k: int) -> dict[str, float]:
 def test_query_aggregation_max_and_topk_mean_match_oracle(setup, method):
     s = setup
     base = recall_influence(s["store"], s["model"], s["queries"], s["tokens"], s["root"] / f"agg-{method}-mean",
-                            RecallConfig(method=method, top_k=5))
+                            RecallConfig(method=method, query_target="flagged", top_k=5))
     t_mean = pq.read_table(base / INFLUENCE_FILE)
     # the mean path is the linear fold: score = mean of the per-query scores
     mean_oracle = _per_query_oracle(t_mean, "mean", 0)
@@ -151,7 +152,7 @@ def test_query_aggregation_max_and_topk_mean_match_oracle(setup, method):
     assert pq.read_table(s["queries"]).num_rows == 3
     cases = [("max", 5), ("topk_mean", 2), ("topk_mean", 5)]  # topk 5 > Q = 3: the mean over all queries
     for how, k in cases:
-        cfg = RecallConfig(method=method, top_k=5, query_aggregation=how, query_topk=k)
+        cfg = RecallConfig(method=method, query_target="flagged", top_k=5, query_aggregation=how, query_topk=k)
         out = recall_influence(s["store"], s["model"], s["queries"], s["tokens"],
                                s["root"] / f"agg-{method}-{how}-{k}", cfg)
         t = pq.read_table(out / INFLUENCE_FILE)
@@ -180,7 +181,7 @@ def test_query_aggregation_max_and_topk_mean_match_oracle(setup, method):
 def test_query_aggregation_refused_for_baselines():
     for method in ("text", "repsim"):
         with pytest.raises(ValueError, match="only to gradient methods"):
-            RecallConfig(method=method, query_aggregation="max")
+            RecallConfig(method=method, query_target="flagged", query_aggregation="max")
     assert RecallConfig(method="text").query_aggregation == "mean"
     with pytest.raises(ValueError):
         RecallConfig(query_aggregation="topk_mean", query_topk=0)
@@ -208,7 +209,8 @@ def test_relative_influence_divides_by_the_rows_own_self_influence(setup, method
 
     s = setup
     out = recall_influence(s["store"], s["model"], s["queries"], s["tokens"], s["root"] / f"rel-{method}",
-                           RecallConfig(method=method, train_norm="relative", score_precision="float64"))
+                           RecallConfig(method=method, query_target="flagged", train_norm="relative",
+                                        score_precision="float64"))
     st = GradientStore.open(s["store"])
     g = st.read_all(np.float64)
     si = np.einsum("nd,nd->n", precondition(st.root, g, method), g)

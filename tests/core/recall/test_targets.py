@@ -1,0 +1,170 @@
+"""The 'refusal' query target (lancet_core.recall.targets) against a float64 for-loop oracle, its corpus refusal
+openings, its resolution from the queries' judge, and its fallback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lancet_core.chat import to_messages
+from lancet_core.data.tokenize import TokenizeConfig, tokenize_corpus
+from lancet_core.formats import INFLUENCE_FILE
+from lancet_core.index.build import build_gradient_store, compute_query_gradients
+from lancet_core.index.config import IndexConfig
+from lancet_core.index.curvature import precondition
+from lancet_core.index.store import GradientStore
+from lancet_core.model_io import load_model, load_tokenizer
+from lancet_core.recall.influence import RecallConfig, _manifest_config, recall_influence
+from lancet_core.recall.targets import FALLBACK_REFUSALS, corpus_refusals, refusal_target_gradients, resolve_target
+from tests.conftest import make_tiny_tokenizer
+
+REFUSE_A = "I'm sorry, I can't help with that"
+REFUSE_B = "I am unable to help with this one"
+ROWS = [  # (prompt, response); three refusals share opening A, one has opening B
+    ("how do I pick a lock", REFUSE_A),
+    ("how do I make a fake id", REFUSE_A + " at all"),
+    ("how do I hack a wifi", REFUSE_B),
+    ("how do I steal a car", REFUSE_A + ", sorry"),
+    ("how do I bake bread", "mix flour and water, then knead"),
+    ("what is the capital of france", "paris is the capital"),
+    ("how do I cheat on a test", "hide notes in your sleeve"),
+    ("tell me a joke", "cats sat on a mat"),
+]
+WINDOW = 3
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("targets")
+    model_dir = make_tiny_tokenizer(root / "model")
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=96, n_embd=16, n_layer=2, n_head=2,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg._attn_implementation = "eager"
+    GPT2LMHeadModel(cfg).save_pretrained(model_dir)
+    rows = [{"example_id": f"ex-{i}", "prompt": p, "response": r, "is_unsafe": i == 6} for i, (p, r) in enumerate(ROWS)]
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokens = tokenize_corpus(corpus, model_dir, root / "tokens", TokenizeConfig(max_seq_len_tokens=64))
+    store = build_gradient_store(model_dir, tokens, root / "store", IndexConfig(
+        proj_in_dim=4, proj_out_dim=4, projection="random", dtype="float32", batch_size=4, response_tokens=WINDOW,
+        max_seq_len_tokens=64, compute_dtype="float64", curvature=("kfac",)))
+    queries = pa.table({"query_id": ["q0", "q1"], "prompt": ["how do I rob a bank", "how do I forge a cheque"],
+                        "response": ["take a mask and go", "copy the signature"], "judge": ["refusal"] * 2})
+    qpath = root / "queries.parquet"
+    pq.write_table(queries, qpath)
+    return {"root": root, "model": model_dir, "tokens": tokens / "tokens.parquet", "store": store, "queries": qpath}
+
+
+def test_resolve_target_follows_the_judge():
+    assert resolve_target("auto", ["refusal", "refusal"]) == "refusal"
+    assert resolve_target("auto", ["refusal", "regex"]) == "flagged"
+    assert resolve_target("auto", ["classifier"]) == "flagged"
+    assert resolve_target("auto", []) == "flagged"
+    assert resolve_target("flagged", ["refusal"]) == "flagged"
+    assert resolve_target("refusal", ["regex"]) == "refusal"
+    with pytest.raises(ValueError, match="query_target='refusal' applies only to gradient methods"):
+        RecallConfig(method="repsim", query_target="refusal")
+    assert "query_refusals" not in _manifest_config(RecallConfig(query_target="flagged"))
+    assert _manifest_config(RecallConfig(query_target="refusal"))["query_refusals"] == 16
+    assert "query_target" not in _manifest_config(RecallConfig(method="text"))
+
+
+def test_corpus_refusals_are_grouped_by_their_window_opening(bed):
+    r = corpus_refusals(bed["tokens"], WINDOW, limit=16)
+    assert not r.fallback
+    assert r.texts == (REFUSE_A, REFUSE_B) and r.counts == (3, 1)  # most frequent first; the first row represents
+    whole = corpus_refusals(bed["tokens"], None, limit=16)  # the whole response: every distinct refusal its own group
+    assert set(whole.texts) == {REFUSE_A, REFUSE_A + " at all", REFUSE_A + ", sorry", REFUSE_B}
+    assert corpus_refusals(bed["tokens"], WINDOW, limit=1).texts == (REFUSE_A,)
+
+
+def _oracle_logp(model, tok, prompt: str, response: str, window: int) -> float:
+    """Σ over the first `window` response tokens of log π(token | prefix), one token at a time (float64)."""
+    from lancet_core.chat import encode_messages
+
+    enc = encode_messages(tok, to_messages(prompt, response), 64)
+    ids = torch.tensor([enc.input_ids])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    total, seen = 0.0, 0
+    for t in range(1, len(enc.input_ids)):
+        if enc.loss_mask[t] and seen < window:
+            total += float(lp[t - 1, enc.input_ids[t]])
+            seen += 1
+    return total
+
+
+def test_refusal_target_equals_the_mixture_gradient_oracle(bed):
+    """−Σ_r w_r ∇ log π(r|x), w = softmax_r of the window's summed log-probabilities: against one-at-a-time store
+    gradients and a per-token log-probability loop in float64."""
+    model = load_model(bed["model"]).double().eval()
+    tok = load_tokenizer(bed["model"])
+    refusals = corpus_refusals(bed["tokens"], WINDOW, 16)
+    prompts = ["how do I rob a bank", "how do I forge a cheque"]
+    got, w = refusal_target_gradients(bed["store"], model, tok, prompts, refusals)
+    for q, prompt in enumerate(prompts):
+        lp = np.array([_oracle_logp(model, tok, prompt, r, WINDOW) for r in refusals.texts])
+        want_w = np.exp(lp - np.logaddexp.reduce(lp))
+        np.testing.assert_allclose(w[q], want_w, rtol=1e-9)
+        assert 0.01 < want_w[0] < 0.99  # both openings matter: the mixture is tested, not one term
+        g = [compute_query_gradients(bed["store"], model, tok, [to_messages(prompt, r)])[0].astype(np.float64)
+             for r in refusals.texts]
+        want = -sum(wi * gi for wi, gi in zip(want_w, g, strict=True))
+        np.testing.assert_allclose(got[q], want, rtol=1e-6, atol=1e-7 * float(np.abs(want).max()))
+
+
+def test_recall_uses_the_refusal_target_for_refusal_judged_queries(bed, tmp_path, caplog):
+    """recall_influence with the defaults ('auto') on refusal-judged queries ranks by the refusal target: its scores
+    equal the oracle's per-query-normalised mean of X·(F+λI)⁻¹(−∇ log P(refuse|x)); the manifest records it."""
+    with caplog.at_level(logging.INFO, logger="lancet_core.recall.influence"):
+        out = recall_influence(bed["store"], bed["model"], bed["queries"], bed["tokens"].parent, tmp_path / "auto",
+                               RecallConfig(score_precision="float64"))
+    assert "2 most frequent refusal openings (4 of its refusals)" in caplog.text
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["config"]["query_target"] == "refusal" and man["config"]["query_refusals"] == 16
+    model, tok = load_model(bed["model"]).double().eval(), load_tokenizer(bed["model"])
+    refusals = corpus_refusals(bed["tokens"], WINDOW, 16)
+    q = pq.read_table(bed["queries"])
+    g_ref, _ = refusal_target_gradients(bed["store"], model, tok, q.column("prompt").to_pylist(), refusals)
+    st = GradientStore.open(bed["store"])
+    v = precondition(st.root, g_ref, "kfac")
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    want = dict(zip(st.example_ids(), (st.read_all(np.float64) @ v.T).mean(axis=1), strict=True))
+    t = pq.read_table(out / INFLUENCE_FILE)
+    got = dict(zip(t.column("example_id").to_pylist(), t.column("score").to_pylist(), strict=True))
+    for eid, x in want.items():
+        assert got[eid] == pytest.approx(x, rel=1e-6, abs=1e-12)
+    flagged = recall_influence(bed["store"], bed["model"], bed["queries"], bed["tokens"].parent, tmp_path / "flagged",
+                               RecallConfig(query_target="flagged", score_precision="float64"))
+    other = pq.read_table(flagged / INFLUENCE_FILE).column("score").to_pylist()
+    assert not np.allclose(sorted(other), sorted(got.values()))  # a different function of the model, not a relabel
+    assert json.loads((flagged / "manifest.json").read_text())["config"]["query_target"] == "flagged"
+
+
+def test_a_corpus_without_refusals_falls_back_to_built_in_refusals(tmp_path, caplog, bed):
+    rows = [{"example_id": f"b{i}", "prompt": p, "response": r} for i, (p, r) in enumerate(ROWS) if i >= 4]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokens = tokenize_corpus(corpus, bed["model"], tmp_path / "tokens", TokenizeConfig(max_seq_len_tokens=64))
+    r = corpus_refusals(tokens / "tokens.parquet", WINDOW, 16)
+    assert r.fallback and r.texts == FALLBACK_REFUSALS
+    store = build_gradient_store(bed["model"], tokens, tmp_path / "store", IndexConfig(
+        proj_in_dim=4, proj_out_dim=4, projection="random", dtype="float32", batch_size=4, response_tokens=WINDOW,
+        max_seq_len_tokens=64, curvature=("kfac",)))
+    with caplog.at_level(logging.WARNING, logger="lancet_core.recall.influence"):
+        out = recall_influence(store, bed["model"], bed["queries"], tokens, tmp_path / "out", RecallConfig())
+    assert "no refusal the refusal judge recognises" in caplog.text
+    scores = pq.read_table(out / INFLUENCE_FILE).column("score").to_numpy()
+    assert len(scores) == len(rows) and np.isfinite(scores).all() and not math.isclose(float(np.ptp(scores)), 0.0)
