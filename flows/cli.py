@@ -119,7 +119,8 @@ def _realign_params(args):
         data["start_from_champion"] = True
     if args.column:
         data["columns"] = {**(data.get("columns") or {}), **parse_columns(args.column)}
-    nested = {("recall", "method"): args.recall_method, ("index", "response_tokens"): args.response_tokens,
+    nested = {("recall", "method"): args.recall_method, ("recall", "query_target"): args.query_target,
+              ("index", "response_tokens"): args.response_tokens,
               ("index", "proj_in_dim"): args.proj_dim, ("index", "proj_out_dim"): args.proj_dim,
               ("train", "finetune"): args.finetune, ("train", "epochs"): args.epochs,
               ("train", "max_steps"): args.max_steps, ("train", "lora_rank"): args.lora_rank,
@@ -310,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--experiment", default=None, help="MLflow experiment (default: lancet)")
     k = r.add_argument_group("common knobs (everything else: --config)")
     k.add_argument("--recall-method", choices=["kfac", "ekfac", "linfac", "identity", "repsim", "text"])
+    k.add_argument("--query-target", choices=["auto", "flagged", "refusal"],
+                   help="influence on the flagged answer, or on -log P(refuse | prompt) (default 'auto': refusal with "
+                   "the refusal judge, flagged otherwise)")
     k.add_argument("--response-tokens", type=lambda s: "all" if _window(s) is None else _window(s),
                    help="count only the first K response tokens in influence, or 'all' (default 'auto': 4 with the "
                    "refusal judge, all with regex/classifier)")

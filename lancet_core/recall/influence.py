@@ -57,8 +57,9 @@ class RecallConfig(BaseModel):
     method: Literal["linfac", "kfac", "ekfac", "identity", "repsim", "text"] = Field(
         "kfac", description="Curvature for influence (kfac default, ekfac, linfac, identity = gradient dot), or a "
         "baseline: repsim (hidden-state cosine) or text (TF-IDF/BM25). kfac is the default, chosen on ten demo beds "
-        "with the default PCA store: precision@planted 0.820 vs ekfac 0.807, identity 0.753, BM25 0.699 (README, "
-        "Recall quality); linfac's dense per-module Fisher amplifies noise in its low-variance directions (0.61)."
+        "with the default PCA store and the flagged-answer target: precision@planted 0.820 vs ekfac 0.807, identity "
+        "0.753, BM25 0.699; with the refusal target kfac 0.937 vs identity 0.932 (README, Recall quality); linfac's "
+        "dense per-module Fisher amplifies noise in its low-variance directions (0.61)."
     )
     blocks: Literal["module", "single"] = Field("module", description="linfac blocks: per module or one full block.")
     damping_ratio: float | None = Field(None, gt=0, description="λ / mean eigenvalue per block; None = the store's.")
@@ -80,8 +81,8 @@ class RecallConfig(BaseModel):
         "log π(flagged answer | prompt), the original LANCET query; 'refusal' = −log P(refuse | prompt), the loss of "
         "the answer the judge wanted, mixed over the corpus's own refusal openings (lancet_core.recall.targets); "
         "'auto' (default) = 'refusal' when the refusal judge flagged the outputs (the queries' judge column), else "
-        "'flagged'. Chosen on ten demo beds and the real SmolLM2 scenario: precision@planted 0.93 vs 0.81 (demo "
-        "mean) and AP 0.68 vs 0.22 (SmolLM2) for kfac (README, Recall quality)."
+        "'flagged'. Chosen on ten demo beds and the real SmolLM2 scenario: precision@planted 0.937 vs 0.820 (demo "
+        "mean) and AP 0.66 vs 0.22 (SmolLM2) for kfac (README, Recall quality)."
     )
     query_refusals: int = Field(16, ge=1, description="'refusal' target: the most frequent refusal openings (first "
                                 "window tokens) of the corpus mixed over; each costs one gradient per flagged prompt.")

@@ -252,9 +252,11 @@ def test_common_knob_flags_land_in_the_parameters(model_dir, files, tmp_path):
     cfg.write_text("recall:\n  method: ekfac\n  top_k: 7\ntrain:\n  epochs: 5\n")
     argv = _args(model_dir, files) + ["--config", str(cfg), "--recall-method", "identity", "--response-tokens", "all",
                                       "--proj-dim", "8", "--epochs", "2", "--finetune", "full", "--from-champion",
-                                      "--column", "response=reference", "--max-seq-len-tokens", "64"]
+                                      "--column", "response=reference", "--max-seq-len-tokens", "64",
+                                      "--query-target", "flagged"]
     p = _realign_params(build_parser().parse_args(argv))
     assert p.recall.method == "identity" and p.recall.top_k == 7  # flags override the file, the file the defaults
+    assert p.recall.query_target == "flagged"
     assert p.index.response_tokens is None and p.index.proj_in_dim == p.index.proj_out_dim == 8
     assert p.train.epochs == 2 and p.train.finetune == "full" and p.start_from_champion is True
     assert p.columns == {"response": "reference"} and p.tokenize_config.max_seq_len_tokens == 64
