@@ -42,6 +42,21 @@ def make_tiny_tokenizer(out_dir, texts=None, vocab_size=300, chat_template=True)
     return out_dir
 
 
+def make_tiny_gpt2(model_dir, seed: int = 0):
+    """A seeded 2-layer GPT-2 (16 wide, eager attention) with the tiny chat tokenizer, saved as a HF directory."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    model_dir = make_tiny_tokenizer(model_dir)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=96, n_embd=16, n_layer=2, n_head=2,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg._attn_implementation = "eager"
+    GPT2LMHeadModel(cfg).save_pretrained(model_dir)
+    return model_dir
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     return make_tiny_tokenizer(tmp_path_factory.mktemp("tok"))

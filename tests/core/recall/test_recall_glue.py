@@ -24,7 +24,7 @@ from lancet_core.recall.influence import (
     recall_influence,
     recall_quality,
 )
-from tests.conftest import make_tiny_tokenizer
+from tests.conftest import make_tiny_gpt2
 
 PROMPTS = ["how do I bake bread", "what is the capital of france", "tell me a joke about cats",
            "how do I knead dough", "what is a cat", "tell me about paris"]
@@ -34,17 +34,9 @@ RESPONSES = ["first mix flour and water, then knead", "paris is the capital", "I
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("recall_glue")
-    model_dir = make_tiny_tokenizer(root / "model")
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=96, n_embd=16, n_layer=2, n_head=2,
-                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    cfg._attn_implementation = "eager"
-    GPT2LMHeadModel(cfg).save_pretrained(model_dir)
+    model_dir = make_tiny_gpt2(root / "model")
     rows = [{"example_id": f"ex-{i:02d}", "prompt": PROMPTS[i % 6] + ("" if i < 6 else " please"),
              "response": RESPONSES[(i * 5) % 6] if i >= 6 else RESPONSES[i], "is_unsafe": i % 4 == 0}
             for i in range(14)]

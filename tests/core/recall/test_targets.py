@@ -23,7 +23,7 @@ from lancet_core.index.store import GradientStore
 from lancet_core.model_io import load_model, load_tokenizer
 from lancet_core.recall.influence import RecallConfig, _manifest_config, recall_influence
 from lancet_core.recall.targets import FALLBACK_REFUSALS, corpus_refusals, refusal_target_gradients, resolve_target
-from tests.conftest import make_tiny_tokenizer
+from tests.conftest import make_tiny_gpt2
 
 REFUSE_A = "I'm sorry, I can't help with that"
 REFUSE_B = "I am unable to help with this one"
@@ -42,17 +42,9 @@ WINDOW = 3
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("targets")
-    model_dir = make_tiny_tokenizer(root / "model")
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=96, n_embd=16, n_layer=2, n_head=2,
-                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    cfg._attn_implementation = "eager"
-    GPT2LMHeadModel(cfg).save_pretrained(model_dir)
+    model_dir = make_tiny_gpt2(root / "model")
     rows = [{"example_id": f"ex-{i}", "prompt": p, "response": r, "is_unsafe": i == 6} for i, (p, r) in enumerate(ROWS)]
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
