@@ -108,8 +108,10 @@ def stage_line(phase: str, out, seconds: float) -> str:
                     f"({_rate(seconds, m.get('n_rows'))})")
         if phase == "recall":
             n = pq.read_metadata(Path(out) / "influence.parquet").num_rows
-            method = _manifest(out).get("config", {}).get("method", "?")
-            return f"recall: {n} training rows scored with {method} ({_rate(seconds, n)})"
+            cfg = _manifest(out).get("config", {})
+            target = {"refusal": ", query: -log P(refusal | prompt)", "flagged": ", query: the flagged answers"}.get(
+                cfg.get("query_target"), "")
+            return f"recall: {n} training rows scored with {cfg.get('method', '?')}{target} ({_rate(seconds, n)})"
         if phase == "repair":
             r = read_json(Path(out) / "report.json")
             return (f"repair: {r['rows_removed']} of {r['rows']} rows left out of the repaired corpus "
