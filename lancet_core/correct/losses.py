@@ -303,6 +303,11 @@ def _response_counts(loss_mask: Tensor) -> Tensor:
     return n
 
 
+def _token_kl(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(q ‖ p) over the last (vocabulary) axis, from log-probabilities."""
+    return (logq.exp() * (logq - logp)).sum(-1)
+
+
 def token_kl_per_row_from_logits(policy_logits: Tensor, ref_logits: Tensor, loss_mask: Tensor) -> Tensor:
     """[B]: per row, the MEAN over its response tokens of KL(π_ref(·|prefix) ‖ π_θ(·|prefix)), full vocabulary.
 
@@ -311,7 +316,7 @@ def token_kl_per_row_from_logits(policy_logits: Tensor, ref_logits: Tensor, loss
     n = _response_counts(loss_mask)
     logp = torch.log_softmax(_upcast(policy_logits[:, :-1]), dim=-1)
     logq = torch.log_softmax(_upcast(ref_logits[:, :-1]), dim=-1)
-    kl_tok = (logq.exp() * (logq - logp)).sum(-1)  # [B, T-1]
+    kl_tok = _token_kl(logp, logq)  # [B, T-1]
     return (kl_tok * mask.to(kl_tok.dtype)).sum(-1) / n.to(kl_tok.dtype)
 
 
@@ -330,7 +335,7 @@ def retain_kl_from_models(
         logq = torch.log_softmax(_upcast(ref_logits), dim=-1)
     pol_logits, _, rows = response_logits(policy_model, input_ids, attention_mask, loss_mask)
     logp = torch.log_softmax(_upcast(pol_logits), dim=-1)
-    kl_tok = (logq.exp() * (logq - logp)).sum(-1)  # [N]
+    kl_tok = _token_kl(logp, logq)  # [N]
     return _row_sum(kl_tok, rows, input_ids.shape[0]) / n.to(kl_tok.dtype)
 
 

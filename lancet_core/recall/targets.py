@@ -101,13 +101,12 @@ def refusal_target_gradients(
 ) -> tuple[np.ndarray, np.ndarray]:
     """([Q, D] −∇ log P(refuse | x_q) in the store's space, [Q, R] mixture weights w_r(x_q)).
 
-    Each ∇ log π(r | x_q) is compute_query_gradients' (the store's projection, reduction and window); one prompt's R
-    conversations at a time, so memory stays O(R·D). `model` is not checked against the store here (the caller does:
-    check_store_model)."""
+    Each ∇ log π(r | x_q) is compute_query_gradients' (the store's projection, reduction and window), all Q·R
+    conversations in one call (the store's basis is read once); they are held as Q·R·D float32 until mixed.
+    `model` is not checked against the store here (the caller does: check_store_model)."""
     from lancet_core.index.build import _store_manifest, _torch_dtype, compute_query_gradients
 
-    m = _store_manifest(store_dir)
-    cfg = m["index_config"]
+    cfg = _store_manifest(store_dir)["index_config"]
     window, max_len = cfg.get("response_tokens"), int(cfg["max_seq_len_tokens"])
     dtype = _torch_dtype(cfg["compute_dtype"])
     if next(model.parameters()).dtype != dtype:
@@ -115,13 +114,13 @@ def refusal_target_gradients(
 
         model = copy.deepcopy(model).to(dtype)
     model.eval()
+    msgs = [to_messages(p, r) for p in prompts for r in refusals.texts]
+    g = compute_query_gradients(store_dir, model, tokenizer, msgs).reshape(len(prompts), len(refusals.texts), -1)
     out, weights = [], []
-    for prompt in prompts:
-        msgs = [to_messages(prompt, r) for r in refusals.texts]
-        g = compute_query_gradients(store_dir, model, tokenizer, msgs).astype(np.float64)  # [R, D]
+    for q, prompt in enumerate(prompts):
         lp = _window_logprobs(model, tokenizer, prompt, refusals.texts, window, max_len)
         w = np.exp(lp - lp.max())
         w /= w.sum()
-        out.append(-(w @ g))
+        out.append(-(w @ g[q].astype(np.float64)))
         weights.append(w)
     return np.stack(out), np.stack(weights)
