@@ -10,6 +10,9 @@ so the output is a plain HF model directory (weights + tokenizer + manifest.json
 
 What each loss trains on: ibo/dpo — every pair (chosen = w, rejected = l, each on its own prompt) with its weight;
 ga/npo — the distinct rejected rows (R⁺) with weight 1, as in their papers.
+With `response_tokens = K` (the decision window; off by default) the loss mask
+of every pair sequence and of every retain row keeps only its first K response tokens, so Δ and the retain KL both
+act where the answer decides to refuse or comply.
 
 Knows about HF causal LMs, PEFT, torch optimisers and the pairs/retain file formats; knows nothing about influence
 computation, judges or orchestration. Deterministic on CPU for a given seed.
@@ -71,17 +74,26 @@ class _Example:
     weight: float
 
 
-def _encode(tokenizer, prompt: str, response: str, max_len: int, what: str) -> _Seq:
+def _encode(tokenizer, prompt: str, response: str, max_len: int, what: str, window: int | None = None) -> _Seq:
+    """Token ids and loss mask of one (prompt, response); with `window`, the mask keeps the first `window` response
+    tokens only (the decision window)."""
     enc = encode_example(tokenizer, prompt, response, max_len)
     if sum(enc.loss_mask[1:]) == 0:
         raise CorpusError(
             f"{what}: no response token left after encoding (max_seq_len_tokens={max_len}); "
             "raise max_seq_len_tokens or shorten the prompt"
         )
-    return _Seq(enc.input_ids, enc.loss_mask)
+    mask = list(enc.loss_mask)
+    if window is not None:
+        seen = 0
+        for t, m in enumerate(mask):
+            if m:
+                seen += 1
+                mask[t] = 1 if seen <= window else 0
+    return _Seq(enc.input_ids, mask)
 
 
-def _examples(pairs, spec: LossSpec, tokenizer, max_len: int, source: str) -> list[_Example]:
+def _examples(pairs, spec: LossSpec, tokenizer, max_len: int, source: str, window: int | None = None) -> list[_Example]:
     rows = pairs.to_pylist()
     out: list[_Example] = []
     if spec.needs_chosen:
@@ -89,8 +101,8 @@ def _examples(pairs, spec: LossSpec, tokenizer, max_len: int, source: str) -> li
             where = f"{source} row {i} (pair_id {r['pair_id']!r})"
             out.append(
                 _Example(
-                    rejected=_encode(tokenizer, r["rejected_prompt"], r["rejected_response"], max_len, where),
-                    chosen=_encode(tokenizer, r["chosen_prompt"], r["chosen_response"], max_len, where),
+                    rejected=_encode(tokenizer, r["rejected_prompt"], r["rejected_response"], max_len, where, window),
+                    chosen=_encode(tokenizer, r["chosen_prompt"], r["chosen_response"], max_len, where, window),
                     weight=float(r["weight"]),
                 )
             )
@@ -102,7 +114,7 @@ def _examples(pairs, spec: LossSpec, tokenizer, max_len: int, source: str) -> li
         seen.add(r["rejected_id"])
         where = f"{source} row {i} (rejected_id {r['rejected_id']!r})"
         out.append(
-            _Example(_encode(tokenizer, r["rejected_prompt"], r["rejected_response"], max_len, where), None, 1.0)
+            _Example(_encode(tokenizer, r["rejected_prompt"], r["rejected_response"], max_len, where, window), None, 1.0)
         )
     return out
 
@@ -303,12 +315,13 @@ def post_train(
                 p.requires_grad_(False)
     policy.train()
 
-    examples = _examples(pairs, spec, tokenizer, cfg.max_seq_len_tokens, str(pairs_path))
+    examples = _examples(pairs, spec, tokenizer, cfg.max_seq_len_tokens, str(pairs_path), cfg.response_tokens)
     retain_seqs = []
     if cfg.lambda_b > 0 and retain is not None:
         for i, r in enumerate(retain.to_pylist()):
             where = f"{retain_path} row {i} (example_id {r['example_id']!r})"
-            retain_seqs.append(_encode(tokenizer, r["prompt"], r["response"], cfg.max_seq_len_tokens, where))
+            retain_seqs.append(_encode(tokenizer, r["prompt"], r["response"], cfg.max_seq_len_tokens, where,
+                                       cfg.response_tokens))
     params = [p for p in policy.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

@@ -179,6 +179,9 @@ def test_config_validation_and_step_plan():
     assert [len(s) for s in plan] == [4, 4, 2, 4, 4, 2]
     assert sorted(sum(plan[:3], [])) == list(range(10)) and sorted(sum(plan[3:], [])) == list(range(10))
     assert len(_step_plan(10, cfg.model_copy(update={"max_steps": 7}))) == 7
+    assert TrainConfig().response_tokens is None  # the decision window is off by default
+    with pytest.raises(ValueError):
+        TrainConfig(response_tokens=0)
     # the plan depends on the effective batch only, not on its split into micro-batches
     assert _step_plan(10, cfg) == _step_plan(10, cfg.model_copy(update={"batch_size": 4, "grad_accum_steps": 1}))
 
@@ -211,3 +214,54 @@ def test_reference_logps_are_computed_once_per_example_and_change_nothing(model_
     assert max(float((sk[k] - s0[k]).abs().max()) for k in sk) > 1e-4
     for k in sk:
         torch.testing.assert_close(sk[k], sf[k], rtol=0, atol=1e-12)
+
+
+def _pair_files_with(tmp_path, suffix: str):
+    rows = [(f"u{i}", 10.0 - i, p, r + suffix) for i, (p, r) in enumerate(UNSAFE)]
+    rows += [(f"s{i}", -10.0 + 0.5 * i, p, r + suffix) for i, (p, r) in enumerate(SAFE)]
+    rows += [(f"b{i}", 0.01 * (i - 3), p, r + suffix) for i, (p, r) in enumerate(BENIGN)]
+    table = pa.table({"example_id": [r[0] for r in rows], "score": [r[1] for r in rows],
+                      "prompt": [r[2] for r in rows], "response": [r[3] for r in rows]})
+    pairs, retain = build_pairs(table, PairConfig(n_positive=8, n_negative=8, n_retain=6, retain_pool_fraction=1.0))
+    pf = write_pair_tables(tmp_path, pairs, retain, {"influence_digest": "sha256:test"})
+    return pf.pairs_path, pf.retain_path
+
+
+def test_decision_window_counts_only_the_first_response_tokens(model_dirs, tmp_path, tiny_tokenizer_dir):
+    """With response_tokens=K, Δ of every pair sequence and the retain KL see each response's first K tokens only:
+    responses that differ after their K-th token train the same model (float64, SGD: 1e-12); without the window they
+    do not. The mask itself keeps exactly the first min(K, n) response tokens."""
+    from transformers import AutoTokenizer
+
+    from lancet_core.chat import encode_example
+    from lancet_core.correct.trainer import _encode
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    full = encode_example(tok, UNSAFE[0][0], UNSAFE[0][1], 64)
+    for k in (1, 2, 5, 1000):
+        seq = _encode(tok, UNSAFE[0][0], UNSAFE[0][1], 64, "test", k)
+        kept = [t for t, m in enumerate(seq.loss_mask) if m]
+        assert kept == [t for t, m in enumerate(full.loss_mask) if m][:k] and seq.input_ids == full.input_ids
+    k, tail = 2, " and then some more words"
+    for (p, r) in UNSAFE + SAFE + BENIGN:  # the tail leaves the first K response tokens as they were
+        a = _encode(tok, p, r, 64, "test", k)
+        b = _encode(tok, p, r + tail, 64, "test", k)
+        def kept(seq):
+            return [i for i, m in zip(seq.input_ids, seq.loss_mask, strict=True) if m]
+
+        assert kept(a) == kept(b)
+    plain, longer = _pair_files_with(tmp_path / "p", ""), _pair_files_with(tmp_path / "l", tail)
+    states = {}
+    for window in (k, None):
+        cfg = TrainConfig(**(BASE | {"response_tokens": window}), loss="ibo", finetune="full", optimizer="sgd",
+                          learning_rate=0.5, dtype="float64", batch_size=4, epochs=2)
+        for name, files in (("plain", plain), ("longer", longer)):
+            out = post_train(model_dirs["gpt2"], *files, tmp_path / f"{name}-{window}", cfg, show_progress=False)
+            states[name, window] = _state(out)
+    s0 = _state(model_dirs["gpt2"])
+    a, b = states["plain", k], states["longer", k]
+    assert max(float((a[n] - s0[n]).abs().max()) for n in a) > 1e-4
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=1e-12)
+    a, b = states["plain", None], states["longer", None]
+    assert max(float((a[n] - b[n]).abs().max()) for n in a) > 1e-6
