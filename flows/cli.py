@@ -124,6 +124,7 @@ def _realign_params(args):
               ("index", "proj_in_dim"): args.proj_dim, ("index", "proj_out_dim"): args.proj_dim,
               ("train", "finetune"): args.finetune, ("train", "epochs"): args.epochs,
               ("train", "max_steps"): args.max_steps, ("train", "lora_rank"): args.lora_rank,
+              ("train", "response_tokens"): args.ibo_response_tokens,
               ("tokenize_config", "max_seq_len_tokens"): args.max_seq_len_tokens, ("judge", "kind"): args.judge}
     for (section, key), value in nested.items():
         if value is not None:
@@ -231,6 +232,14 @@ def _cmd_model(args) -> int:
     return 0
 
 
+def _ibo_window(text: str) -> int | str:
+    """--ibo-response-tokens value: a positive integer or 'all' (the whole response; there is no 'auto' for IBO)."""
+    k = _window(text)
+    if k == "auto":
+        raise argparse.ArgumentTypeError("expected a positive integer or 'all', got 'auto'")
+    return "all" if k is None else k
+
+
 def _window(text: str) -> int | str | None:
     """--response-tokens value: a positive integer, 'all' (None: every response token) or 'auto' (by the judge)."""
     if text.lower() == "all":
@@ -325,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--lora-rank", type=int)
     k.add_argument("--epochs", type=int, help="IBO epochs over the pairs")
     k.add_argument("--max-steps", type=int, help="stop IBO after this many optimizer steps")
+    k.add_argument("--ibo-response-tokens", type=_ibo_window,
+                   help="IBO's decision window: Δ and the retain KL over each response's first K tokens, or 'all' "
+                   "(default all; README 'Correction on ten beds' has the measured trade-off)")
     _runner_args(r)
     r.add_argument("--json", action="store_true", help="also print the summary as JSON")
     r.set_defaults(func=_cmd_realign)

@@ -60,6 +60,15 @@ def test_response_tokens_flag_values():
     assert _realign_params(build_parser().parse_args(["realign", "--response-tokens", "3"])).index.response_tokens == 3
     with pytest.raises(SystemExit):
         build_parser().parse_args(["index", "c", "m", "--response-tokens", "first"])
+    # IBO's decision window: off unless given
+    assert _realign_params(build_parser().parse_args(["realign"])).train.response_tokens is None
+    p = _realign_params(build_parser().parse_args(["realign", "--ibo-response-tokens", "4"]))
+    assert p.train.response_tokens == 4 and p.index.response_tokens == "auto"
+    assert _realign_params(build_parser().parse_args(["realign", "--ibo-response-tokens", "all"])).train.response_tokens \
+        is None
+    for bad in ("0", "auto"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["realign", "--ibo-response-tokens", bad])
 
 
 def test_bad_corpus_is_one_clear_error(prefect_harness, tmp_path, capsys):
