@@ -123,4 +123,3 @@ class TrainConfig(BaseModel):
 
 
 IBOConfig = TrainConfig
-

@@ -10,9 +10,9 @@ so the output is a plain HF model directory (weights + tokenizer + manifest.json
 
 What each loss trains on: ibo/dpo — every pair (chosen = w, rejected = l, each on its own prompt) with its weight;
 ga/npo — the distinct rejected rows (R⁺) with weight 1, as in their papers.
-With `response_tokens = K` (the decision window; off by default) the loss mask
-of every pair sequence and of every retain row keeps only its first K response tokens, so Δ and the retain KL both
-act where the answer decides to refuse or comply.
+With `response_tokens = K` (the decision window; off by default) the loss mask of every pair sequence and of every
+retain row keeps only its first K response tokens (the index's `response_window`), so Δ and the retain KL both act
+where the answer decides to refuse or comply.
 
 Knows about HF causal LMs, PEFT, torch optimisers and the pairs/retain file formats; knows nothing about influence
 computation, judges or orchestration. Deterministic on CPU for a given seed.
@@ -83,14 +83,11 @@ def _encode(tokenizer, prompt: str, response: str, max_len: int, what: str, wind
             f"{what}: no response token left after encoding (max_seq_len_tokens={max_len}); "
             "raise max_seq_len_tokens or shorten the prompt"
         )
-    mask = list(enc.loss_mask)
-    if window is not None:
-        seen = 0
-        for t, m in enumerate(mask):
-            if m:
-                seen += 1
-                mask[t] = 1 if seen <= window else 0
-    return _Seq(enc.input_ids, mask)
+    if window is None:
+        return _Seq(enc.input_ids, enc.loss_mask)
+    from lancet_core.index.hooks import response_window  # the store's window rule, reused
+
+    return _Seq(enc.input_ids, response_window(torch.tensor([enc.loss_mask]), window)[0].tolist())
 
 
 def _examples(pairs, spec: LossSpec, tokenizer, max_len: int, source: str, window: int | None = None) -> list[_Example]:
