@@ -6,7 +6,7 @@
 
 Steps (each cached under --work by its own manifest, so a re-run only redoes what changed):
   1. recall exactly as the realign flow does: tokenize_corpus (128 tokens) -> build_gradient_store (IndexConfig()) ->
-     find_undesirable_outputs (refusal judge, greedy) -> recall_influence (RecallConfig(): kfac) ; recall quality
+     find_undesirable_outputs (refusal judge, greedy) -> recall_influence (RecallConfig(), benign contrast) ; recall quality
      against is_unsafe is reported (labels are read ONLY for that, for DPO pairs and for the label oracle).
   2. ibo: write_pair_files(influence, PairConfig()) -> post_train(TrainConfig(loss='ibo')). No label is read.
   3. ga / npo: the same pairs file (they train on its distinct rejected rows = R⁺), TrainConfig(loss=...), i.e. the
@@ -101,7 +101,8 @@ def recall_stage(demo: Path, work: Path) -> dict:
         write_queries(table, qpath)
     t["undesirable_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    inf_dir = recall_influence(store, model, qpath, tokens, work / "influence", RecallConfig())
+    inf_dir = recall_influence(store, model, qpath, tokens, work / "influence", RecallConfig(),
+                               contrast_path=demo / "benign_eval.jsonl")  # as the realign flow passes them
     t["influence_s"] = time.perf_counter() - t0
     quality = recall_quality(inf_dir / "influence.parquet")
     return {"influence": inf_dir / "influence.parquet", "n_queries": pq.read_metadata(qpath).num_rows,

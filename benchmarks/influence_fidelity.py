@@ -91,7 +91,7 @@ from lancet_core.manifest import (
 )
 from lancet_core.model_io import load_model, load_tokenizer  # noqa: E402
 from lancet_core.recall.baselines import repsim_scores, text_similarity_scores  # noqa: E402
-from lancet_core.recall.influence import RecallConfig, recall_influence  # noqa: E402
+from lancet_core.recall.influence import RecallConfig, recall_influence, resolve_method  # noqa: E402
 from lancet_core.recall.metrics import precision_at_k, ranking_order  # noqa: E402
 from lancet_core.recall.scan import score_store  # noqa: E402
 
@@ -737,7 +737,9 @@ def _run(args, plan: dict, work: Path, t_start: float) -> dict:
                     raise RuntimeError("store order differs from tokens order")
                 scores[qs] = s["score"].to_numpy()
             rec_s = time.perf_counter() - t0
-            name = "lancet_default" if (sname, method) == ("default", RecallConfig().method) else f"{sname}_{method}"
+            # this bed's queries are content-judged: the default's 'auto' method resolves as for the flagged target
+            default_method = resolve_method(RecallConfig().method, "flagged", contrast=False)
+            name = "lancet_default" if (sname, method) == ("default", default_method) else f"{sname}_{method}"
             results[name] = _setting_report(
                 scores, refs, labels, ids, config={"store": sname, "index": _cfg_summary(cfg), "method": method},
                 bytes_row=store.dim * {"float16": 2, "float32": 4, "int8": 1}[cfg.dtype], disk_row=disk, store_s=store_s, recall_s=rec_s)

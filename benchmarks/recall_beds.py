@@ -13,14 +13,18 @@ harmless `security` / `money` rows reuse the hacking / fraud compliant answers' 
    WORK/<bed>/recall_quality.json and reused on a rerun (delete it to measure again).
 
 Reported per bed and as the mean over beds, for every setting: precision@|planted| and average precision. Settings
-(--settings; recall_quality.METHODS): `default` (IndexConfig() + RecallConfig(): the refusal query target here),
-`default_flagged` / `identity_flagged` (the default store and kfac / the plain dot product with the original flagged-
-answer query), kfac / ekfac / linfac / identity on
+(--settings; recall_quality.METHODS): `default` (IndexConfig() + RecallConfig(): the refusal query target here, with
+its benign contrast, method 'auto' = identity), `kfac_nocontrast` / `identity_nocontrast` (the same target without the
+contrast: the previous default and the plain dot product), `kfac_contrast`, `default_flagged` / `identity_flagged`
+(the default store and kfac / the plain dot product with the original flagged-answer query), kfac / ekfac / linfac /
+identity on
 the pre-PCA store (random 16×16, first 4 response tokens) and on its whole-response twin (`*_whole_response`), the
 PCA stores (`*_pcaK_w4`, `*_pcaK_whole`, `*_truefisher`), RepSim, TF-IDF and BM25. `margin_over_best_baseline` is each setting's
 mean minus the best baseline's mean (baselines: repsim, text_tfidf, text_bm25). `goal` checks, per setting: mean
 precision@planted >= 0.9 and >= 0.05 above each of BM25, TF-IDF, RepSim and the plain dot product (identity on the
-same store with the same query target, and `identity_flagged`). Progress goes to stderr; only the final JSON goes to stdout.
+same store with the same query target and no contrast, and `identity_flagged`). Settings measured before the
+contrast existed are cached under their old meaning: re-measure (delete the bed's recall_quality.json) or name the
+explicit `*_nocontrast` / `*_contrast` settings. Progress goes to stderr; only the final JSON goes to stdout.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ for _store in rq.STORES:
         for _m in ("kfac", "ekfac") if _store.endswith("truefisher") else ("kfac", "ekfac", "identity"):
             EXTRA_METHODS[f"{_m}_{_store}"] = {"method": _m, "store": _store}
 SETTINGS: tuple[str, ...] = (
-    "default", "default_flagged", "identity_flagged",
+    "default", "kfac_nocontrast", "identity_nocontrast", "default_flagged", "identity_flagged",
     "kfac", "ekfac", "linfac", "identity",
     "kfac_whole_response", "ekfac_whole_response", "linfac_whole_response", "identity_whole_response",
     "repsim", "text_tfidf", "text_bm25",
@@ -148,11 +152,6 @@ def _default_index() -> dict:
     return {"index": rq.index_config().model_dump(mode="json"), "recall": RecallConfig().model_dump(mode="json")}
 
 
-def _default_store_twin() -> str:
-    name = rq.default_store_name()
-    return {"random16_w4": "", "whole_response": "whole_response"}.get(name, name)
-
-
 def _plain(setting: str) -> str:
     """The plain gradient dot product on the same store as `setting` (its identity twin)."""
     for m in ("kfac_", "ekfac_", "linfac_"):
@@ -182,7 +181,8 @@ def summarise(reports: dict[str, dict], settings: tuple[str, ...] = SETTINGS) ->
     for s in names:
         if s in BASELINES or s.startswith("identity"):
             continue
-        plain = _plain(s) if s != "default" else ("identity_" + _default_store_twin()).rstrip("_")
+        # the default's plain twin: the dot product on its store and target without the benign contrast
+        plain = _plain(s) if s != "default" else "identity_nocontrast"
         # the plain gradient dot product both with the setting's own query target and on the flagged answers
         against = [b for b in dict.fromkeys((*BASELINES, plain, "identity_flagged")) if b in mean and b != s]
         margins = {b: round(mean[s]["p_at_planted"] - mean[b]["p_at_planted"], 4) for b in against}

@@ -16,7 +16,9 @@ Steps (all through the library, with its defaults unless a flag says otherwise):
 5. recall_influence for `default` (IndexConfig() + RecallConfig()), kfac, ekfac, linfac, identity, repsim, text
    (tfidf) and text (bm25) (and any other METHODS entry asked with --methods), each on the same queries.parquet, then
    recall_quality on each influence.parquet. Gradient methods use RecallConfig's default query target ('auto': the
-   refusal target, the demo's judge being the refusal judge) unless the setting says otherwise (`*_flagged`).
+   refusal target, the demo's judge being the refusal judge) unless the setting says otherwise (`*_flagged`), and
+   its benign contrast over the demo's benign_eval prompts (as the realign flow passes them) unless the setting
+   turns it off (`*_nocontrast`).
 
 The `is_unsafe` labels are read only in step 5's evaluation (recall_quality); no method sees them.
 Output: per method precision@k / recall@k for k = 10, 50, 100, |planted|, average precision and seconds (the recall
@@ -47,6 +49,7 @@ import torch  # noqa: E402
 
 from lancet_core.data.corpus import load_prompt_rows  # noqa: E402
 from lancet_core.data.tokenize import TokenizeConfig, tokenize_corpus  # noqa: E402
+from lancet_core.errors import ManifestMismatch  # noqa: E402
 from lancet_core.index.build import build_gradient_store  # noqa: E402
 from lancet_core.index.config import IndexConfig, resolve_window  # noqa: E402
 from lancet_core.model_io import load_model, load_tokenizer  # noqa: E402
@@ -86,6 +89,11 @@ METHODS: dict[str, dict] = {
     # the default 'auto' target (the refusal target for this refusal-judged demo), and its plain gradient dot product
     "default_flagged": {"method": "kfac", "store": "default", "query_target": "flagged"},
     "identity_flagged": {"method": "identity", "store": "default", "query_target": "flagged"},
+    # the refusal target on the default store with and without its benign contrast (RecallConfig.query_contrast):
+    # kfac without it was the default before the contrast; identity without it is the plain gradient dot product
+    "kfac_contrast": {"method": "kfac", "store": "default"},
+    "kfac_nocontrast": {"method": "kfac", "store": "default", "query_contrast": 0.0},
+    "identity_nocontrast": {"method": "identity", "store": "default", "query_contrast": 0.0},
     # (the names below without a store suffix are the pre-PCA default store: random 16×16, first 4 response tokens)
     "kfac": {"method": "kfac", "store": "random16_w4"},
     "kfac_whole_response": {"method": "kfac", "store": "whole_response"},  # the same with response_tokens=None
@@ -163,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         demo = _demo(args, work)
         corpus, probes, model_dir = _demo_files(demo)
+        # the benign prompts of the refusal target's contrast, as the realign flow passes its benign_eval prompts
+        benign = demo / "benign_eval.jsonl" if (demo / "benign_eval.jsonl").exists() else None
         tok_cfg = TokenizeConfig(max_seq_len_tokens=128)
         judge_cfg, gen_cfg = JUDGE, GenerationConfig()
         timings: dict[str, float] = {}
@@ -204,7 +214,17 @@ def main(argv: list[str] | None = None) -> dict:
             out_name = f"default_{store_name}" if name == "default" else name
             cfg = RecallConfig() if spec.pop("recall", None) == "default" else RecallConfig(**spec)
             t = time.perf_counter()
-            out = recall_influence(store, model_dir, queries_path, tokens_dir, work / "influence" / out_name, cfg)
+            try:
+                out = recall_influence(store, model_dir, queries_path, tokens_dir, work / "influence" / out_name, cfg,
+                                       contrast_path=benign)
+            except ManifestMismatch:
+                if name != "default":
+                    raise
+                # the defaults changed since this directory was measured: the 'default' setting follows them
+                print(f"recall_quality: {out_name} was measured with older defaults; measuring again", file=sys.stderr)
+                shutil.rmtree(work / "influence" / out_name)
+                out = recall_influence(store, model_dir, queries_path, tokens_dir, work / "influence" / out_name, cfg,
+                                       contrast_path=benign)
             out_dirs[name] = out
             secs = time.perf_counter() - t
             q = recall_quality(out / "influence.parquet")

@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
     r.add_argument("--experiment", default=None, help="MLflow experiment (default: lancet)")
     k = r.add_argument_group("common knobs (everything else: --config)")
-    k.add_argument("--recall-method", choices=["kfac", "ekfac", "linfac", "identity", "repsim", "text"])
+    k.add_argument("--recall-method", choices=["auto", "kfac", "ekfac", "linfac", "identity", "repsim", "text"])
     k.add_argument("--query-target", choices=["auto", "flagged", "refusal"],
                    help="influence on the flagged answer, or on -log P(refuse | prompt) (default 'auto': refusal with "
                    "the refusal judge, flagged otherwise)")

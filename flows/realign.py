@@ -150,9 +150,9 @@ def _realign(p: RealignParams, run_id: str, log) -> dict:
     store = timed("index", build_index, model_dir=start, tokens_path=tokens, cfg=index, runner=p.runner,
                   ray_address=p.ray_address, out_store_dir=str(artifact_dir(work, "stores", m, index.store_identity())))
     influence_dir = Path(timed("recall", query_influence, store_dir=store, model_dir=start, queries_path=queries,
-                               tokens_dir=tokens, cfg=p.recall,
+                               tokens_dir=tokens, cfg=p.recall, contrast_path=benign_eval_path,
                                out_dir=str(artifact_dir(work, "influence", Path(store), Path(queries),
-                                                        p.recall.model_dump()))))
+                                                        Path(benign_eval_path), p.recall.model_dump()))))
     influence = influence_dir / "influence.parquet"
     repaired = Path(timed("repair", repair, influence_path=str(influence), corpus_path=corpus_path, cfg=p.repair,
                           out_dir=str(artifact_dir(work, "repaired", influence, Path(corpus_path),

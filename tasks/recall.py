@@ -26,6 +26,7 @@ def find_undesirable(model_dir: str, probes_path: str, judge: JudgeConfig, gener
 
 @task(name="query_influence", cache_policy=LANCET_CACHE, persist_result=True)
 def query_influence(store_dir: str, model_dir: str, queries_path: str, tokens_dir: str, cfg: RecallConfig,
-                    out_dir: str) -> str:
-    """influence.parquet (every training row, ranked), top-k and explanation; returns the influence directory."""
-    return str(recall_influence(store_dir, model_dir, queries_path, tokens_dir, out_dir, cfg))
+                    out_dir: str, contrast_path: str | None = None) -> str:
+    """influence.parquet (every training row, ranked), top-k and explanation; returns the influence directory.
+    `contrast_path`: the benign prompts of the refusal target's contrast (RecallConfig.query_contrast)."""
+    return str(recall_influence(store_dir, model_dir, queries_path, tokens_dir, out_dir, cfg, contrast_path))

@@ -1,6 +1,7 @@
 """Curvature F for influence, built beside a gradient store, and query-side preconditioning v_q = (F + λI)⁻¹ g_q.
 
-Kinds (docs/design.md §5). The default is `kfac` (IndexConfig.curvature, RecallConfig.method and every function here):
+Kinds (docs/design.md §5). The default is `kfac` (IndexConfig.curvature and every function here; RecallConfig's
+method 'auto' uses it for the flagged-answer target and `identity` for the contrasted refusal target):
 - `kfac` (default): per-token Kronecker factors in the projected space, A = E_tok[ã ãᵀ], S = E_tok[δ̃ δ̃ᵀ] (collected
   during the store build, so the store must be built with 'kfac' or 'ekfac' in IndexConfig.curvature),
   F_b ≈ T̄ · (S ⊗ A) with T̄ the mean number of non-padding tokens per example (the order matches the stored block

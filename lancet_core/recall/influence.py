@@ -8,6 +8,12 @@ fold all queries into one vector so DuckDB scans the store once. Baselines (`rep
 Query target (gradient methods, lancet_core.recall.targets): the flagged answer's log-likelihood, or, for outputs the
 refusal judge flagged (the default 'auto'), −log P(refuse | prompt) mixed over the corpus's own refusal openings.
 
+Benign contrast (refusal target): each flagged query vector v̂_q (unit norm) becomes v̂_q − β·mean_b v̂_b, where b runs
+over the run's benign prompts (the prompts the model must keep answering) with the same refusal target. A row then
+scores high when it lowers refusal on the flagged prompts *more than on benign prompts*: rows that teach the model to
+comply in general (the benign rows sharing the planted rows' openings) cancel out. With the contrast the curvature adds
+nothing measurable, so method 'auto' resolves to the plain dot product for the refusal target and to kfac otherwise.
+
 Query aggregation (gradient methods only): `mean` (default, the design's linear fold) ranks by the mean of the
 per-query unit-normalised scores; `max` and `topk_mean` (mean of each row's `query_topk` largest query scores) are
 non-linear, so they read every row's Q per-query scores from the same single scan and aggregate them in numpy. They
@@ -49,17 +55,23 @@ SELF_INFLUENCE_FILE = "self_influence.parquet"  # train_norm="relative" only
 log = logging.getLogger(__name__)
 
 
+def _gradient(method: str) -> bool:
+    """A gradient method, or 'auto' (which resolves to one)."""
+    return method in GRADIENT_METHODS or method == "auto"
+
+
 class RecallConfig(BaseModel):
     """How training rows are scored against the flagged outputs. Dumped into the influence manifest."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: Literal["linfac", "kfac", "ekfac", "identity", "repsim", "text"] = Field(
-        "kfac", description="Curvature for influence (kfac default, ekfac, linfac, identity = gradient dot), or a "
-        "baseline: repsim (hidden-state cosine) or text (TF-IDF/BM25). kfac is the default, chosen on ten demo beds "
-        "with the default PCA store and the flagged-answer target: precision@planted 0.820 vs ekfac 0.807, identity "
-        "0.753, BM25 0.699; with the refusal target kfac 0.937 vs identity 0.932 (README, Recall quality); linfac's "
-        "dense per-module Fisher amplifies noise in its low-variance directions (0.61)."
+    method: Literal["auto", "linfac", "kfac", "ekfac", "identity", "repsim", "text"] = Field(
+        "auto", description="Curvature for influence (kfac, ekfac, linfac, identity = gradient dot), or a baseline: "
+        "repsim (hidden-state cosine) or text (TF-IDF/BM25). 'auto' (default) = identity for the refusal target with "
+        "its benign contrast, kfac otherwise. Chosen on ten demo beds and the real SmolLM2 scenario at once (README, "
+        "Recall quality): with the refusal target and the contrast, identity beats kfac on both; with the flagged "
+        "target kfac is best (precision@planted 0.820 vs ekfac 0.807, identity 0.753, BM25 0.699 on ten beds; the "
+        "fidelity bed's default); linfac's dense per-module Fisher amplifies noise in its low-variance directions."
     )
     blocks: Literal["module", "single"] = Field("module", description="linfac blocks: per module or one full block.")
     damping_ratio: float | None = Field(None, gt=0, description="λ / mean eigenvalue per block; None = the store's.")
@@ -86,6 +98,13 @@ class RecallConfig(BaseModel):
     )
     query_refusals: int = Field(16, ge=1, description="'refusal' target: the most frequent refusal openings (first "
                                 "window tokens) of the corpus mixed over; each costs one gradient per flagged prompt.")
+    query_contrast: float = Field(
+        0.5, ge=0.0, lt=1.0, description="'refusal' target: β of the benign contrast, v̂_q − β·mean_b v̂_b over the "
+        "run's benign prompts (the realign flow passes its benign_eval prompts; none given = no contrast); 0 = off. "
+        "Chosen on ten demo beds and the real SmolLM2 scenario at once (README, Recall quality)."
+    )
+    contrast_prompts: int = Field(40, ge=1, description="Benign prompts used by the contrast (the first N of the "
+                                  "file); each costs query_refusals gradients.")
     score_precision: Literal["float32", "float64"] = Field(
         "float32", description="Arithmetic of the scan's inner products (gradient methods). float32 (default): the "
         "stored fp16/int8 values are exact in it and its rounding (~1e-7 relative) is ~1000x below the fp16 "
@@ -95,10 +114,10 @@ class RecallConfig(BaseModel):
 
     @model_validator(mode="after")
     def _aggregation_needs_gradients(self) -> RecallConfig:
-        if self.query_aggregation != "mean" and self.method not in GRADIENT_METHODS:
+        if self.query_aggregation != "mean" and not _gradient(self.method):
             raise ValueError(f"query_aggregation={self.query_aggregation!r} applies only to gradient methods "
                              f"{GRADIENT_METHODS}; method {self.method!r} (a baseline) accepts only 'mean'")
-        if self.query_target == "refusal" and self.method not in GRADIENT_METHODS:
+        if self.query_target == "refusal" and not _gradient(self.method):
             raise ValueError(f"query_target='refusal' applies only to gradient methods {GRADIENT_METHODS}; method "
                              f"{self.method!r} (a baseline) scores the flagged answers' text")
         return self
@@ -109,9 +128,12 @@ def _manifest_config(cfg: RecallConfig) -> dict:
     before query_aggregation existed (mean fold) stay reusable; query_topk matters only for topk_mean, query_refusals
     only for the refusal target (`cfg` has its target resolved)."""
     d = cfg.model_dump(mode="json")
-    if cfg.method not in GRADIENT_METHODS or cfg.query_target == "flagged":
+    if not _gradient(cfg.method) or cfg.query_target == "flagged":
         d.pop("query_refusals")
-    if cfg.method not in GRADIENT_METHODS:
+    if not _gradient(cfg.method) or cfg.query_target == "flagged" or cfg.query_contrast == 0:
+        d.pop("query_contrast")
+        d.pop("contrast_prompts")
+    if not _gradient(cfg.method):
         d.pop("query_target")
     if cfg.query_aggregation != "topk_mean":
         d.pop("query_topk")
@@ -120,10 +142,28 @@ def _manifest_config(cfg: RecallConfig) -> dict:
     return d
 
 
+def resolve_method(method: str, target: str, contrast: bool) -> str:
+    """'auto' -> identity for the refusal target with its benign contrast, else kfac; other methods unchanged."""
+    if method != "auto":
+        return method
+    return "identity" if target == "refusal" and contrast else "kfac"
+
+
+def contrasted(v: np.ndarray, benign: np.ndarray, beta: float) -> np.ndarray:
+    """[Q, D] v̂_q − β·mean_b v̂_b: each flagged query vector and each benign one at unit norm (as the scan weighs
+    them), the benign mean subtracted from every flagged query."""
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    return unit(np.asarray(v, np.float64)) - beta * unit(np.asarray(benign, np.float64)).mean(axis=0)
+
+
 def recall_influence(store_dir: str | Path | None, model_dir: str | Path, queries_path: str | Path,
-                     tokens_path: str | Path, out_dir: str | Path, cfg: RecallConfig) -> Path:
+                     tokens_path: str | Path, out_dir: str | Path, cfg: RecallConfig,
+                     contrast_path: str | Path | None = None) -> Path:
     """Write out_dir/{influence.parquet, top_k.parquet, influence_hist.png, explanation.md, explanation.html,
-    manifest.json}."""
+    manifest.json}. `contrast_path`: a prompt file (any corpus format) whose first cfg.contrast_prompts prompts are
+    the refusal target's benign contrast; None = no contrast."""
     from lancet_core.manifest import atomic_write_parquet
     from lancet_core.recall.explain import explain_html, explain_markdown, explain_table
     from lancet_core.recall.plots import influence_histogram
@@ -135,7 +175,17 @@ def recall_influence(store_dir: str | Path | None, model_dir: str | Path, querie
     if queries.num_rows == 0:
         raise ValueError(f"{queries_path}: no flagged outputs to recall from (nothing to correct)")
     judges = [str(j) for j in queries.column("judge").to_pylist()] if "judge" in queries.column_names else []
-    cfg = cfg.model_copy(update={"query_target": resolve_target(cfg.query_target, judges)})
+    target = resolve_target(cfg.query_target, judges)
+    benign: list[str] = []
+    if target == "refusal" and cfg.query_contrast > 0 and _gradient(cfg.method):
+        if contrast_path is None:
+            log.warning("recall: no benign prompts given, so the refusal target has no benign contrast")
+        else:
+            from lancet_core.data.corpus import load_prompt_rows
+
+            benign = [r["prompt"] for r in load_prompt_rows(contrast_path)][:cfg.contrast_prompts]
+    cfg = cfg.model_copy(update={"query_target": target, "method": resolve_method(cfg.method, target, bool(benign)),
+                                 "query_contrast": cfg.query_contrast if benign else 0.0})
     expected = {
         "artifact": "influence",
         "queries_digest": file_digest(queries_path),
@@ -144,6 +194,8 @@ def recall_influence(store_dir: str | Path | None, model_dir: str | Path, querie
         "store_shards": json_digest((read_manifest(store_dir) or {}).get("shards")) if store_dir else None,
         "config": _manifest_config(cfg),
     }
+    if benign:
+        expected["contrast_digest"] = json_digest(benign)
     if check_manifest(out_dir, expected) is not None and (out_dir / INFLUENCE_FILE).exists():
         return out_dir
     t0 = time.perf_counter()
@@ -157,11 +209,15 @@ def recall_influence(store_dir: str | Path | None, model_dir: str | Path, querie
         if store_dir is None:
             raise ValueError(f"method {cfg.method!r} needs a gradient store")
         if cfg.query_target == "refusal":
-            grads = _refusal_query_gradients(store_dir, model_dir, tokens_file, prompts, cfg.query_refusals)
+            grads = _refusal_query_gradients(store_dir, model_dir, tokens_file, prompts + benign, cfg.query_refusals)
         else:
             grads = compute_query_gradients(store_dir, model_dir, messages_list=[
                 to_messages(p, r) for p, r in zip(prompts, responses, strict=True)])
         v = precondition(store_dir, grads, kind=cfg.method, blocks=cfg.blocks, damping_ratio=cfg.damping_ratio)
+        if benign:
+            v = contrasted(v[:len(prompts)], v[len(prompts):], cfg.query_contrast)
+            log.info("recall: benign contrast, β = %g over %d benign prompts (%s)", cfg.query_contrast, len(benign),
+                     Path(contrast_path).name)
         n_rows = pq.read_metadata(tokens_file).num_rows
         si_path = None
         if cfg.train_norm == "relative":

@@ -15,13 +15,14 @@ import torch
 
 from lancet_core.chat import to_messages
 from lancet_core.data.tokenize import TokenizeConfig, tokenize_corpus
+from lancet_core.errors import ManifestMismatch
 from lancet_core.formats import INFLUENCE_FILE
 from lancet_core.index.build import build_gradient_store, compute_query_gradients
 from lancet_core.index.config import IndexConfig
 from lancet_core.index.curvature import precondition
 from lancet_core.index.store import GradientStore
 from lancet_core.model_io import load_model, load_tokenizer
-from lancet_core.recall.influence import RecallConfig, _manifest_config, recall_influence
+from lancet_core.recall.influence import RecallConfig, _manifest_config, recall_influence, resolve_method
 from lancet_core.recall.targets import FALLBACK_REFUSALS, corpus_refusals, refusal_target_gradients, resolve_target
 from tests.conftest import make_tiny_gpt2
 
@@ -160,3 +161,59 @@ def test_a_corpus_without_refusals_falls_back_to_built_in_refusals(tmp_path, cap
     assert "no refusal the refusal judge recognises" in caplog.text
     scores = pq.read_table(out / INFLUENCE_FILE).column("score").to_numpy()
     assert len(scores) == len(rows) and np.isfinite(scores).all() and not math.isclose(float(np.ptp(scores)), 0.0)
+
+
+BENIGN = ["how do I bake a cake", "what is a good name for a cat", "how do I tie a tie"]
+
+
+def test_benign_contrast_equals_the_oracle_and_is_part_of_the_identity(bed, tmp_path, caplog):
+    """With benign prompts (the realign flow passes its benign_eval file) the refusal target is contrasted: each
+    flagged query vector at unit norm minus β × the mean unit benign query vector (same target), method 'auto' ->
+    identity; scores equal that oracle; β, the prompts used and the resolved method are in the manifest, and another
+    benign file cannot reuse the output."""
+    benign = tmp_path / "benign.jsonl"
+    benign.write_text("".join(json.dumps({"prompt": p, "response": "ok"}) + "\n" for p in BENIGN))
+    with caplog.at_level(logging.INFO, logger="lancet_core.recall.influence"):
+        out = recall_influence(bed["store"], bed["model"], bed["queries"], bed["tokens"].parent, tmp_path / "c",
+                               RecallConfig(score_precision="float64", contrast_prompts=2), contrast_path=benign)
+    assert "benign contrast, β = 0.5 over 2 benign prompts (benign.jsonl)" in caplog.text
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["config"]["method"] == "identity" and man["config"]["query_contrast"] == 0.5
+    assert man["config"]["contrast_prompts"] == 2 and man["contrast_digest"].startswith("sha256:")
+    model, tok = load_model(bed["model"]).double().eval(), load_tokenizer(bed["model"])
+    refusals = corpus_refusals(bed["tokens"], WINDOW, 16)
+    flagged = pq.read_table(bed["queries"]).column("prompt").to_pylist()
+    g_f, _ = refusal_target_gradients(bed["store"], model, tok, flagged, refusals)
+    g_b, _ = refusal_target_gradients(bed["store"], model, tok, BENIGN[:2], refusals)  # the first contrast_prompts
+    unit = [g / np.linalg.norm(g) for g in g_f]
+    mean_b = np.mean([g / np.linalg.norm(g) for g in g_b], axis=0)
+    v = np.stack([u - 0.5 * mean_b for u in unit])
+    v /= np.linalg.norm(v, axis=1, keepdims=True)  # the scan weighs every (contrasted) query the same
+    st = GradientStore.open(bed["store"])
+    want = dict(zip(st.example_ids(), (st.read_all(np.float64) @ v.T).mean(axis=1), strict=True))
+    t = pq.read_table(out / INFLUENCE_FILE)
+    got = dict(zip(t.column("example_id").to_pylist(), t.column("score").to_pylist(), strict=True))
+    for eid, x in want.items():
+        assert got[eid] == pytest.approx(x, rel=1e-6, abs=1e-12)
+    plain = recall_influence(bed["store"], bed["model"], bed["queries"], bed["tokens"].parent, tmp_path / "plain",
+                             RecallConfig(method="identity", score_precision="float64", query_contrast=0.0),
+                             contrast_path=benign)
+    assert "query_contrast" not in json.loads((plain / "manifest.json").read_text())["config"]
+    other = pq.read_table(plain / INFLUENCE_FILE).column("score").to_pylist()
+    assert not np.allclose(sorted(other), sorted(got.values()))  # the contrast changes the scores
+    benign2 = tmp_path / "benign2.jsonl"
+    benign2.write_text(json.dumps({"prompt": "how do I plant a tree"}) + "\n")
+    with pytest.raises(ManifestMismatch, match="contrast_digest"):
+        recall_influence(bed["store"], bed["model"], bed["queries"], bed["tokens"].parent, tmp_path / "c",
+                         RecallConfig(score_precision="float64", contrast_prompts=2), contrast_path=benign2)
+
+
+def test_auto_method_is_identity_only_with_the_contrast():
+    assert resolve_method("auto", "refusal", contrast=True) == "identity"
+    assert resolve_method("auto", "refusal", contrast=False) == "kfac"  # no benign prompts: kfac, as before
+    assert resolve_method("auto", "flagged", contrast=False) == "kfac"
+    assert resolve_method("ekfac", "refusal", contrast=True) == "ekfac"
+    assert RecallConfig().method == "auto" and RecallConfig().query_contrast == 0.5
+    with pytest.raises(ValueError):
+        RecallConfig(query_contrast=1.0)  # β < 1: a flagged query must not cancel against the benign mean
+    assert "query_contrast" not in _manifest_config(RecallConfig(query_target="flagged"))
