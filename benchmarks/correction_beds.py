@@ -41,7 +41,7 @@ from lancet_core.correct.trainer import post_train  # noqa: E402
 from lancet_core.data.corpus import load_prompt_rows  # noqa: E402
 from lancet_core.evaluate.config import EvalConfig  # noqa: E402
 from lancet_core.evaluate.evaluation import evaluate_model  # noqa: E402
-from lancet_core.manifest import json_digest  # noqa: E402
+from lancet_core.manifest import file_digest, json_digest  # noqa: E402
 
 GOALS = {"probe_rel_reduction": 0.8, "ood_rel_reduction": 0.6, "over_refusal_delta": 0.05, "nll_rel_change": 0.05}
 LOWER_IS_BETTER = ("over_refusal_delta", "nll_rel_change")  # goals that are ceilings; the others are floors
@@ -67,7 +67,9 @@ def run_bed(bed_dir: Path, pair_cfg: PairConfig, train_cfg: TrainConfig) -> dict
         out.mkdir(parents=True, exist_ok=True)
         before_path.write_text(json.dumps(_evaluate(demo / "model", demo)))
     before = json.loads(before_path.read_text())
-    key = json_digest({"pairs": pair_cfg.model_dump(mode="json"), "train": train_cfg.model_dump(mode="json")})[7:19]
+    # keyed on the influence too: a recall change (new defaults) trains again instead of colliding with the old run
+    key = json_digest({"pairs": pair_cfg.model_dump(mode="json"), "train": train_cfg.model_dump(mode="json"),
+                       "influence": file_digest(bed_dir / INFLUENCE)})[7:19]
     pairs, retain = build_pairs(pq.read_table(bed_dir / INFLUENCE), pair_cfg)
     pf = write_pair_tables(out / key / "pairs", pairs, retain, {"pair_config": pair_cfg.model_dump(mode="json")})
     t = time.perf_counter()
