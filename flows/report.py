@@ -112,7 +112,7 @@ def stage_line(phase: str, out, seconds: float) -> str:
             target = {"refusal": ", query: -log P(refusal | prompt)", "flagged": ", query: the flagged answers"}.get(
                 cfg.get("query_target"), "")
             if cfg.get("query_contrast"):
-                target += f" contrasted with {cfg['query_contrast']:g} x the benign prompts'"
+                target += f" minus {cfg['query_contrast']:g} x the same on the benign prompts"
             return f"recall: {n} training rows scored with {cfg.get('method', '?')}{target} ({_rate(seconds, n)})"
         if phase == "repair":
             r = read_json(Path(out) / "report.json")

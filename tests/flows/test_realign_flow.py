@@ -84,8 +84,8 @@ def test_first_run_logs_everything_to_mlflow(first_run):
         logs = [r.message for r in c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
     for prefix in ("inputs: checked", "model: starting from", "find_undesirable: ", "evaluate_before: harmful_rate_probes",
                    "tokenize: 3000 rows", "index: 3000 rows x",
-                   "recall: 3000 training rows scored with identity, query: -log P(refusal | prompt) contrasted with 0.5 x "
-                   "the benign prompts'",
+                   "recall: 3000 training rows scored with identity, query: -log P(refusal | prompt) minus 0.5 x the same "
+                   "on the benign prompts",
                    "pairs: ", "ibo: ", "evaluate_after: ", "gate: "):
         assert any(m.startswith(prefix) for m in logs), (prefix, logs)
     # index.response_tokens='auto' (default) was resolved for the refusal judge before the store was built: the
