@@ -118,6 +118,19 @@ def test_refusal_target_equals_the_mixture_gradient_oracle(bed):
         np.testing.assert_allclose(got[q], want, rtol=1e-6, atol=1e-7 * float(np.abs(want).max()))
 
 
+def _assert_scores_are_the_oracle(store, v: np.ndarray, out) -> dict:
+    """influence.parquet's scores == the mean over queries of X·v_q/‖v_q‖ (float64, the whole store in memory);
+    returns them by example id."""
+    v = v / np.linalg.norm(v, axis=1, keepdims=True)  # the scan weighs every query the same
+    st = GradientStore.open(store)
+    want = dict(zip(st.example_ids(), (st.read_all(np.float64) @ v.T).mean(axis=1), strict=True))
+    t = pq.read_table(out / INFLUENCE_FILE)
+    got = dict(zip(t.column("example_id").to_pylist(), t.column("score").to_pylist(), strict=True))
+    for eid, x in want.items():
+        assert got[eid] == pytest.approx(x, rel=1e-6, abs=1e-12)
+    return got
+
+
 def test_recall_uses_the_refusal_target_for_refusal_judged_queries(bed, tmp_path, caplog):
     """recall_influence with the defaults ('auto') on refusal-judged queries ranks by the refusal target: its scores
     equal the oracle's per-query-normalised mean of X·(F+λI)⁻¹(−∇ log P(refuse|x)); the manifest records it."""
@@ -131,14 +144,7 @@ def test_recall_uses_the_refusal_target_for_refusal_judged_queries(bed, tmp_path
     refusals = corpus_refusals(bed["tokens"], WINDOW, 16)
     q = pq.read_table(bed["queries"])
     g_ref, _ = refusal_target_gradients(bed["store"], model, tok, q.column("prompt").to_pylist(), refusals)
-    st = GradientStore.open(bed["store"])
-    v = precondition(st.root, g_ref, "kfac")
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
-    want = dict(zip(st.example_ids(), (st.read_all(np.float64) @ v.T).mean(axis=1), strict=True))
-    t = pq.read_table(out / INFLUENCE_FILE)
-    got = dict(zip(t.column("example_id").to_pylist(), t.column("score").to_pylist(), strict=True))
-    for eid, x in want.items():
-        assert got[eid] == pytest.approx(x, rel=1e-6, abs=1e-12)
+    got = _assert_scores_are_the_oracle(bed["store"], precondition(bed["store"], g_ref, "kfac"), out)
     flagged = recall_influence(bed["store"], bed["model"], bed["queries"], bed["tokens"].parent, tmp_path / "flagged",
                                RecallConfig(query_target="flagged", score_precision="float64"))
     other = pq.read_table(flagged / INFLUENCE_FILE).column("score").to_pylist()
@@ -187,14 +193,7 @@ def test_benign_contrast_equals_the_oracle_and_is_part_of_the_identity(bed, tmp_
     g_b, _ = refusal_target_gradients(bed["store"], model, tok, BENIGN[:2], refusals)  # the first contrast_prompts
     unit = [g / np.linalg.norm(g) for g in g_f]
     mean_b = np.mean([g / np.linalg.norm(g) for g in g_b], axis=0)
-    v = np.stack([u - 0.5 * mean_b for u in unit])
-    v /= np.linalg.norm(v, axis=1, keepdims=True)  # the scan weighs every (contrasted) query the same
-    st = GradientStore.open(bed["store"])
-    want = dict(zip(st.example_ids(), (st.read_all(np.float64) @ v.T).mean(axis=1), strict=True))
-    t = pq.read_table(out / INFLUENCE_FILE)
-    got = dict(zip(t.column("example_id").to_pylist(), t.column("score").to_pylist(), strict=True))
-    for eid, x in want.items():
-        assert got[eid] == pytest.approx(x, rel=1e-6, abs=1e-12)
+    got = _assert_scores_are_the_oracle(bed["store"], np.stack([u - 0.5 * mean_b for u in unit]), out)
     plain = recall_influence(bed["store"], bed["model"], bed["queries"], bed["tokens"].parent, tmp_path / "plain",
                              RecallConfig(method="identity", score_precision="float64", query_contrast=0.0),
                              contrast_path=benign)
