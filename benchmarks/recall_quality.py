@@ -214,17 +214,19 @@ def main(argv: list[str] | None = None) -> dict:
             out_name = f"default_{store_name}" if name == "default" else name
             cfg = RecallConfig() if spec.pop("recall", None) == "default" else RecallConfig(**spec)
             t = time.perf_counter()
-            try:
-                out = recall_influence(store, model_dir, queries_path, tokens_dir, work / "influence" / out_name, cfg,
-                                       contrast_path=benign)
-            except ManifestMismatch:
-                if name != "default":
-                    raise
-                # the defaults changed since this directory was measured: the 'default' setting follows them
-                print(f"recall_quality: {out_name} was measured with older defaults; measuring again", file=sys.stderr)
-                shutil.rmtree(work / "influence" / out_name)
-                out = recall_influence(store, model_dir, queries_path, tokens_dir, work / "influence" / out_name, cfg,
-                                       contrast_path=benign)
+            out_dir = work / "influence" / out_name
+            for attempt in (1, 2):
+                try:
+                    out = recall_influence(store, model_dir, queries_path, tokens_dir, out_dir, cfg,
+                                           contrast_path=benign)
+                    break
+                except ManifestMismatch:
+                    if name != "default" or attempt == 2:
+                        raise
+                    # the defaults changed since this directory was measured: the 'default' setting follows them
+                    print(f"recall_quality: {out_name} was measured with older defaults; measuring again",
+                          file=sys.stderr)
+                    shutil.rmtree(out_dir)
             out_dirs[name] = out
             secs = time.perf_counter() - t
             q = recall_quality(out / "influence.parquet")

@@ -150,12 +150,12 @@ def resolve_method(method: str, target: str, contrast: bool) -> str:
 
 
 def contrasted(v: np.ndarray, benign: np.ndarray, beta: float) -> np.ndarray:
-    """[Q, D] v̂_q − β·mean_b v̂_b: each flagged query vector and each benign one at unit norm (as the scan weighs
-    them), the benign mean subtracted from every flagged query."""
-    def unit(x: np.ndarray) -> np.ndarray:
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
+    """[Q, D] v̂_q − β·mean_b v̂_b: each flagged query vector and each benign one at unit norm, exactly as the scan
+    weighs and folds them (its own functions, so zero or non-finite vectors are refused the same way)."""
+    from lancet_core.recall.scan import fold_queries, normalized_queries
 
-    return unit(np.asarray(v, np.float64)) - beta * unit(np.asarray(benign, np.float64)).mean(axis=0)
+    dim = np.shape(v)[1]
+    return normalized_queries(v, dim) - beta * fold_queries(benign, dim)
 
 
 def recall_influence(store_dir: str | Path | None, model_dir: str | Path, queries_path: str | Path,
