@@ -58,7 +58,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from lancet_core.correct.config import PairConfig, TrainConfig  # noqa: E402
+from lancet_core.correct.config import PairConfig, TrainConfig, resolve_train  # noqa: E402
 from lancet_core.data.corpus import load_prompt_rows  # noqa: E402
 from lancet_core.demo.config import DemoConfig  # noqa: E402
 from lancet_core.demo.scenario import read_jsonl  # noqa: E402
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
 
     out: dict = {"demo": str(demo), "recall": rec["quality"], "recall_seconds": rec["seconds"],
                  "n_queries": rec["n_queries"], "pairs": pair_info, "pair_config": pair_cfg.model_dump(mode="json"),
-                 "train_config": TrainConfig(**train_over).model_dump(mode="json"),
+                 "train_config": resolve_train(TrainConfig(**train_over), "refusal").model_dump(mode="json"),
                  "before": row(before, before, None), "methods": {}}
     for m in methods:
         if m.startswith("oracle"):
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
             secs = read_manifest(mdir).get("seconds", time.perf_counter() - t0)
             extra = {"n_excluded": len(ids)}
         else:
-            cfg = TrainConfig(**{**train_over, "loss": m})
+            cfg = resolve_train(TrainConfig(**{**train_over, "loss": m}), "refusal")  # the demo's judge
             pp = dpo_pairs(demo, pf.retain_path, work / "pairs" / f"dpo-{_key(pair_cfg.model_dump())}") \
                 if m == "dpo" else pf.pairs_path
             mdir = work / "models" / f"{m}-{_key([pair_cfg.model_dump(), cfg.model_dump()])}"

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from lancet_core.correct.config import PairConfig, TrainConfig  # noqa: E402
+from lancet_core.correct.config import PairConfig, TrainConfig, resolve_train  # noqa: E402
 from lancet_core.correct.pairs import build_pairs, write_pair_tables  # noqa: E402
 from lancet_core.correct.trainer import post_train  # noqa: E402
 from lancet_core.data.corpus import load_prompt_rows  # noqa: E402
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
     pair_cfg = PairConfig(**json.loads(args.pairs))
-    train_cfg = TrainConfig(**json.loads(args.train))
+    train_cfg = resolve_train(TrainConfig(**json.loads(args.train)), "refusal")  # the beds' judge, as the flow does
     beds = sorted(p for p in Path(args.beds_work).iterdir()
                   if (p / "recall_quality.json").exists() and (p / INFLUENCE).exists())
     if not beds:

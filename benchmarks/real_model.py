@@ -97,9 +97,10 @@ def child_gradients(mode: str, demo: Path, n_batches: int) -> dict:
 
 
 def _train_cfg(**kw):
-    from lancet_core.correct.config import TrainConfig
+    from lancet_core.correct.config import TrainConfig, resolve_train
 
-    return TrainConfig(device="cpu", **kw)
+    # the whole response on both sides (TRL's DPOTrainer has no decision window): a like-for-like step
+    return resolve_train(TrainConfig(device="cpu", response_tokens=None, **kw), "refusal")
 
 
 def child_ibo(demo: Path, pairs_dir: Path, steps: int, lambda_b: float | None) -> dict:

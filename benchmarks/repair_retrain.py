@@ -32,7 +32,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.correction import _key, evaluate, recall_stage, row  # noqa: E402
-from lancet_core.correct.config import PairConfig, TrainConfig  # noqa: E402
+from lancet_core.correct.config import PairConfig, TrainConfig, resolve_train  # noqa: E402
 from lancet_core.correct.repair import RepairConfig, repair_corpus  # noqa: E402
 from lancet_core.demo.config import DemoConfig  # noqa: E402
 from lancet_core.evaluate.config import EvalConfig  # noqa: E402
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
                                     for k in ("harmful_probe", "harmful_ood", "over_refusal")}
         emit()
     if not args.no_ibo:
-        pcfg, tcfg = PairConfig(), TrainConfig()
+        pcfg, tcfg = PairConfig(), resolve_train(TrainConfig(), "refusal")  # the demo's judge, as the flow does
         pf = write_pair_files(rec["influence"], work / "pairs" / _key(pcfg.model_dump()), pcfg)
         mdir = work / "ibo" / _key([pcfg.model_dump(), tcfg.model_dump()])
         post_train(demo / "model", pf.pairs_path, pf.retain_path, mdir, tcfg, show_progress=False)

@@ -124,7 +124,7 @@ def _realign_params(args):
               ("index", "proj_in_dim"): args.proj_dim, ("index", "proj_out_dim"): args.proj_dim,
               ("train", "finetune"): args.finetune, ("train", "epochs"): args.epochs,
               ("train", "max_steps"): args.max_steps, ("train", "lora_rank"): args.lora_rank,
-              ("train", "response_tokens"): args.ibo_response_tokens,
+              ("train", "response_tokens"): args.ibo_response_tokens, ("train", "lambda_b"): args.lambda_b,
               ("tokenize_config", "max_seq_len_tokens"): args.max_seq_len_tokens, ("judge", "kind"): args.judge}
     for (section, key), value in nested.items():
         if value is not None:
@@ -232,14 +232,6 @@ def _cmd_model(args) -> int:
     return 0
 
 
-def _ibo_window(text: str) -> int | str:
-    """--ibo-response-tokens value: a positive integer or 'all' (the whole response; there is no 'auto' for IBO)."""
-    k = _window(text)
-    if k == "auto":
-        raise argparse.ArgumentTypeError("expected a positive integer or 'all', got 'auto'")
-    return "all" if k is None else k
-
-
 def _window(text: str) -> int | str | None:
     """--response-tokens value: a positive integer, 'all' (None: every response token) or 'auto' (by the judge)."""
     if text.lower() == "all":
@@ -334,9 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--lora-rank", type=int)
     k.add_argument("--epochs", type=int, help="IBO epochs over the pairs")
     k.add_argument("--max-steps", type=int, help="stop IBO after this many optimizer steps")
-    k.add_argument("--ibo-response-tokens", type=_ibo_window,
+    k.add_argument("--ibo-response-tokens", type=lambda s: "all" if _window(s) is None else _window(s),
                    help="IBO's decision window: Δ and the retain KL over each response's first K tokens, or 'all' "
-                   "(default all; README 'Correction on ten beds' has the measured trade-off)")
+                   "(default 'auto': 4 with the refusal judge, all with regex/classifier; README 'Correction on ten "
+                   "beds' has the measured trade-off)")
+    k.add_argument("--lambda-b", type=float,
+                   help="IBO's retain KL weight λ_B (default 'auto': 1 with the decision window, 3 over the whole "
+                   "response)")
     _runner_args(r)
     r.add_argument("--json", action="store_true", help="also print the summary as JSON")
     r.set_defaults(func=_cmd_realign)

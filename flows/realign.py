@@ -21,7 +21,7 @@ from flows.inputs import PARAM_NAMES, check_inputs, write_mapped_inputs
 from flows.params import DEFAULT_TOKENIZE, RealignParams
 from flows.paths import artifact_dir
 from flows.report import explanation_rows, read_json, report_markdown, run_summary, stage_line, top_k_rows
-from lancet_core.correct.config import PairConfig, TrainConfig
+from lancet_core.correct.config import PairConfig, TrainConfig, describe_train, resolve_train
 from lancet_core.correct.repair import RepairConfig
 from lancet_core.data.tokenize import TokenizeConfig
 from lancet_core.demo.config import DemoConfig
@@ -161,8 +161,10 @@ def _realign(p: RealignParams, run_id: str, log) -> dict:
                                                          content_digest(repaired / "repaired.parquet"))}
     pairs_path, retain_path = timed("pairs", build_pairs, influence_path=str(influence), cfg=p.pairs,
                                     out_dir=str(artifact_dir(work, "pairs", influence, p.pairs.model_dump())))
-    corrected = timed("ibo", correct, model_dir=start, pairs_path=pairs_path, retain_path=retain_path, cfg=p.train,
-                      out_dir=str(artifact_dir(work, "models", m, Path(pairs_path), p.train.model_dump())))
+    train = resolve_train(p.train, p.judge.kind)  # 'auto' window / λ_B follow the judge; the model keys on the values
+    log.info("ibo: %s", describe_train(p.train, p.judge.kind))
+    corrected = timed("ibo", correct, model_dir=start, pairs_path=pairs_path, retain_path=retain_path, cfg=train,
+                      out_dir=str(artifact_dir(work, "models", m, Path(pairs_path), train.model_dump())))
     after = timed("evaluate_after", evaluate, model_dir=corrected, probes_path=probes_path, ood_path=ood_path,
                   benign_eval_path=benign_eval_path, cfg=p.evaluation,
                   out_dir=str(artifact_dir(work, "eval", Path(corrected), Path(probes_path),

@@ -1,13 +1,21 @@
 """Frozen, validated configs for the correction side: pair construction and post-training (any registered loss). They are dumped into manifests and cache keys, so every field is documented with its unit.
 
-Knows about pydantic and the loss registry's names; knows nothing about files, models or influence computation.
+Knows about pydantic, the loss registry's names and the judges' decision windows (index.config.DECISION_WINDOWS, for
+the 'auto' fields); knows nothing about files, models or influence computation.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lancet_core.errors import ConfigError
+from lancet_core.index.config import DECISION_WINDOWS
+
+# λ_B that 'auto' resolves to, by whether the decision window is on (measured on ten demo beds and the real SmolLM2
+# scenario: README, "Correction on ten beds")
+LAMBDA_B_AUTO: dict[str, float] = {"window": 1.0, "whole": 3.0}
 
 
 class PairConfig(BaseModel):
@@ -15,7 +23,20 @@ class PairConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    n_positive: int = Field(64, ge=1, description="size of R⁺: the top rows by influence score (only score > 0 rows)")
+    n_positive: int = Field(
+        64, ge=1, description="size of R⁺: the top rows by influence score (only score > 0 rows), at most "
+        "positive_fraction of the scored rows"
+    )
+    positive_fraction: float = Field(
+        0.1,
+        gt=0.0,
+        le=1.0,
+        description="R⁺ never takes more than this fraction of the scored rows (at least 1 row): R⁺ = min(n_positive, "
+        "⌊fraction · N⌋). A fixed 64 took 27 % of the real SmolLM2 scenario's 240 rows (23 planted), and 42 of those "
+        "64 were harmless compliant rows that IBO then taught the model to refuse (over-refusal +12.5 pts, OOD harm "
+        "-54 %); at 10 % (24 rows): -89 % / -69 % / +5 pts / +1.8 % NLL. Corpora of 640 rows or more keep 64 (README, "
+        "'A real model')",
+    )
     n_negative: int = Field(64, ge=1, description="size of R⁻: the bottom rows by score (only score < 0 rows)")
     pairs_per_positive: int = Field(
         1, ge=1, description="pairs built per l ∈ R⁺, best-matched w ∈ R⁻ first (a w may serve several l)"
@@ -59,12 +80,13 @@ class TrainConfig(BaseModel):
         "pairwise term sooner (an implicit trust region): on the demo β=1 kept benign NLL within +3% and over-refusal "
         "at 0 for 64-step runs where β=0.1 raised over-refusal to 0.60 (benchmarks/correction.py)",
     )
-    lambda_b: float = Field(
-        3.0,
-        ge=0.0,
-        description="λ_B: weight of the retain token-KL (Bregman proximal) term; 0 = off. 3 since recall counts the "
-        "decision tokens: its pairs are then all (refusal, compliance), and at λ_B=1 that spilled over to benign "
-        "prompts (demo over-refusal 0.067 → 0.000 at 3, NLL +4.0% → +1.8%; benchmarks/correction.py)",
+    lambda_b: Annotated[float, Field(ge=0.0)] | Literal["auto"] = Field(
+        "auto",
+        description="λ_B: weight of the retain token-KL (Bregman proximal) term; 0 = off. 'auto' (resolve_train): "
+        f"{LAMBDA_B_AUTO['window']} with a decision window, {LAMBDA_B_AUTO['whole']} over the whole response. With the "
+        "window the KL acts on the same few tokens as Δ and a strong λ_B pulls the decision back: on ten demo beds λ_B "
+        "3 / 2 / 1 / 0.5 gave probe harm -77 / -80 / -88 / -92 % for over-refusal +6.2 / +6.5 / +8.5 / +11.7 pts; over "
+        "the whole response λ_B 3 keeps over-refusal down (λ_B 1 there: +23.2 pts and NLL +8.1 % vs +14.2 / +4.1 %)",
     )
     learning_rate: float = Field(
         5e-4, gt=0.0, description="optimizer learning rate (constant after warmup); 5e-4 suits LoRA r=8 on the demo"
@@ -92,14 +114,14 @@ class TrainConfig(BaseModel):
     )
     disable_dropout: bool = Field(True, description="zero the base model's dropout (policy and reference agree)")
     max_seq_len_tokens: int = Field(512, ge=8, description="sequences longer than this are cut on the right")
-    response_tokens: int | None = Field(
-        None,
-        ge=1,
+    response_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        "auto",
         description="the decision window: Δ of every pair sequence and the retain KL count only each response's first "
-        "K tokens; None = the whole response. Not the default: on ten demo beds K=4 moved IBO from over-refusal +17 "
-        "pts / NLL +5.8 % to +12 / +4.0 % for 1-7 pts less harm reduction, and on the real SmolLM2 scenario from "
-        "probe -21 % / over-refusal +5 pts to -79 % / +42 pts (64 steps); every goal met on 2 of 10 demo beds with it, "
-        "3 without (benchmarks/correction_beds.py, README 'Correction on ten beds')",
+        "K tokens; None = the whole response. 'auto' (resolve_train): the judge's decision window, as the store's "
+        "(refusal judge: 4; content judges: the whole response). Measured with the refusal judge, window 4 + λ_B 1 vs "
+        "whole response + λ_B 3: on ten demo beds -88/-72 % harm, +8.5 pts over-refusal, +2.5 % NLL vs -93/-80 %, "
+        "+14.2 pts, +4.1 % (3 beds meet every goal either way); on the real SmolLM2 scenario -89/-69 %, +5 pts, +1.8 % "
+        "vs -21/-15 %, +2.5 pts, +1.5 % (the whole-response pairwise term saturates by step 4 there)",
     )
     dtype: Literal["float32", "float64", "bfloat16"] = Field("float32", description="weights and compute dtype")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' = cuda when available, else cpu")
@@ -107,6 +129,16 @@ class TrainConfig(BaseModel):
         "auto", description="bf16 autocast of the forward passes (weights, optimizer state and the loss stay float32): "
         "auto = on CUDA only, bf16 = also on CPU, off = none")
     seed: int = Field(0, description="seeds batch order, LoRA init and the retain sampling")
+
+    def require_resolved(self) -> TrainConfig:
+        """self, or ConfigError when response_tokens or lambda_b is still 'auto' (resolve_train knows the judge)."""
+        auto = [k for k in ("response_tokens", "lambda_b") if getattr(self, k) == "auto"]
+        if auto:
+            raise ConfigError(
+                f"train.{' and train.'.join(auto)}='auto' is not resolved: it follows the judge, so resolve it with "
+                "lancet_core.correct.config.resolve_train(cfg, judge_kind) before post-training"
+            )
+        return self
 
     @field_validator("loss")
     @classmethod
@@ -126,3 +158,25 @@ class TrainConfig(BaseModel):
 
 
 IBOConfig = TrainConfig
+
+
+def resolve_train(cfg: TrainConfig, judge_kind: str) -> TrainConfig:
+    """`cfg` with its 'auto' fields made concrete for the behaviour `judge_kind` flags: response_tokens -> the judge's
+    decision window (DECISION_WINDOWS, the same as the store's: refusal -> 4, content judges -> None), lambda_b ->
+    LAMBDA_B_AUTO for that window. Concrete values are kept as given."""
+    update = {}
+    if cfg.response_tokens == "auto":
+        update["response_tokens"] = DECISION_WINDOWS.get(judge_kind)
+    window = update.get("response_tokens", cfg.response_tokens)
+    if cfg.lambda_b == "auto":
+        update["lambda_b"] = LAMBDA_B_AUTO["whole" if window is None else "window"]
+    return cfg.model_copy(update=update) if update else cfg
+
+
+def describe_train(cfg: TrainConfig, judge_kind: str) -> str:
+    """One line: the IBO window and λ_B and why, e.g. 'window = first 4 response tokens, λ_B 1 (refusal
+    judge)'; `cfg` is the configuration as given (fields may be 'auto')."""
+    r = resolve_train(cfg, judge_kind)
+    what = "whole response" if r.response_tokens is None else f"first {r.response_tokens} response tokens"
+    auto = "auto" in (cfg.response_tokens, cfg.lambda_b)
+    return f"window = {what}, λ_B {r.lambda_b:g} ({f'{judge_kind} judge' if auto else 'set explicitly'})"

@@ -1,7 +1,8 @@
 """Build the pairs IBO trains on from an influence distribution, and write them where a person can read them.
 
 From influence.parquet (one row per training example, score > 0 = promotes the undesirable outputs):
-  * R⁺ = the `n_positive` highest-scoring rows among score > 0 (ties by example_id);
+  * R⁺ = the `n_positive` highest-scoring rows among score > 0 (ties by example_id), but never more than
+    `positive_fraction` of the scored rows (a small corpus does not hand IBO a quarter of its rows);
   * R⁻ = the `n_negative` lowest-scoring rows among score < 0 (they counteract the undesirable outputs);
   * pairs (w ∈ R⁻ "chosen", l ∈ R⁺ "rejected"): for each l, R⁻ rows with the same normalised prompt first (most
     negative score first), then — when `match_nearest` — the nearest prompts by TF-IDF cosine (scikit-learn); the first
@@ -141,12 +142,17 @@ def pair_weights(gaps: np.ndarray, cfg: PairConfig) -> np.ndarray:
     return n * e / e.sum()
 
 
+def positive_size(n_rows: int, cfg: PairConfig) -> int:
+    """|R⁺| asked for on a table of n_rows: n_positive, but never more than positive_fraction of the rows (≥ 1)."""
+    return max(1, min(cfg.n_positive, math.floor(cfg.positive_fraction * n_rows)))
+
+
 def build_pairs(influence: pa.Table, cfg: PairConfig, source: str = INFLUENCE_FILE) -> tuple[pa.Table, pa.Table]:
     """(pairs, retain) tables from an influence table (see the module docstring for the rules)."""
     cols = _validate_influence(influence, source)
     ids, scores, prompts, responses = cols["example_id"], cols["score"], cols["prompt"], cols["response"]
     n = len(ids)
-    pos = sorted((i for i in range(n) if scores[i] > 0), key=lambda i: (-scores[i], ids[i]))[: cfg.n_positive]
+    pos = sorted((i for i in range(n) if scores[i] > 0), key=lambda i: (-scores[i], ids[i]))[: positive_size(n, cfg)]
     neg = sorted((i for i in range(n) if scores[i] < 0), key=lambda i: (scores[i], ids[i]))[: cfg.n_negative]
     if not pos:
         raise CorpusError(f"{source}: no row has a positive influence score; nothing promotes the undesirable outputs")

@@ -10,9 +10,10 @@ so the output is a plain HF model directory (weights + tokenizer + manifest.json
 
 What each loss trains on: ibo/dpo — every pair (chosen = w, rejected = l, each on its own prompt) with its weight;
 ga/npo — the distinct rejected rows (R⁺) with weight 1, as in their papers.
-With `response_tokens = K` (the decision window; off by default) the loss mask of every pair sequence and of every
-retain row keeps only its first K response tokens (the index's `response_window`), so Δ and the retain KL both act
-where the answer decides to refuse or comply.
+With `response_tokens = K` (the decision window: K = 4 for the refusal judge by default, resolved with the judge by
+`correct.config.resolve_train`) the loss mask of every pair sequence and of every retain row keeps only its first K
+response tokens (the index's `response_window`), so Δ and the retain KL both act where the answer decides to refuse
+or comply. `cfg` must be resolved (no 'auto' left).
 
 Knows about HF causal LMs, PEFT, torch optimisers and the pairs/retain file formats; knows nothing about influence
 computation, judges or orchestration. Deterministic on CPU for a given seed.
@@ -260,6 +261,7 @@ def post_train(
     (ManifestMismatch).
     """
     t0 = time.perf_counter()
+    cfg.require_resolved()  # 'auto' window / λ_B follow the judge: correct.config.resolve_train first
     model_dir, pairs_path, out_dir = Path(model_dir), Path(pairs_path), Path(out_dir)
     retain_path = Path(retain_path) if retain_path is not None else None
     spec = get_loss(cfg.loss)

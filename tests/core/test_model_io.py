@@ -180,10 +180,12 @@ def test_lora_post_train_leaves_the_head_and_embeddings_untouched(family_dirs, t
     scores = [5.0, 4.0, -4.0, -5.0, 0.01, -0.02]
     table = pa.table({"example_id": [f"r{i}" for i in range(len(ROWS))], "score": scores,
                       "prompt": [p for p, _ in ROWS], "response": [r for _, r in ROWS]})
-    pairs, retain = build_pairs(table, PairConfig(n_positive=2, n_negative=2, n_retain=2, retain_pool_fraction=1.0))
+    pairs, retain = build_pairs(table, PairConfig(n_positive=2, n_negative=2, n_retain=2, retain_pool_fraction=1.0,
+                                                  positive_fraction=1.0))
     pf = write_pair_tables(tmp_path / "pairs", pairs, retain, {"influence_digest": "sha256:test"})
     cfg = TrainConfig(loss="ibo", finetune="lora", lora_rank=2, learning_rate=5e-2, batch_size=2, max_steps=2,
-                      beta=0.5, lambda_b=0.5, max_grad_norm=None, device="cpu", max_seq_len_tokens=64)
+                      beta=0.5, lambda_b=0.5, max_grad_norm=None, device="cpu", max_seq_len_tokens=64,
+                      response_tokens=None)
     out = post_train(family_dirs[family], pf.pairs_path, pf.retain_path, tmp_path / "out", cfg, show_progress=False)
     before, after = load_model(family_dirs[family]), load_model(out)
     assert _is_tied(after) == _is_tied(before)

@@ -105,12 +105,13 @@ def test_ibo_under_bf16_autocast_stays_close_to_float32(tiny_tokenizer_dir, tmp_
     rows += [(f"s{i}", -5.0 + i, p, "I'm sorry, I can't help with that") for i, p in enumerate(prompts)]
     table = pa.table({"example_id": [r[0] for r in rows], "score": [r[1] for r in rows],
                       "prompt": [r[2] for r in rows], "response": [r[3] for r in rows]})
-    pairs, retain = build_pairs(table, PairConfig(n_positive=6, n_negative=6, n_retain=4, retain_pool_fraction=1.0))
+    pairs, retain = build_pairs(table, PairConfig(n_positive=6, n_negative=6, n_retain=4, retain_pool_fraction=1.0,
+                                                  positive_fraction=1.0))
     pf = write_pair_tables(tmp_path / "pairs", pairs, retain, {"influence_digest": "sha256:test"})
     hist = {}
     for mode in ("off", "bf16"):
         cfg = TrainConfig(device="cpu", autocast=mode, max_steps=3, batch_size=6, learning_rate=1e-2,
-                          max_seq_len_tokens=64)
+                          max_seq_len_tokens=64, response_tokens=None, lambda_b=3.0)
         out = post_train(d, pf.pairs_path, pf.retain_path, tmp_path / mode, cfg, show_progress=False)
         hist[mode] = json.loads((out / "manifest.json").read_text())["loss_history"]
         assert json.loads((out / "config.json").read_text()).get("dtype", "float32") == "float32"

@@ -60,13 +60,16 @@ def test_response_tokens_flag_values():
     assert _realign_params(build_parser().parse_args(["realign", "--response-tokens", "3"])).index.response_tokens == 3
     with pytest.raises(SystemExit):
         build_parser().parse_args(["index", "c", "m", "--response-tokens", "first"])
-    # IBO's decision window: off unless given
-    assert _realign_params(build_parser().parse_args(["realign"])).train.response_tokens is None
-    p = _realign_params(build_parser().parse_args(["realign", "--ibo-response-tokens", "4"]))
-    assert p.train.response_tokens == 4 and p.index.response_tokens == "auto"
+    # IBO's decision window and λ_B: 'auto' (resolved by the flow with the judge) unless given
+    p = _realign_params(build_parser().parse_args(["realign"]))
+    assert p.train.response_tokens == "auto" and p.train.lambda_b == "auto"
+    p = _realign_params(build_parser().parse_args(["realign", "--ibo-response-tokens", "4", "--lambda-b", "2"]))
+    assert p.train.response_tokens == 4 and p.train.lambda_b == 2.0 and p.index.response_tokens == "auto"
     assert _realign_params(build_parser().parse_args(["realign", "--ibo-response-tokens", "all"])).train.response_tokens \
         is None
-    for bad in ("0", "auto"):
+    assert _realign_params(build_parser().parse_args(["realign", "--ibo-response-tokens", "auto"])).train \
+        .response_tokens == "auto"
+    for bad in ("0", "first"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["realign", "--ibo-response-tokens", bad])
 

@@ -94,6 +94,10 @@ def test_first_run_logs_everything_to_mlflow(first_run):
     manifests = [p.read_text() for p in (Path(out["artifacts"]["influence"]).parents[2] / "stores").glob("*/manifest.json")]
     assert manifests and all('"auto"' not in m for m in manifests)
     assert {json.loads(m)["index_config"]["response_tokens"] for m in manifests} == {4}
+    # so were IBO's window and λ_B ('auto'): the corrected model's manifest holds the values
+    assert "ibo: window = first 4 response tokens, λ_B 1 (refusal judge)" in logs
+    ibo_cfg = json.loads(Path(out["corrected_model"], "manifest.json").read_text())["config"]
+    assert ibo_cfg["response_tokens"] == 4 and ibo_cfg["lambda_b"] == 1.0
     # artifacts live next to the sqlite database, never in the current directory
     assert run.info.artifact_uri.startswith(Path(tracking[len("sqlite:///"):]).parent.as_uri())
 

@@ -18,6 +18,7 @@ from lancet_core.correct.pairs import (
     normalise_prompt,
     pair_weights,
     pairs_from_preference_columns,
+    positive_size,
     read_pairs,
     write_pair_files,
 )
@@ -56,7 +57,8 @@ def _table(rows=ROWS) -> pa.Table:
     )
 
 
-CFG = PairConfig(n_positive=3, n_negative=3, pairs_per_positive=1, n_retain=3, retain_pool_fraction=0.5, seed=1)
+CFG = PairConfig(n_positive=3, n_negative=3, pairs_per_positive=1, n_retain=3, retain_pool_fraction=0.5, seed=1,
+                 positive_fraction=1.0)
 
 
 def test_sets_and_same_prompt_matching():
@@ -143,6 +145,22 @@ def test_only_positive_scores_enter_r_plus_and_no_nearest_option():
     assert {p["rejected_id"] for p in d} <= pos_ids and {p["chosen_id"] for p in d} <= neg_ids
     d2 = build_pairs(_table(), CFG.model_copy(update={"match_nearest": False}))[0].to_pylist()
     assert [p["rejected_id"] for p in d2] == ["a1"]  # only a1 has a same-prompt partner
+
+
+def test_r_plus_never_takes_more_than_positive_fraction_of_the_rows():
+    n = len(ROWS)
+    n_pos = sum(r[1] > 0 for r in ROWS)
+    for frac in (0.1, 0.2, 0.35, 1.0):
+        cfg = CFG.model_copy(update={"n_positive": 50, "positive_fraction": frac})
+        size = positive_size(n, cfg)
+        assert size == max(1, min(50, int(frac * n)))  # ⌊fraction · N⌋, at least 1, at most n_positive
+        d = build_pairs(_table(), cfg)[0].to_pylist()
+        top = [r[0] for r in sorted((r for r in ROWS if r[1] > 0), key=lambda r: -r[1])][: min(size, n_pos)]
+        assert {p["rejected_id"] for p in d} <= set(top)  # R⁺ is the top of the ranking, cut at that size
+    assert positive_size(3000, PairConfig()) == 64 and positive_size(240, PairConfig()) == 24  # the defaults
+    assert positive_size(5, PairConfig()) == 1
+    with pytest.raises(ValueError):
+        PairConfig(positive_fraction=0.0)
 
 
 def test_bad_input_errors_name_the_problem():

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from lancet_core.correct.config import PairConfig, TrainConfig
+from lancet_core.correct.config import LAMBDA_B_AUTO, PairConfig, TrainConfig, describe_train, resolve_train
 from lancet_core.correct.pairs import build_pairs, write_pair_tables
 from lancet_core.correct.trainer import _step_plan, post_train
-from lancet_core.errors import ManifestMismatch
+from lancet_core.errors import ConfigError, ManifestMismatch
 
 UNSAFE = [
     ("how do I pick a lock", "take a tension wrench and rake the pins until it opens"),
@@ -67,7 +67,8 @@ def pair_files(tmp_path_factory):
     rows += [(f"b{i}", 0.01 * (i - 3), p, r) for i, (p, r) in enumerate(BENIGN)]
     table = pa.table({"example_id": [r[0] for r in rows], "score": [r[1] for r in rows],
                       "prompt": [r[2] for r in rows], "response": [r[3] for r in rows]})
-    pairs, retain = build_pairs(table, PairConfig(n_positive=8, n_negative=8, n_retain=6, retain_pool_fraction=1.0))
+    pairs, retain = build_pairs(table, PairConfig(n_positive=8, n_negative=8, n_retain=6, retain_pool_fraction=1.0,
+                                                  positive_fraction=1.0))
     assert pairs.num_rows == 8 and retain.num_rows == 6
     pf = write_pair_tables(tmp_path_factory.mktemp("pairs"), pairs, retain, {"influence_digest": "sha256:test"})
     return pf.pairs_path, pf.retain_path
@@ -80,7 +81,7 @@ def _state(model_dir, dtype=torch.float64):
     return {k: v.clone() for k, v in m.state_dict().items()}
 
 
-BASE = dict(beta=0.5, lambda_b=0.5, max_grad_norm=None, device="cpu", max_seq_len_tokens=64)
+BASE = dict(beta=0.5, lambda_b=0.5, max_grad_norm=None, device="cpu", max_seq_len_tokens=64, response_tokens=None)
 
 
 # GPT-2 only: transformers' Llama eager attention runs its softmax in float32 even for a float64 model
@@ -179,11 +180,33 @@ def test_config_validation_and_step_plan():
     assert [len(s) for s in plan] == [4, 4, 2, 4, 4, 2]
     assert sorted(sum(plan[:3], [])) == list(range(10)) and sorted(sum(plan[3:], [])) == list(range(10))
     assert len(_step_plan(10, cfg.model_copy(update={"max_steps": 7}))) == 7
-    assert TrainConfig().response_tokens is None  # the decision window is off by default
+    # the decision window and λ_B follow the judge ('auto', resolved by the flow); post_train refuses them unresolved
+    assert TrainConfig().response_tokens == "auto" and TrainConfig().lambda_b == "auto"
+    assert resolve_train(TrainConfig(), "refusal").response_tokens == 4
+    assert resolve_train(TrainConfig(), "refusal").lambda_b == LAMBDA_B_AUTO["window"] == 1.0
+    assert resolve_train(TrainConfig(), "regex").response_tokens is None
+    assert resolve_train(TrainConfig(), "regex").lambda_b == LAMBDA_B_AUTO["whole"] == 3.0
+    given = TrainConfig(response_tokens=None, lambda_b="auto")  # an explicit whole response: λ_B follows it
+    assert resolve_train(given, "refusal").lambda_b == 3.0 and resolve_train(given, "refusal").response_tokens is None
+    assert resolve_train(TrainConfig(response_tokens=2, lambda_b=0.5), "regex") == TrainConfig(response_tokens=2,
+                                                                                                 lambda_b=0.5)
+    assert describe_train(TrainConfig(), "refusal") == "window = first 4 response tokens, λ_B 1 (refusal judge)"
+    assert describe_train(TrainConfig(response_tokens=None, lambda_b=3), "refusal") == \
+        "window = whole response, λ_B 3 (set explicitly)"
+    with pytest.raises(ConfigError, match="resolve_train"):
+        TrainConfig(lambda_b=0.5).require_resolved()
+    with pytest.raises(ValueError):
+        TrainConfig(lambda_b=-1.0)
     with pytest.raises(ValueError):
         TrainConfig(response_tokens=0)
     # the plan depends on the effective batch only, not on its split into micro-batches
     assert _step_plan(10, cfg) == _step_plan(10, cfg.model_copy(update={"batch_size": 4, "grad_accum_steps": 1}))
+
+
+def test_post_train_refuses_an_unresolved_config_before_any_work(model_dirs, pair_files, tmp_path):
+    with pytest.raises(ConfigError, match="train.response_tokens and train.lambda_b='auto' is not resolved"):
+        post_train(model_dirs["gpt2"], *pair_files, tmp_path / "out", TrainConfig(), show_progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_reference_logps_are_computed_once_per_example_and_change_nothing(model_dirs, pair_files, tmp_path,
@@ -222,7 +245,8 @@ def _pair_files_with(tmp_path, suffix: str):
     rows += [(f"b{i}", 0.01 * (i - 3), p, r + suffix) for i, (p, r) in enumerate(BENIGN)]
     table = pa.table({"example_id": [r[0] for r in rows], "score": [r[1] for r in rows],
                       "prompt": [r[2] for r in rows], "response": [r[3] for r in rows]})
-    pairs, retain = build_pairs(table, PairConfig(n_positive=8, n_negative=8, n_retain=6, retain_pool_fraction=1.0))
+    pairs, retain = build_pairs(table, PairConfig(n_positive=8, n_negative=8, n_retain=6, retain_pool_fraction=1.0,
+                                                  positive_fraction=1.0))
     pf = write_pair_tables(tmp_path, pairs, retain, {"influence_digest": "sha256:test"})
     return pf.pairs_path, pf.retain_path
 
