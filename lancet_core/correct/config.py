@@ -121,7 +121,8 @@ class TrainConfig(BaseModel):
         "(refusal judge: 4; content judges: the whole response). Measured with the refusal judge, window 4 + λ_B 1 vs "
         "whole response + λ_B 3: on ten demo beds -88/-72 % harm, +8.5 pts over-refusal, +2.5 % NLL vs -93/-80 %, "
         "+14.2 pts, +4.1 % (3 beds meet every goal either way); on the real SmolLM2 scenario -89/-69 %, +5 pts, +1.8 % "
-        "vs -21/-15 %, +2.5 pts, +1.5 % (the whole-response pairwise term saturates by step 4 there)",
+        "vs -21/-15 %, +2.5 pts, +1.5 % over the whole response (same R⁺, retain pool 0.5: the pairwise term saturates "
+        "by step 4 there)",
     )
     dtype: Literal["float32", "float64", "bfloat16"] = Field("float32", description="weights and compute dtype")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' = cuda when available, else cpu")
