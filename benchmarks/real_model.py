@@ -96,21 +96,22 @@ def child_gradients(mode: str, demo: Path, n_batches: int) -> dict:
     return res
 
 
-def _train_cfg(**kw):
+def _train_cfg(defaults: bool = False, **kw):
+    """The IBO config timed: by default the whole response on both sides (TRL's DPOTrainer has no decision window), a
+    like-for-like step; `defaults`: the realign flow's own (the refusal judge's window and λ_B)."""
     from lancet_core.correct.config import TrainConfig, resolve_train
 
-    # the whole response on both sides (TRL's DPOTrainer has no decision window): a like-for-like step
-    return resolve_train(TrainConfig(device="cpu", response_tokens=None, **kw), "refusal")
+    return resolve_train(TrainConfig(device="cpu", **({} if defaults else {"response_tokens": None}), **kw), "refusal")
 
 
-def child_ibo(demo: Path, pairs_dir: Path, steps: int, lambda_b: float | None) -> dict:
+def child_ibo(demo: Path, pairs_dir: Path, steps: int, lambda_b: float | None, defaults: bool = False) -> dict:
     from lancet_core.correct.trainer import post_train
     from lancet_core.manifest import read_manifest
 
     kw = {"max_steps": steps}
     if lambda_b is not None:
         kw["lambda_b"] = lambda_b
-    cfg = _train_cfg(**kw)
+    cfg = _train_cfg(defaults, **kw)
     retain = pairs_dir / "retain.parquet"
     with tempfile.TemporaryDirectory() as tmp:
         out = post_train(demo / "model", pairs_dir / "pairs.parquet", retain if retain.exists() else None,
@@ -118,6 +119,7 @@ def child_ibo(demo: Path, pairs_dir: Path, steps: int, lambda_b: float | None) -
         hist = read_manifest(out)["loss_history"]
     secs = [h["seconds"] for h in hist[1:]] or [hist[0]["seconds"]]
     return {"steps": len(hist), "batch_size": cfg.batch_size, "lambda_b": cfg.lambda_b, "lora_rank": cfg.lora_rank,
+            "response_tokens": cfg.response_tokens,
             "seconds_per_step_median": statistics.median(secs), "seconds_per_step_best": min(secs),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -242,6 +244,8 @@ def main() -> None:
             out = child_gradients(kind, a.demo, a.batches)
         elif kind == "ibo":
             out = child_ibo(a.demo, a.pairs_dir, a.steps, float(a.child[1]) if len(a.child) > 1 else None)
+        elif kind == "ibo_defaults":
+            out = child_ibo(a.demo, a.pairs_dir, a.steps, None, defaults=True)
         else:
             out = child_dpo(a.demo, a.pairs_dir, a.steps)
         print(json.dumps(out))
@@ -280,13 +284,14 @@ def main() -> None:
     if a.pairs_dir:
         step: dict = {}
         for _ in range(a.rounds):
-            for name, args in (("ibo", ["ibo"]), ("ibo_lambda_b_0", ["ibo", "0"]), ("dpo_trl", ["dpo"])):
+            for name, args in (("ibo", ["ibo"]), ("ibo_lambda_b_0", ["ibo", "0"]), ("ibo_defaults", ["ibo_defaults"]),
+                               ("dpo_trl", ["dpo"])):
                 r = _run(["--child", *args, *base], env)
                 if name not in step or r.get("seconds_per_step_median", 1e9) < step[name].get(
                         "seconds_per_step_median", 1e9):
                     step[name] = r
         d = step.get("dpo_trl", {}).get("seconds_per_step_median")
-        for name in ("ibo", "ibo_lambda_b_0"):
+        for name in ("ibo", "ibo_lambda_b_0", "ibo_defaults"):
             s = step.get(name, {}).get("seconds_per_step_median")
             if d and s:
                 step[f"{name}_over_dpo_trl"] = s / d

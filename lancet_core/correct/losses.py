@@ -244,30 +244,54 @@ def _logits(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _accepts_logits_to_keep(model) -> bool:
     """Whether the HF model under `model` (a PEFT wrapper or anything with `get_base_model`) takes `logits_to_keep`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    forward = getattr(base, "forward", None)
+    forward = getattr(_base(model), "forward", None)
     return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+
+
+_KEEPS_POSITIONS: dict[type, bool] = {}
+
+
+def _keeps_positions(model) -> bool:
+    """Whether the model slices its hidden states with transformers' `slice_logits_to_keep`, which takes a boolean
+    [B, T] mask and runs the LM head on exactly those positions (transformers ≥ 5; Llama, GPT-2, Qwen, … do)."""
+    cls = type(_base(model))
+    if cls not in _KEEPS_POSITIONS:
+        import sys
+
+        module = sys.modules.get(cls.__module__)
+        _KEEPS_POSITIONS[cls] = _accepts_logits_to_keep(model) and hasattr(module, "slice_logits_to_keep")
+    return _KEEPS_POSITIONS[cls]
 
 
 def response_logits(model, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The logits of exactly the positions that predict response tokens: (logits [N,V], targets [N], row [N]).
 
     Position t-1 predicts token t, so a response token t (loss_mask[b, t] == 1, t ≥ 1) needs position t-1. The LM head
-    runs only from the batch's first such position on (`logits_to_keep`, when the model takes it), and prompt and
-    padding positions are dropped before any full-vocabulary log_softmax: the same values as slicing the full logits,
-    for a fraction of the work (prompts with a system prompt are most of a chat row).
+    runs only on those positions when the model takes a boolean `logits_to_keep` mask (a decision window of 4 tokens
+    then costs 4 positions per row, not the rest of the sequence); otherwise from the batch's first such position on
+    (an integer `logits_to_keep`), or on every position, and prompt and padding positions are dropped before any
+    full-vocabulary log_softmax: the same values as slicing the full logits, for a fraction of the work.
     """
     predicted = loss_mask[:, 1:].bool()
+    targets, rows = input_ids[:, 1:][predicted], predicted.nonzero()[:, 0]
+    if _keeps_positions(model):
+        keep = torch.zeros_like(loss_mask, dtype=torch.bool)
+        keep[:, :-1] = predicted
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep).logits
+        return logits.reshape(-1, logits.shape[-1]), targets, rows
     cols = predicted.any(0).nonzero()
     start = int(cols[0]) if len(cols) else predicted.shape[1]  # first position whose logits are needed
     keep = input_ids.shape[1] - start
     kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
     logits = logits[:, logits.shape[1] - keep :]  # a model that ignores logits_to_keep returns every position
-    sel = predicted[:, start:]
-    return logits[:, :-1][sel], input_ids[:, start + 1 :][sel], sel.nonzero()[:, 0]
+    return logits[:, :-1][predicted[:, start:]], targets, rows
 
 
 def _row_sum(values: Tensor, rows: Tensor, n_rows: int) -> Tensor:

@@ -37,7 +37,7 @@ import torch
 
 from lancet_core.chat import encode_example
 from lancet_core.correct.config import TrainConfig
-from lancet_core.correct.losses import LossSpec, get_loss, retain_kl_from_models, sequence_logprobs
+from lancet_core.correct.losses import LossSpec, LossTerms, get_loss, retain_kl_from_models, sequence_logprobs
 from lancet_core.correct.pairs import read_pairs, read_retain
 from lancet_core.errors import CorpusError
 from lancet_core.manifest import (
@@ -349,18 +349,23 @@ def post_train(
         for k, mb in enumerate(micro):
             batch = [examples[i] for i in mb]
             weight = torch.tensor([e.weight for e in batch], dtype=dtype, device=device)
+            # the pair term and the retain term are backpropagated one after the other (their gradients add up to
+            # the loss's): the pair sequences' activations are freed before the retain rows' forward pass, so the
+            # peak holds one of the two graphs, not both
             with autocast_context(device, cfg.autocast):  # log-probs and KL are upcast to float32 in losses.py
                 terms = _micro_terms(policy, ref, spec, batch, ref_logps, pad_id, device)
-                kl_rows = None
-                if stream is not None:
-                    rseqs = [retain_seqs[i] for i in ridx[k * retain_bs : (k + 1) * retain_bs]]
-                    kl_rows = retain_kl_from_models(policy, ref, *_collate(rseqs, pad_id, device))
-            terms = spec.fn(**terms, beta=cfg.beta, weight=weight, retain_kl_per_row=kl_rows, lambda_b=cfg.lambda_b)
+            terms = spec.fn(**terms, beta=cfg.beta, weight=weight, retain_kl_per_row=None, lambda_b=cfg.lambda_b)
             part = terms.accumulation_loss(n_step, max(m_step, 1))
             part.backward()
             tot += float(part.detach())
             pref += float(terms.per_example.detach().sum()) / n_step
-            if kl_rows is not None:
+            if stream is not None:
+                rseqs = [retain_seqs[i] for i in ridx[k * retain_bs : (k + 1) * retain_bs]]
+                with autocast_context(device, cfg.autocast):
+                    kl_rows = retain_kl_from_models(policy, ref, *_collate(rseqs, pad_id, device))
+                part = LossTerms(kl_rows.new_zeros(0), kl_rows, cfg.lambda_b).accumulation_loss(n_step, m_step)
+                part.backward()
+                tot += float(part.detach())
                 kl += float(kl_rows.detach().sum()) / m_step
         grad_norm = None
         if cfg.max_grad_norm is not None:

@@ -225,16 +225,28 @@ class _NoLogitsToKeep(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
 
 
-@pytest.mark.parametrize("wrap", [False, True], ids=["logits_to_keep", "full_logits"])
-def test_response_only_logits_equal_the_full_logits_path_values_and_gradients(wrap):
+@pytest.mark.parametrize("path", ["positions", "last_positions", "full_logits"])
+def test_response_only_logits_equal_the_full_logits_path_values_and_gradients(path, monkeypatch):
     """sequence_logprobs / retain_kl_from_models form only the response positions' logits; values and gradients must
-    equal the full-logits formulas (sequence_logprobs_from_logits, token_kl_per_row_from_logits) in float64."""
+    equal the full-logits formulas (sequence_logprobs_from_logits, token_kl_per_row_from_logits) in float64, whichever
+    way the model is asked: a boolean position mask (transformers' slice_logits_to_keep), the last positions (an
+    integer logits_to_keep), or a model that returns every position. The second row is a decision window (its last
+    response tokens are masked), the case where the mask saves most."""
     rows = [[1, 2, 3, 4, 5, 6, 10, 11, 12], [5, 6, 7, 20, 21, 22, 23, 24], [8, 9, 3, 4, 30, 31]]
-    masks = [[0, 0, 0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1]]
+    masks = [[0, 0, 0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1]]
     ids, attn, lm = _pad(rows, masks)
     model, ref = _tiny_gpt2(seed=1), _tiny_gpt2(seed=2)
+    wrap = path == "full_logits"
     m, r = (_NoLogitsToKeep(model), _NoLogitsToKeep(ref)) if wrap else (model, ref)
     assert L._accepts_logits_to_keep(m) is not wrap
+    assert L._keeps_positions(m) is not wrap  # GPT-2 slices with slice_logits_to_keep (transformers 5)
+    if path == "last_positions":
+        monkeypatch.setattr(L, "_keeps_positions", lambda model: False)
+    heads = []  # rows the LM head saw per call: the mask path runs it on the response positions only
+    hook = model.lm_head.register_forward_hook(lambda mod, args, out: heads.append(args[0].reshape(-1, 16).shape[0]))
+    L.sequence_logprobs(m, ids, attn, lm)
+    hook.remove()
+    assert heads == [{"positions": int(lm[:, 1:].sum()), "last_positions": 3 * 7, "full_logits": 3 * 9}[path]]
 
     def grads(loss):
         model.zero_grad()

@@ -239,6 +239,59 @@ def test_reference_logps_are_computed_once_per_example_and_change_nothing(model_
         torch.testing.assert_close(sk[k], sf[k], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("loss", ["ibo", "npo"])
+def test_two_sgd_steps_equal_the_gradient_of_the_whole_loss_in_one_graph(model_dirs, pair_files, tmp_path, loss):
+    """Oracle for the trainer's update: the pair term and the retain KL are backpropagated one after the other (so
+    the peak memory holds one graph); two SGD steps must equal θ − lr·∇L with L = LossTerms.loss built in ONE graph
+    from lancet_core.correct.losses on the whole batch (float64, 1e-12). Two steps: at the first θ = θ_s and the KL
+    gradient is 0, so only the second tests the retain term."""
+    import copy
+
+    from lancet_core.correct import losses as L
+    from lancet_core.correct import trainer as T
+    from lancet_core.correct.pairs import read_pairs, read_retain
+    from lancet_core.model_io import load_model, load_tokenizer
+
+    lr, cfg_kw = 0.5, dict(BASE, loss=loss, finetune="full", optimizer="sgd", dtype="float64", max_steps=2)
+    got = post_train(model_dirs["gpt2"], *pair_files, tmp_path / "out",
+                     TrainConfig(**cfg_kw, learning_rate=lr, batch_size=8, retain_batch_size=6), show_progress=False)
+
+    tok = load_tokenizer(model_dirs["gpt2"])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model = load_model(model_dirs["gpt2"], dtype=torch.float64)
+    T._zero_dropout(model)
+    ref = copy.deepcopy(model).eval()
+    model.train()
+    spec = L.get_loss(loss)
+    ex = T._examples(read_pairs(pair_files[0]), spec, tok, 64, "pairs", None)
+    keep = [r for r in read_retain(pair_files[1]).to_pylist()]
+    retain = T._collate([T._encode(tok, r["prompt"], r["response"], 64, "retain") for r in keep], pad, "cpu")
+    weight = torch.tensor([e.weight for e in ex], dtype=torch.float64)
+
+    def logps(m, seqs):
+        return L.sequence_logprobs(m, *T._collate(seqs, pad, "cpu"))
+
+    for _ in range(2):
+        with torch.no_grad():
+            rr = logps(ref, [e.rejected for e in ex])
+            rc = logps(ref, [e.chosen for e in ex]) if spec.needs_chosen else None
+        terms = spec.fn(policy_chosen_logp=logps(model, [e.chosen for e in ex]) if spec.needs_chosen else None,
+                        policy_rejected_logp=logps(model, [e.rejected for e in ex]), ref_chosen_logp=rc,
+                        ref_rejected_logp=rr, weight=weight, beta=0.5,
+                        retain_kl_per_row=L.retain_kl_from_models(model, ref, *retain), lambda_b=0.5)
+        model.zero_grad()
+        terms.loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= lr * p.grad
+    assert float(terms.retain_kl) > 1e-8  # the KL term was active at the second step
+    sg, s0, want = _state(got), _state(model_dirs["gpt2"]), {k: v.detach() for k, v in model.state_dict().items()}
+    assert max(float((sg[k] - s0[k]).abs().max()) for k in sg) > 1e-4
+    for k in sg:
+        torch.testing.assert_close(sg[k], want[k], rtol=0, atol=1e-12)
+
+
 def _pair_files_with(tmp_path, suffix: str):
     rows = [(f"u{i}", 10.0 - i, p, r + suffix) for i, (p, r) in enumerate(UNSAFE)]
     rows += [(f"s{i}", -10.0 + 0.5 * i, p, r + suffix) for i, (p, r) in enumerate(SAFE)]
