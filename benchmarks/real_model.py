@@ -7,8 +7,10 @@
 - bytes per stored row at the default projection (a float16 shard of the extracted rows).
 - IBO step vs TRL DPOTrainer step on the same pairs (pairs.parquet of a realign run on the scenario) and model, both
   LoRA on the same target modules, rank, batch size and learning rate, fp32, CPU: median seconds per optimizer step
-  after one warm-up step. IBO is timed with its defaults (λ_B > 0: one retain batch through policy and reference
-  per step) and with λ_B = 0 (the same work as DPO: chosen + rejected through policy and reference).
+  after one warm-up step. IBO is timed over the whole response as DPO is, with λ_B = 3 (one retain batch through
+  policy and reference per step) and with λ_B = 0 (the same work as DPO: chosen + rejected through policy and
+  reference), and with the realign flow's own defaults (`ibo_defaults`: the refusal judge's 4-token decision window,
+  λ_B 1).
 - realign stage times: parsed from the stage lines of a `lancet realign` log when --realign-log is given.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/real_model.py --demo .lancet/real-demo \
