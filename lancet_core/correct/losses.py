@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -262,8 +263,6 @@ def _keeps_positions(model) -> bool:
     [B, T] mask and runs the LM head on exactly those positions (transformers ≥ 5; Llama, GPT-2, Qwen, … do)."""
     cls = type(_base(model))
     if cls not in _KEEPS_POSITIONS:
-        import sys
-
         module = sys.modules.get(cls.__module__)
         _KEEPS_POSITIONS[cls] = _accepts_logits_to_keep(model) and hasattr(module, "slice_logits_to_keep")
     return _KEEPS_POSITIONS[cls]
@@ -284,7 +283,10 @@ def response_logits(model, input_ids: Tensor, attention_mask: Tensor, loss_mask:
         keep = torch.zeros_like(loss_mask, dtype=torch.bool)
         keep[:, :-1] = predicted
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep).logits
-        return logits.reshape(-1, logits.shape[-1]), targets, rows
+        logits = logits.reshape(-1, logits.shape[-1])
+        if logits.shape[0] == targets.shape[0]:
+            return logits, targets, rows
+        _KEEPS_POSITIONS[type(_base(model))] = False  # it did not honour the mask: the integer form from now on
     cols = predicted.any(0).nonzero()
     start = int(cols[0]) if len(cols) else predicted.shape[1]  # first position whose logits are needed
     keep = input_ids.shape[1] - start

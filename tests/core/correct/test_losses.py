@@ -266,3 +266,26 @@ def test_response_only_logits_equal_the_full_logits_path_values_and_gradients(pa
     torch.testing.assert_close(got_kl, want_kl, rtol=1e-12, atol=1e-14)
     assert bool((got_kl > 1e-3).all())  # two different models: a real KL, not zeros on both sides
     torch.testing.assert_close(grads(got_kl.sum()), grads(want_kl.sum()), rtol=1e-10, atol=1e-12)
+
+
+class _IgnoresTheMask(torch.nn.Module):
+    """Takes `logits_to_keep` but returns every position (a custom model that only claims to slice)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False, logits_to_keep=0):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+def test_a_model_that_ignores_the_position_mask_falls_back_to_the_exact_path(monkeypatch):
+    rows, masks = [[1, 2, 3, 4, 5, 6, 10, 11, 12], [5, 6, 7, 20, 21, 22]], [[0, 0, 0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 0]]
+    ids, attn, lm = _pad(rows, masks)
+    model = _tiny_gpt2(seed=3)
+    m = _IgnoresTheMask(model)
+    monkeypatch.setitem(L._KEEPS_POSITIONS, _IgnoresTheMask, True)  # as if its module sliced with the helper
+    got = L.sequence_logprobs(m, ids, attn, lm)
+    torch.testing.assert_close(got, L.sequence_logprobs_from_logits(L._logits(model, ids, attn), ids, lm),
+                               rtol=1e-12, atol=1e-12)
+    assert L._KEEPS_POSITIONS[_IgnoresTheMask] is False  # found out on the first call, never asked again
