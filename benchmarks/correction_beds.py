@@ -1,8 +1,8 @@
 """IBO on the recall beds at once (evidence for choosing correction defaults); prints ONE JSON object.
 
     .venv/bin/python benchmarks/recall_beds.py --work /tmp/beds --beds demo:0,...,shared:4 --settings default
-    .venv/bin/python benchmarks/correction_beds.py --beds-work /tmp/beds                       # TrainConfig() defaults
-    .venv/bin/python benchmarks/correction_beds.py --beds-work /tmp/beds --variant window4 --train '{"response_tokens": 4}'
+    .venv/bin/python benchmarks/correction_beds.py --beds-work /tmp/beds       # TrainConfig() defaults (refusal judge)
+    .venv/bin/python benchmarks/correction_beds.py --beds-work /tmp/beds --variant whole --train '{"response_tokens": null}'
 
 Per bed (every `WORK/<bed>` of a recall_beds.py run that holds `recall_quality.json` and the `default` setting's
 influence file): pairs from that influence with PairConfig (+ --pairs overrides), post_train of the bed's impure model

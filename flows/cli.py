@@ -247,6 +247,12 @@ def _window(text: str) -> int | str | None:
     return k
 
 
+def _window_option(text: str) -> int | str:
+    """A realign window flag: as `_window`, with the whole response kept as 'all' (None means "not given" there)."""
+    k = _window(text)
+    return "all" if k is None else k
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lancet", description="Correct a fine-tuned LM from its own training data.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -315,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--query-target", choices=["auto", "flagged", "refusal"],
                    help="influence on the flagged answer, or on -log P(refuse | prompt) (default 'auto': refusal with "
                    "the refusal judge, flagged otherwise)")
-    k.add_argument("--response-tokens", type=lambda s: "all" if _window(s) is None else _window(s),
+    k.add_argument("--response-tokens", type=_window_option,
                    help="count only the first K response tokens in influence, or 'all' (default 'auto': 4 with the "
                    "refusal judge, all with regex/classifier)")
     k.add_argument("--proj-dim", type=int, help="gradient projection size per side (default 16)")
@@ -326,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--lora-rank", type=int)
     k.add_argument("--epochs", type=int, help="IBO epochs over the pairs")
     k.add_argument("--max-steps", type=int, help="stop IBO after this many optimizer steps")
-    k.add_argument("--ibo-response-tokens", type=lambda s: "all" if _window(s) is None else _window(s),
+    k.add_argument("--ibo-response-tokens", type=_window_option,
                    help="IBO's decision window: Δ and the retain KL over each response's first K tokens, or 'all' "
                    "(default 'auto': 4 with the refusal judge, all with regex/classifier; README 'Correction on ten "
                    "beds' has the measured trade-off)")

@@ -70,8 +70,14 @@ class LossTerms:
         """
         out = self.per_example.sum() / n_examples_in_step
         if self.lambda_b != 0.0 and self.retain_kl_per_row is not None and self.retain_kl_per_row.numel():
-            out = out + self.lambda_b * self.retain_kl_per_row.sum() / n_retain_in_step
+            out = out + retain_accumulation_loss(self.retain_kl_per_row, self.lambda_b, n_retain_in_step)
         return out
+
+
+def retain_accumulation_loss(retain_kl_per_row: Tensor, lambda_b: float, n_retain_in_step: int) -> Tensor:
+    """A micro-batch's share of the retain term λ_B · E_retain[KL] of a whole step (its rows' KL summed, divided by
+    the step's retain rows); the trainer backpropagates it apart from the pair term."""
+    return lambda_b * retain_kl_per_row.sum() / n_retain_in_step
 
 
 def _check_same_shape(**tensors: Tensor | None) -> None:

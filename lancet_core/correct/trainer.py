@@ -37,7 +37,13 @@ import torch
 
 from lancet_core.chat import encode_example
 from lancet_core.correct.config import TrainConfig
-from lancet_core.correct.losses import LossSpec, LossTerms, get_loss, retain_kl_from_models, sequence_logprobs
+from lancet_core.correct.losses import (
+    LossSpec,
+    get_loss,
+    retain_accumulation_loss,
+    retain_kl_from_models,
+    sequence_logprobs,
+)
 from lancet_core.correct.pairs import read_pairs, read_retain
 from lancet_core.errors import CorpusError
 from lancet_core.manifest import (
@@ -363,7 +369,7 @@ def post_train(
                 rseqs = [retain_seqs[i] for i in ridx[k * retain_bs : (k + 1) * retain_bs]]
                 with autocast_context(device, cfg.autocast):
                     kl_rows = retain_kl_from_models(policy, ref, *_collate(rseqs, pad_id, device))
-                part = LossTerms(kl_rows.new_zeros(0), kl_rows, cfg.lambda_b).accumulation_loss(n_step, m_step)
+                part = retain_accumulation_loss(kl_rows, cfg.lambda_b, m_step)
                 part.backward()
                 tot += float(part.detach())
                 kl += float(kl_rows.detach().sum()) / m_step
