@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from lancet_core.correct import losses as L
 
@@ -239,7 +241,12 @@ def test_response_only_logits_equal_the_full_logits_path_values_and_gradients(pa
     wrap = path == "full_logits"
     m, r = (_NoLogitsToKeep(model), _NoLogitsToKeep(ref)) if wrap else (model, ref)
     assert L._accepts_logits_to_keep(m) is not wrap
-    assert L._keeps_positions(m) is not wrap  # GPT-2 slices with slice_logits_to_keep (transformers 5)
+    # GPT-2 slices its hidden states with slice_logits_to_keep from transformers 5.2x on; 5.17 (seen on a GPU machine)
+    # takes only the integer form, and lancet falls back to it there
+    takes_mask = hasattr(sys.modules[type(model).__module__], "slice_logits_to_keep")
+    if path == "positions" and not takes_mask:
+        pytest.skip(f"transformers {transformers.__version__}: GPT-2 takes no position mask")
+    assert L._keeps_positions(m) is (takes_mask and not wrap)
     if path == "last_positions":
         monkeypatch.setattr(L, "_keeps_positions", lambda model: False)
     heads = []  # rows the LM head saw per call: the mask path runs it on the response positions only
