@@ -57,8 +57,10 @@ EXTRA_METHODS: dict[str, dict] = {
 }
 for _store in rq.STORES:
     if _store.startswith("pca"):
-        for _m in ("kfac", "ekfac") if _store.endswith("truefisher") else ("kfac", "ekfac", "identity"):
+        for _m in ("kfac", "ekfac") if _store.endswith("truefisher") else ("kfac", "ekfac", "linfac", "identity"):
             EXTRA_METHODS[f"{_m}_{_store}"] = {"method": _m, "store": _store}
+            # the original LANCET query (the flagged answer's log-likelihood): what a content judge's queries measure
+            EXTRA_METHODS[f"{_m}_{_store}_flagged"] = {"method": _m, "store": _store, "query_target": "flagged"}
 SETTINGS: tuple[str, ...] = (
     "default", "kfac_nocontrast", "identity_nocontrast", "default_flagged", "identity_flagged",
     "kfac", "ekfac", "linfac", "identity",
