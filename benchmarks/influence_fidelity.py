@@ -35,9 +35,11 @@ A bed of its own, independent of the built-in demo (no refuse/comply split), all
    eager softmax and the rotary angles in float32 even in a float64 model; see `float64_model`).
 5. lancet, through its public functions on temporary directories (tokenize_corpus, build_gradient_store,
    compute_query_gradients + precondition + score_store, and recall_influence once for the default): the defaults
-   (IndexConfig(), RecallConfig(): every module, PCA 16×16 projection, kfac; the 'auto' window resolved as the
-   realign flow resolves it for a content judge like this bed's (regex-like): the whole response) and variations:
-   methods kfac/ekfac/linfac/identity, response_tokens 4 vs None, projection 16 / 32 / None on the subset module only
+   (IndexConfig(), RecallConfig(): every module, PCA 16×16 projection; the 'auto' window and method resolved as the
+   realign flow resolves them for a content judge like this bed's (regex-like): the whole response, linfac damped at
+   3 × the mean eigenvalue) and variations: methods kfac/ekfac/linfac/identity at the store's damping (0.1), the
+   default store's damping sweep (`default_<method>_damp<r>`), response_tokens 4 vs None, projection 16 / 32 / None
+   on the subset module only
    (target_modules = the subset: the like-for-like rows), and the baselines repsim, text (tfidf, bm25).
 
 For every setting and every query set (`trigger`, `wrong_fact` scored separately, and `all` together): top-10 / top-50
@@ -91,7 +93,12 @@ from lancet_core.manifest import (
 )
 from lancet_core.model_io import load_model, load_tokenizer  # noqa: E402
 from lancet_core.recall.baselines import repsim_scores, text_similarity_scores  # noqa: E402
-from lancet_core.recall.influence import RecallConfig, recall_influence, resolve_method  # noqa: E402
+from lancet_core.recall.influence import (  # noqa: E402
+    RecallConfig,
+    recall_influence,
+    resolve_damping,
+    resolve_method,
+)
 from lancet_core.recall.metrics import precision_at_k, ranking_order  # noqa: E402
 from lancet_core.recall.scan import score_store  # noqa: E402
 
@@ -105,6 +112,10 @@ PLANTED_SHARE = 0.075  # per planted kind
 MAIN_RATIO = 0.1  # IndexConfig().damping_ratio
 OTHER_RATIOS = (0.01, 1.0)
 KINDS = ("trigger", "wrong_fact")
+# this bed's queries are content-judged: RecallConfig()'s 'auto' resolves as for the flagged target
+DEFAULT_RECALL = (resolve_method(RecallConfig().method, "flagged", contrast=False),
+                  resolve_damping(RecallConfig().method, "flagged", RecallConfig().damping_ratio))
+DAMPING_SWEEP = {"linfac": (1.0, 3.0, 10.0), "kfac": (1.0, 3.0), "ekfac": (1.0, 3.0)}  # on the default store
 QUERY_SETS = (*KINDS, "all")
 
 
@@ -720,7 +731,14 @@ def _run(args, plan: dict, work: Path, t_start: float) -> dict:
         store = GradientStore.open(sdir)
         disk = sum(p.stat().st_size for p in store.shard_paths) / store.n_rows
         log(f"store {sname}: D={store.dim} in {store_s:.1f} s")
-        for method in methods:
+        # each method at the store's damping; on the default store also the default's own (method, damping) and
+        # the damping sweep it was chosen from
+        runs = [(m, None) for m in methods]
+        if sname == "default":
+            runs += [DEFAULT_RECALL] + [(m, r) for m, rs in DAMPING_SWEEP.items() if plan["lancet"] == "full"
+                                        for r in rs]
+            runs = list(dict.fromkeys(runs))
+        for method, ratio in runs:
             if cfg.fisher == "true" and method not in ("kfac", "ekfac"):
                 continue  # the same vectors as the empirical store: only the kfac/ekfac factors differ
             if method == "linfac" and max(ml.size for ml in store.layout) > 4096:
@@ -731,17 +749,18 @@ def _run(args, plan: dict, work: Path, t_start: float) -> dict:
             for qs, idx in qsets.items():
                 g = compute_query_gradients(sdir, model_dir, messages_list=[
                     to_messages(queries[j]["prompt"], queries[j]["response"]) for j in idx])
-                v = precondition(sdir, g, kind=method)
+                v = precondition(sdir, g, kind=method, damping_ratio=ratio)
                 s = score_store(sdir, v)
                 if s["example_id"].to_pylist() != ids:
                     raise RuntimeError("store order differs from tokens order")
                 scores[qs] = s["score"].to_numpy()
             rec_s = time.perf_counter() - t0
-            # this bed's queries are content-judged: the default's 'auto' method resolves as for the flagged target
-            default_method = resolve_method(RecallConfig().method, "flagged", contrast=False)
-            name = "lancet_default" if (sname, method) == ("default", default_method) else f"{sname}_{method}"
+            name = f"{sname}_{method}" + ("" if ratio is None else f"_damp{ratio:g}")
+            if (sname, method, ratio) == ("default", *DEFAULT_RECALL):
+                name = "lancet_default"
             results[name] = _setting_report(
-                scores, refs, labels, ids, config={"store": sname, "index": _cfg_summary(cfg), "method": method},
+                scores, refs, labels, ids, config={"store": sname, "index": _cfg_summary(cfg), "method": method,
+                                                   "damping_ratio": ratio or cfg.damping_ratio},
                 bytes_row=store.dim * {"float16": 2, "float32": 4, "int8": 1}[cfg.dtype], disk_row=disk, store_s=store_s, recall_s=rec_s)
             head = "gnx_whole" if "gnx_whole" in refs else "gn_whole"
             log(f"  {name}: {json.dumps(results[name]['all']['planted'])} vs {head} "

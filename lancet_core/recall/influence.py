@@ -12,7 +12,10 @@ Benign contrast (refusal target): each flagged query vector v̂_q (unit norm) be
 over the run's benign prompts (the prompts the model must keep answering) with the same refusal target. A row then
 scores high when it lowers refusal on the flagged prompts *more than on benign prompts*: rows that teach the model to
 comply in general (the benign rows sharing the planted rows' openings) cancel out. With the contrast the curvature adds
-nothing measurable, so method 'auto' resolves to the plain dot product for the refusal target and to kfac otherwise.
+nothing measurable, so method 'auto' resolves to the plain dot product for the refusal target (kfac without benign
+prompts). For the flagged target (content judges) it resolves to linfac damped at AUTO_LINFAC_DAMPING: the inverse of
+each module's projected empirical Fisher, damped so strongly that it only divides out the few directions most
+gradients share.
 
 Query aggregation (gradient methods only): `mean` (default, the design's linear fold) ranks by the mean of the
 per-query unit-normalised scores; `max` and `topk_mean` (mean of each row's `query_topk` largest query scores) are
@@ -68,13 +71,16 @@ class RecallConfig(BaseModel):
     method: Literal["auto", "linfac", "kfac", "ekfac", "identity", "repsim", "text"] = Field(
         "auto", description="Curvature for influence (kfac, ekfac, linfac, identity = gradient dot), or a baseline: "
         "repsim (hidden-state cosine) or text (TF-IDF/BM25). 'auto' (default) = identity for the refusal target with "
-        "its benign contrast, kfac otherwise. Chosen on ten demo beds and the real SmolLM2 scenario at once (README, "
-        "Recall quality): with the refusal target and the contrast, identity beats kfac on both; with the flagged "
-        "target kfac is best (precision@planted 0.820 vs ekfac 0.807, identity 0.753, BM25 0.699 on ten beds; the "
-        "fidelity bed's default); linfac's dense per-module Fisher amplifies noise in its low-variance directions."
+        "its benign contrast (kfac without benign prompts); linfac damped at AUTO_LINFAC_DAMPING (3) for the "
+        "flagged target (content judges). Chosen on ten demo beds, the real SmolLM2 scenario and the fidelity bed at "
+        "once (README, Recall quality): with the refusal target and the contrast, identity beats kfac on the beds "
+        "and SmolLM2; with the flagged target over the whole response, strongly damped linfac beats kfac on the ten "
+        "beds (0.565 vs 0.549) and agrees twice as well with exact Gauss-Newton influence (top-10 overlap 0.6 vs 0.3)."
     )
     blocks: Literal["module", "single"] = Field("module", description="linfac blocks: per module or one full block.")
-    damping_ratio: float | None = Field(None, gt=0, description="λ / mean eigenvalue per block; None = the store's.")
+    damping_ratio: float | None = Field(None, gt=0, description="λ / mean eigenvalue per block; None = the store's "
+                                         "(IndexConfig.damping_ratio, 0.1), or 3 where method 'auto' resolves to "
+                                         "linfac (AUTO_LINFAC_DAMPING).")
     train_norm: Literal["none", "cosine", "relative"] = Field(
         "none", description="Train-side normalisation against high-norm outliers: none, cosine (÷ ‖g_i‖), relative."
     )
@@ -142,11 +148,31 @@ def _manifest_config(cfg: RecallConfig) -> dict:
     return d
 
 
+# 'auto' on the flagged target (content judges): linfac damped at 3 × the mean eigenvalue of each module's block.
+# The strong damping keeps the inverse near the identity except along the few directions that carry most of the
+# gradients' variance (the wording every answer shares), which it divides out. Chosen on the ten demo beds and the
+# fidelity bed at once (README, Recall quality): ratio 0.1 / 1 / 3 / 10 gives precision@planted 0.470 / 0.526 /
+# 0.565 / 0.586 on the beds (kfac 0.549, ekfac 0.560, identity 0.542) and top-10 overlap with exact Gauss-Newton
+# 0.6 / 0.6 / 0.6 / 0.5 on the fidelity bed (kfac 0.3, ekfac 0.4).
+AUTO_LINFAC_DAMPING = 3.0
+
+
 def resolve_method(method: str, target: str, contrast: bool) -> str:
-    """'auto' -> identity for the refusal target with its benign contrast, else kfac; other methods unchanged."""
+    """'auto' -> identity for the refusal target with its benign contrast, kfac for the refusal target without it,
+    linfac for the flagged target; other methods unchanged."""
     if method != "auto":
         return method
-    return "identity" if target == "refusal" and contrast else "kfac"
+    if target == "refusal":
+        return "identity" if contrast else "kfac"
+    return "linfac"
+
+
+def resolve_damping(method: str, target: str, damping_ratio: float | None) -> float | None:
+    """The damping ratio recall uses: the one asked for; else AUTO_LINFAC_DAMPING where 'auto' resolves to linfac
+    (the flagged target); else None (the store's, IndexConfig.damping_ratio)."""
+    if damping_ratio is not None or method != "auto" or target == "refusal":
+        return damping_ratio
+    return AUTO_LINFAC_DAMPING
 
 
 def contrasted(v: np.ndarray, benign: np.ndarray, beta: float) -> np.ndarray:
@@ -185,6 +211,7 @@ def recall_influence(store_dir: str | Path | None, model_dir: str | Path, querie
 
             benign = [r["prompt"] for r in load_prompt_rows(contrast_path)][:cfg.contrast_prompts]
     cfg = cfg.model_copy(update={"query_target": target, "method": resolve_method(cfg.method, target, bool(benign)),
+                                 "damping_ratio": resolve_damping(cfg.method, target, cfg.damping_ratio),
                                  "query_contrast": cfg.query_contrast if benign else 0.0})
     expected = {
         "artifact": "influence",

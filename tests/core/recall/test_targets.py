@@ -22,7 +22,14 @@ from lancet_core.index.config import IndexConfig
 from lancet_core.index.curvature import precondition
 from lancet_core.index.store import GradientStore
 from lancet_core.model_io import load_model, load_tokenizer
-from lancet_core.recall.influence import RecallConfig, _manifest_config, recall_influence, resolve_method
+from lancet_core.recall.influence import (
+    AUTO_LINFAC_DAMPING,
+    RecallConfig,
+    _manifest_config,
+    recall_influence,
+    resolve_damping,
+    resolve_method,
+)
 from lancet_core.recall.targets import FALLBACK_REFUSALS, corpus_refusals, refusal_target_gradients, resolve_target
 from tests.conftest import make_tiny_gpt2
 
@@ -207,12 +214,49 @@ def test_benign_contrast_equals_the_oracle_and_is_part_of_the_identity(bed, tmp_
                          RecallConfig(score_precision="float64", contrast_prompts=2), contrast_path=benign2)
 
 
-def test_auto_method_is_identity_only_with_the_contrast():
+def test_auto_method_follows_the_target_and_the_contrast():
     assert resolve_method("auto", "refusal", contrast=True) == "identity"
     assert resolve_method("auto", "refusal", contrast=False) == "kfac"  # no benign prompts: kfac, as before
-    assert resolve_method("auto", "flagged", contrast=False) == "kfac"
+    assert resolve_method("auto", "flagged", contrast=False) == "linfac"  # content judges
     assert resolve_method("ekfac", "refusal", contrast=True) == "ekfac"
+    assert resolve_damping("auto", "flagged", None) == AUTO_LINFAC_DAMPING == 3.0
+    assert resolve_damping("auto", "flagged", 0.5) == 0.5  # asked for: kept
+    assert resolve_damping("linfac", "flagged", None) is None  # linfac asked for by name: the store's ratio
+    assert resolve_damping("auto", "refusal", None) is None
     assert RecallConfig().method == "auto" and RecallConfig().query_contrast == 0.5
     with pytest.raises(ValueError):
         RecallConfig(query_contrast=1.0)  # β < 1: a flagged query must not cancel against the benign mean
     assert "query_contrast" not in _manifest_config(RecallConfig(query_target="flagged"))
+
+
+def test_content_judged_queries_default_to_strongly_damped_linfac(bed, tmp_path):
+    """recall_influence with the defaults on queries a content judge flagged (regex) scores the flagged answers with
+    linfac damped at 3 × each block's mean eigenvalue: the oracle solves (F_b + λ_b I) v = g_b with the explicit
+    per-module empirical Fisher F_b = G_bᵀG_b / N of the stored rows, λ_b = 3 · trace(F_b) / D_b (float64)."""
+    q = pq.read_table(bed["queries"])
+    regex = tmp_path / "regex.parquet"
+    pq.write_table(q.set_column(q.column_names.index("judge"), "judge", pa.array(["regex"] * q.num_rows)), regex)
+    out = recall_influence(bed["store"], bed["model"], regex, bed["tokens"].parent, tmp_path / "auto",
+                           RecallConfig(score_precision="float64"))
+    cfg = json.loads((out / "manifest.json").read_text())["config"]
+    assert (cfg["method"], cfg["damping_ratio"], cfg["query_target"]) == ("linfac", 3.0, "flagged")
+    st = GradientStore.open(bed["store"])
+    x = st.read_all(np.float64)
+    g = compute_query_gradients(bed["store"], bed["model"], messages_list=[
+        to_messages(p, r) for p, r in zip(q.column("prompt").to_pylist(), q.column("response").to_pylist(),
+                                          strict=True)])
+    v = np.empty_like(g)
+    for ml in st.layout:
+        blk = slice(ml.offset, ml.offset + ml.size)
+        f = x[:, blk].T @ x[:, blk] / len(x)
+        lam = 3.0 * np.trace(f) / ml.size
+        v[:, blk] = np.linalg.solve(f + lam * np.eye(ml.size), g[:, blk].T).T
+    _assert_scores_are_the_oracle(bed["store"], v, out)
+    # the same scores as naming linfac and the ratio; the store's ratio (0.1) gives other scores
+    named = recall_influence(bed["store"], bed["model"], regex, bed["tokens"].parent, tmp_path / "named",
+                             RecallConfig(method="linfac", damping_ratio=3.0, score_precision="float64"))
+    assert pq.read_table(named / INFLUENCE_FILE).equals(pq.read_table(out / INFLUENCE_FILE))
+    low = recall_influence(bed["store"], bed["model"], regex, bed["tokens"].parent, tmp_path / "low",
+                           RecallConfig(method="linfac", score_precision="float64"))
+    assert not np.allclose(pq.read_table(low / INFLUENCE_FILE).column("score").to_numpy(),
+                           pq.read_table(out / INFLUENCE_FILE).column("score").to_numpy())
