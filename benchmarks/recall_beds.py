@@ -55,12 +55,6 @@ EXTRA_METHODS: dict[str, dict] = {
     "ekfac_whole_response": {"method": "ekfac", "store": "whole_response"},
     "identity_whole_response": {"method": "identity", "store": "whole_response"},
 }
-for _store in rq.STORES:
-    if _store.startswith("pca"):
-        for _m in ("kfac", "ekfac") if _store.endswith("truefisher") else ("kfac", "ekfac", "linfac", "identity"):
-            EXTRA_METHODS[f"{_m}_{_store}"] = {"method": _m, "store": _store}
-            # the original LANCET query (the flagged answer's log-likelihood): what a content judge's queries measure
-            EXTRA_METHODS[f"{_m}_{_store}_flagged"] = {"method": _m, "store": _store, "query_target": "flagged"}
 SETTINGS: tuple[str, ...] = (
     "default", "kfac_nocontrast", "identity_nocontrast", "default_flagged", "identity_flagged",
     "kfac", "ekfac", "linfac", "identity",
@@ -204,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (shared 2-core box: 1-2)")
     ap.add_argument("--settings", default=",".join(SETTINGS),
                     help="comma-separated settings (default: the defaults, the pre-PCA store's methods, baselines); "
-                    "more: " + ",".join(sorted(EXTRA_METHODS)))
+                    "more: " + ",".join(sorted(set(rq.METHODS) | set(EXTRA_METHODS) - set(SETTINGS))))
     ap.add_argument("--reuse", default="", help="comma-separated BED=DIR: use this built demo for BED (read only)")
     args = ap.parse_args(argv)
     beds = [b.strip() for b in args.beds.split(",") if b.strip()]

@@ -106,6 +106,17 @@ METHODS: dict[str, dict] = {
     "text_bm25": {"method": "text", "text_method": "bm25"},
 }
 
+# the PCA stores: each curvature with the default 'auto' target, and with the flagged-answer target (the original
+# LANCET query: what a content judge's queries measure), also at the damping ratios RecallConfig's 'auto' linfac
+# was chosen from (`*_flagged_damp<r>`)
+for _store in STORES:
+    if _store.startswith("pca"):
+        for _m in ("kfac", "ekfac") if _store.endswith("truefisher") else ("kfac", "ekfac", "linfac", "identity"):
+            METHODS[f"{_m}_{_store}"] = {"method": _m, "store": _store}
+            METHODS[f"{_m}_{_store}_flagged"] = {"method": _m, "store": _store, "query_target": "flagged"}
+            for _r in (1.0, 3.0, 10.0) if _m != "identity" and not _store.endswith("truefisher") else ():
+                METHODS[f"{_m}_{_store}_flagged_damp{_r:g}"] = METHODS[f"{_m}_{_store}_flagged"] | {"damping_ratio": _r}
+
 
 def default_store_name() -> str:
     """The named store whose vectors IndexConfig() would build (so the default is measured on it, not rebuilt);
