@@ -21,6 +21,7 @@ Knows about texts, a HF causal LM and token ids; knows nothing about gradient st
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -93,6 +94,7 @@ def text_similarity_scores(
     elif method == "bm25":
         import bm25s
 
+        logging.getLogger("bm25s").setLevel(logging.WARNING)  # it sets DEBUG at import: no third-party noise
         retriever = bm25s.BM25()
         retriever.index(bm25s.tokenize(docs, stopwords=None, show_progress=False), show_progress=False)
         qtok = bm25s.tokenize(qtexts, stopwords=None, return_ids=False, show_progress=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -50,10 +52,12 @@ def test_text_tfidf_oracle_and_mean_over_queries():
         "t0", "t3"}
 
 
-def test_text_bm25_scores_are_per_query_normalised():
+def test_text_bm25_scores_are_per_query_normalised(caplog):
     qs = [{"prompt": "bake bread", "response": "knead"}, {"prompt": "dogs", "response": "loyal"}]
-    s = text_similarity_scores(_train_table(), qs, method="bm25").column("score").to_numpy()
+    with caplog.at_level(logging.DEBUG):
+        s = text_similarity_scores(_train_table(), qs, method="bm25").column("score").to_numpy()
     assert s.max() <= 0.5 + 1e-12 and s[0] == pytest.approx(0.5) and s[4] == pytest.approx(0.5)
+    assert not [r for r in caplog.records if r.name.startswith("bm25s")]  # bm25s logs at DEBUG unless quieted
 
 
 def test_text_errors(tmp_path):
