@@ -14,7 +14,7 @@ from lancet_core.errors import ConfigError
 from lancet_core.index.config import DECISION_WINDOWS
 
 # λ_B that 'auto' resolves to, by whether the decision window is on (measured on ten demo beds and the real SmolLM2
-# scenario: README, "Correction on ten beds")
+# scenario: docs/measurements.md, "Correction on ten beds")
 LAMBDA_B_AUTO: dict[str, float] = {"window": 1.0, "whole": 3.0}
 
 
@@ -62,7 +62,7 @@ class PairConfig(BaseModel):
         description="retain rows are drawn from this fraction of the rows outside R⁺ ∪ R⁻ with the smallest |score| "
         "(1.0 = all of them). 1.0 since the benign contrast, measured with it: on ten demo beds over-refusal +19.0 → "
         "+14.2 pts, NLL +6.5 % → +4.1 %, beds meeting every goal 1 → 3 (harm −96.9/−87.8 % → −93.2/−79.7 %); on the "
-        "real SmolLM2 scenario over-refusal +10 → +5 pts (README, Correction on ten beds)",
+        "real SmolLM2 scenario over-refusal +10 → +5 pts (docs/measurements.md, Correction on ten beds)",
     )
     seed: int = Field(0, description="seed of the retain draw")
 

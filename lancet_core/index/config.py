@@ -38,7 +38,7 @@ class IndexConfig(BaseModel):
         16,
         ge=1,
         description="k_in: projected size of each module's input activations; None = no projection (full d_in). 16 "
-        "(with PCA) chosen on ten demo beds: 8 loses, 32 does not gain and costs 4x the bytes (README, Recall).",
+        "(with PCA) chosen on ten demo beds: 8 loses, 32 does not gain and costs 4x the bytes (docs/measurements.md, Recall quality).",
     )
     proj_out_dim: int | None = Field(
         16,
@@ -52,7 +52,7 @@ class IndexConfig(BaseModel):
         "the corpus (LoGra; lancet_core.index.basis), saved as basis.npz in the store and digested in its manifest; "
         "k is capped at the module's size. 'random' = seeded Gaussian matrices (Johnson-Lindenstrauss; the previous "
         "default). PCA was chosen on ten demo beds: kfac precision@planted 0.820 vs 0.782, better on 9 of 10, same "
-        "bytes per row (README, Recall quality).",
+        "bytes per row (docs/measurements.md, Recall quality).",
     )
     projection_sample_rows: int = Field(
         512, ge=1, description="Rows (evenly spaced over tokens.parquet) whose factors give the 'pca' basis."
@@ -73,7 +73,7 @@ class IndexConfig(BaseModel):
         "wording shared with harmless rows (ten demo beds: 0.82 vs 0.47 mean precision@planted over the whole "
         "response); any other judge (regex, classifier, registered kinds) -> None, because such behaviours are "
         "content that can sit anywhere in the answer (a fixed odd answer, a wrong fact: on the fidelity bed the "
-        "4-token window drops planted P@10 from 1.0 to 0.3; README, Fidelity).",
+        "4-token window drops planted P@10 from 1.0 to 0.3; docs/measurements.md, Fidelity).",
     )
     batch_size: int = Field(8, ge=1, description="Examples per batched forward/backward pass.")
     device: Literal["auto", "cpu", "cuda"] = Field(

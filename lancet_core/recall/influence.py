@@ -73,7 +73,7 @@ class RecallConfig(BaseModel):
         "repsim (hidden-state cosine) or text (TF-IDF/BM25). 'auto' (default) = identity for the refusal target with "
         "its benign contrast (kfac without benign prompts); linfac damped at AUTO_LINFAC_DAMPING (3) for the "
         "flagged target (content judges). Chosen on ten demo beds, the real SmolLM2 scenario and the fidelity bed at "
-        "once (README, Recall quality): with the refusal target and the contrast, identity beats kfac on the beds "
+        "once (docs/measurements.md, Recall quality): with the refusal target and the contrast, identity beats kfac on the beds "
         "and SmolLM2; with the flagged target over the whole response, strongly damped linfac beats kfac on the ten "
         "beds (0.565 vs 0.549) and agrees twice as well with exact Gauss-Newton influence (top-10 overlap 0.6 vs 0.3)."
     )
@@ -100,14 +100,14 @@ class RecallConfig(BaseModel):
         "the answer the judge wanted, mixed over the corpus's own refusal openings (lancet_core.recall.targets); "
         "'auto' (default) = 'refusal' when the refusal judge flagged the outputs (the queries' judge column), else "
         "'flagged'. Chosen on ten demo beds and the real SmolLM2 scenario: precision@planted 0.937 vs 0.820 (demo "
-        "mean) and AP 0.66 vs 0.22 (SmolLM2) for kfac (README, Recall quality)."
+        "mean) and AP 0.66 vs 0.22 (SmolLM2) for kfac (docs/measurements.md, Recall quality)."
     )
     query_refusals: int = Field(16, ge=1, description="'refusal' target: the most frequent refusal openings (first "
                                 "window tokens) of the corpus mixed over; each costs one gradient per flagged prompt.")
     query_contrast: float = Field(
         0.5, ge=0.0, lt=1.0, description="'refusal' target: β of the benign contrast, v̂_q − β·mean_b v̂_b over the "
         "run's benign prompts (the realign flow passes its benign_eval prompts; none given = no contrast); 0 = off. "
-        "Chosen on ten demo beds and the real SmolLM2 scenario at once (README, Recall quality)."
+        "Chosen on ten demo beds and the real SmolLM2 scenario at once (docs/measurements.md, Recall quality)."
     )
     contrast_prompts: int = Field(40, ge=1, description="Benign prompts used by the contrast (the first N of the "
                                   "file); each costs query_refusals gradients.")
@@ -151,7 +151,7 @@ def _manifest_config(cfg: RecallConfig) -> dict:
 # 'auto' on the flagged target (content judges): linfac damped at 3 × the mean eigenvalue of each module's block.
 # The strong damping keeps the inverse near the identity except along the few directions that carry most of the
 # gradients' variance (the wording every answer shares), which it divides out. Chosen on the ten demo beds and the
-# fidelity bed at once (README, Recall quality): ratio 0.1 / 1 / 3 / 10 gives precision@planted 0.470 / 0.526 /
+# fidelity bed at once (docs/measurements.md, Recall quality): ratio 0.1 / 1 / 3 / 10 gives precision@planted 0.470 / 0.526 /
 # 0.565 / 0.586 on the beds (kfac 0.549, ekfac 0.560, identity 0.542) and top-10 overlap with exact Gauss-Newton
 # 0.6 / 0.6 / 0.6 / 0.5 on the fidelity bed (kfac 0.3, ekfac 0.4).
 AUTO_LINFAC_DAMPING = 3.0

@@ -16,7 +16,7 @@ grouped by their first `window` response tokens, the most frequent `limit` openi
 
 with log π(r | x) summed over the window's tokens for the weights and each ∇ exactly the store's per-row gradient
 (its projection, reduction and window), so the target lives in the store's space. A corpus without any refusal falls
-back to FALLBACK_REFUSALS (logged). Measured on ten demo beds and the real scenario (README, Recall quality).
+back to FALLBACK_REFUSALS (logged). Measured on ten demo beds and the real scenario (docs/measurements.md, Recall quality).
 
 Knows about the store's query-gradient function, the chat encoding and the refusal judge's markers; knows nothing
 about curvature, scanning, Prefect or MLflow.
