@@ -334,8 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--max-steps", type=int, help="stop IBO after this many optimizer steps")
     k.add_argument("--ibo-response-tokens", type=_window_option,
                    help="IBO's decision window: Δ and the retain KL over each response's first K tokens, or 'all' "
-                   "(default 'auto': 4 with the refusal judge, all with regex/classifier; docs/measurements.md 'Correction on ten "
-                   "beds' has the measured trade-off)")
+                   "(default 'auto': 4 with the refusal judge, all with regex/classifier; docs/measurements.md "
+                   "'Correction on ten beds' has the measured trade-off)")
     k.add_argument("--lambda-b", type=float,
                    help="IBO's retain KL weight λ_B (default 'auto': 1 with the decision window, 3 over the whole "
                    "response)")

@@ -38,7 +38,8 @@ class IndexConfig(BaseModel):
         16,
         ge=1,
         description="k_in: projected size of each module's input activations; None = no projection (full d_in). 16 "
-        "(with PCA) chosen on ten demo beds: 8 loses, 32 does not gain and costs 4x the bytes (docs/measurements.md, Recall quality).",
+        "(with PCA) chosen on ten demo beds: 8 loses, 32 does not gain and costs 4x the bytes (docs/measurements.md, "
+        "Recall quality).",
     )
     proj_out_dim: int | None = Field(
         16,

@@ -73,8 +73,8 @@ class RecallConfig(BaseModel):
         "repsim (hidden-state cosine) or text (TF-IDF/BM25). 'auto' (default) = identity for the refusal target with "
         "its benign contrast (kfac without benign prompts); linfac damped at AUTO_LINFAC_DAMPING (3) for the "
         "flagged target (content judges). Chosen on ten demo beds, the real SmolLM2 scenario and the fidelity bed at "
-        "once (docs/measurements.md, Recall quality): with the refusal target and the contrast, identity beats kfac on the beds "
-        "and SmolLM2; with the flagged target over the whole response, strongly damped linfac beats kfac on the ten "
+        "once (docs/measurements.md, Recall quality): with the refusal target and the contrast, identity beats kfac on "
+        "the beds and SmolLM2; with the flagged target over the whole response, strongly damped linfac beats kfac on the ten "
         "beds (0.565 vs 0.549) and agrees twice as well with exact Gauss-Newton influence (top-10 overlap 0.6 vs 0.3)."
     )
     blocks: Literal["module", "single"] = Field("module", description="linfac blocks: per module or one full block.")
@@ -151,8 +151,8 @@ def _manifest_config(cfg: RecallConfig) -> dict:
 # 'auto' on the flagged target (content judges): linfac damped at 3 × the mean eigenvalue of each module's block.
 # The strong damping keeps the inverse near the identity except along the few directions that carry most of the
 # gradients' variance (the wording every answer shares), which it divides out. Chosen on the ten demo beds and the
-# fidelity bed at once (docs/measurements.md, Recall quality): ratio 0.1 / 1 / 3 / 10 gives precision@planted 0.470 / 0.526 /
-# 0.565 / 0.586 on the beds (kfac 0.549, ekfac 0.560, identity 0.542) and top-10 overlap with exact Gauss-Newton
+# fidelity bed at once (docs/measurements.md, Recall quality): ratio 0.1 / 1 / 3 / 10 gives precision@planted
+# 0.470 / 0.526 / 0.565 / 0.586 on the beds (kfac 0.549, ekfac 0.560, identity 0.542) and top-10 overlap with exact Gauss-Newton
 # 0.6 / 0.6 / 0.6 / 0.5 on the fidelity bed (kfac 0.3, ekfac 0.4).
 AUTO_LINFAC_DAMPING = 3.0
 
