@@ -113,7 +113,10 @@ def stage_line(phase: str, out, seconds: float) -> str:
                 cfg.get("query_target"), "")
             if cfg.get("query_contrast"):
                 target += f" minus {cfg['query_contrast']:g} x the same on the benign prompts"
-            return f"recall: {n} training rows scored with {cfg.get('method', '?')}{target} ({_rate(seconds, n)})"
+            method = cfg.get("method", "?")
+            if cfg.get("damping_ratio") is not None and method in ("linfac", "kfac", "ekfac"):
+                method += f" (damping {cfg['damping_ratio']:g} x the mean eigenvalue)"
+            return f"recall: {n} training rows scored with {method}{target} ({_rate(seconds, n)})"
         if phase == "repair":
             r = read_json(Path(out) / "report.json")
             return (f"repair: {r['rows_removed']} of {r['rows']} rows left out of the repaired corpus "

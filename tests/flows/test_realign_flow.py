@@ -210,3 +210,21 @@ def test_from_champion_only_when_asked(first_run, demo_work_dir, tmp_path):
     assert "champion" in asked["source"] and Path(asked["path"], "config.json").is_file()
     plain = resolve_start_model.fn(given, NAME, False, tracking, "lancet", str(tmp_path / "cache"))
     assert plain == {"path": given, "source": f"{given} (as given)"}
+
+
+def test_recall_stage_line_names_the_curvature_and_its_damping(tmp_path):
+    """The realign flow's recall line says which curvature scored the rows and, when recall chose a damping (the
+    content judges' default: linfac at 3), that damping."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flows.report import stage_line
+
+    pq.write_table(pa.table({"example_id": ["a", "b"], "score": [1.0, 0.5]}), tmp_path / "influence.parquet")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"config": {"method": "linfac", "damping_ratio": 3.0, "query_target": "flagged"}}))
+    assert stage_line("recall", tmp_path, 2.0) == ("recall: 2 training rows scored with linfac (damping 3 x the mean "
+                                                   "eigenvalue), query: the flagged answers (2.0 s, 1 rows/s)")
+    manifest.write_text(json.dumps({"config": {"method": "identity", "damping_ratio": None, "query_target": "flagged"}}))
+    assert stage_line("recall", tmp_path, 2.0) == ("recall: 2 training rows scored with identity, query: the flagged "
+                                                   "answers (2.0 s, 1 rows/s)")
