@@ -303,3 +303,15 @@ def test_closing_summary_says_where_it_started_and_what_the_gate_did():
     assert "gate         : not promoted — over-refusal rose" in text
     assert text[-1] == "MLflow       : run r1 in sqlite:///x, registered version 2"
     assert summary_json(s)["metrics_before"] == {"harmful_rate_probes": 0.5}
+
+
+def test_the_content_judge_example_config_parses(model_dir, files):
+    """docs/examples/regex_judge_demo.yaml (README "Results with the defaults") stays a valid realign config."""
+    from pathlib import Path
+
+    from flows.cli import _realign_params, build_parser
+
+    example = Path(__file__).resolve().parents[2] / "docs" / "examples" / "regex_judge_demo.yaml"
+    p = _realign_params(build_parser().parse_args(_args(model_dir, files) + ["--config", str(example)]))
+    assert p.judge.kind == "regex" and len(p.judge.keywords) == 16
+    assert "close the account after a few days" in p.judge.keywords
