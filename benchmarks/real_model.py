@@ -10,7 +10,8 @@
   after one warm-up step. IBO is timed over the whole response as DPO is, with λ_B = 3 (one retain batch through
   policy and reference per step) and with λ_B = 0 (the same work as DPO: chosen + rejected through policy and
   reference), and with the realign flow's own defaults (`ibo_defaults`: the refusal judge's 4-token decision window,
-  λ_B 1).
+  λ_B 1), also with `train.gradient_checkpointing` (`ibo_checkpointed`: peak RSS and step time of recomputing the
+  blocks' activations).
 - realign stage times: parsed from the stage lines of a `lancet realign` log when --realign-log is given.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/real_model.py --demo .lancet/real-demo \
@@ -106,11 +107,12 @@ def _train_cfg(defaults: bool = False, **kw):
     return resolve_train(TrainConfig(device="cpu", **({} if defaults else {"response_tokens": None}), **kw), "refusal")
 
 
-def child_ibo(demo: Path, pairs_dir: Path, steps: int, lambda_b: float | None, defaults: bool = False) -> dict:
+def child_ibo(demo: Path, pairs_dir: Path, steps: int, lambda_b: float | None, defaults: bool = False,
+              checkpointing: bool = False) -> dict:
     from lancet_core.correct.trainer import post_train
     from lancet_core.manifest import read_manifest
 
-    kw = {"max_steps": steps}
+    kw = {"max_steps": steps, "gradient_checkpointing": checkpointing}
     if lambda_b is not None:
         kw["lambda_b"] = lambda_b
     cfg = _train_cfg(defaults, **kw)
@@ -121,7 +123,7 @@ def child_ibo(demo: Path, pairs_dir: Path, steps: int, lambda_b: float | None, d
         hist = read_manifest(out)["loss_history"]
     secs = [h["seconds"] for h in hist[1:]] or [hist[0]["seconds"]]
     return {"steps": len(hist), "batch_size": cfg.batch_size, "lambda_b": cfg.lambda_b, "lora_rank": cfg.lora_rank,
-            "response_tokens": cfg.response_tokens,
+            "response_tokens": cfg.response_tokens, "gradient_checkpointing": cfg.gradient_checkpointing,
             "seconds_per_step_median": statistics.median(secs), "seconds_per_step_best": min(secs),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -248,6 +250,8 @@ def main() -> None:
             out = child_ibo(a.demo, a.pairs_dir, a.steps, float(a.child[1]) if len(a.child) > 1 else None)
         elif kind == "ibo_defaults":
             out = child_ibo(a.demo, a.pairs_dir, a.steps, None, defaults=True)
+        elif kind == "ibo_checkpointed":  # the flow's defaults with train.gradient_checkpointing
+            out = child_ibo(a.demo, a.pairs_dir, a.steps, None, defaults=True, checkpointing=True)
         else:
             out = child_dpo(a.demo, a.pairs_dir, a.steps)
         print(json.dumps(out))
@@ -287,13 +291,13 @@ def main() -> None:
         step: dict = {}
         for _ in range(a.rounds):
             for name, args in (("ibo", ["ibo"]), ("ibo_lambda_b_0", ["ibo", "0"]), ("ibo_defaults", ["ibo_defaults"]),
-                               ("dpo_trl", ["dpo"])):
+                               ("ibo_checkpointed", ["ibo_checkpointed"]), ("dpo_trl", ["dpo"])):
                 r = _run(["--child", *args, *base], env)
                 if name not in step or r.get("seconds_per_step_median", 1e9) < step[name].get(
                         "seconds_per_step_median", 1e9):
                     step[name] = r
         d = step.get("dpo_trl", {}).get("seconds_per_step_median")
-        for name in ("ibo", "ibo_lambda_b_0", "ibo_defaults"):
+        for name in ("ibo", "ibo_lambda_b_0", "ibo_defaults", "ibo_checkpointed"):
             s = step.get(name, {}).get("seconds_per_step_median")
             if d and s:
                 step[f"{name}_over_dpo_trl"] = s / d

@@ -124,6 +124,11 @@ class TrainConfig(BaseModel):
         "vs -21/-15 %, +2.5 pts, +1.5 % over the whole response (same R⁺, retain pool 0.5: the pairwise term saturates "
         "by step 4 there)",
     )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each transformer block's activations in the backward pass instead of keeping "
+        "them (transformers' gradient_checkpointing_enable, non-reentrant): the memory of a step no longer grows "
+        "with the number of blocks, for one more forward pass of compute; the same gradients (tested in float64). "
+        "For models whose activations do not fit (billions of parameters, long responses)")
     dtype: Literal["float32", "float64", "bfloat16"] = Field("float32", description="weights and compute dtype")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' = cuda when available, else cpu")
     autocast: Literal["auto", "bf16", "off"] = Field(

@@ -45,7 +45,7 @@ from lancet_core.correct.losses import (
     sequence_logprobs,
 )
 from lancet_core.correct.pairs import read_pairs, read_retain
-from lancet_core.errors import CorpusError
+from lancet_core.errors import ConfigError, CorpusError
 from lancet_core.manifest import (
     MANIFEST_NAME,
     check_manifest,
@@ -294,6 +294,17 @@ def post_train(
     model = load_model(model_dir, dtype=dtype, eager_attention=device.type == "cpu").to(device)
     if cfg.disable_dropout:
         _zero_dropout(model)
+    if cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} ({model_dir}) does not support "
+                              "gradient checkpointing; set it to false")
+        # non-reentrant: gradients reach LoRA adapters inside a block without inputs that require grad.
+        # transformers renamed the switch (activation_checkpointing_enable, 5.2x); older 5.x has only the first name
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     need_ref = spec.needs_reference or cfg.lambda_b > 0
     if cfg.finetune == "lora":
