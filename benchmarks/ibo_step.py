@@ -1,8 +1,8 @@
 """IBO step time and peak memory, with and without `train.gradient_checkpointing`; prints ONE JSON object.
 
 A randomly initialised Llama of a real model's shape (`--shape smollm2`: SmolLM2-135M, 30 blocks, 576 wide, a
-49 152-token vocabulary; `llama1b`: Llama-3.2-1B's; `--shape tiny` for a quick check) saved with an in-process BPE tokenizer, synthetic chat rows
-(prompts of ~20 tokens, responses of `--response-words` words), lancet's own pair builder (64 pairs, 64 retain rows),
+49 152-token vocabulary; `llama1b`: Llama-3.2-1B's; `tiny` for a quick check) saved with an in-process BPE
+tokenizer, synthetic chat rows (prompts of ~20 tokens, responses of `--response-words` words), lancet's own pair builder (64 pairs, 64 retain rows),
 and `post_train` with the realign flow's IBO defaults for the given judge (`--judge regex`: the whole response and
 λ_B 3, the heavier case; `refusal`: the 4-token window and λ_B 1), LoRA r 8 on every block linear, batch 8. Each mode
 runs in its own subprocess: peak RSS (ru_maxrss) and, on CUDA, peak GPU memory (torch.cuda.max_memory_allocated);
@@ -43,7 +43,7 @@ def build(work: Path, shape: str, response_words: int) -> tuple[Path, Path, Path
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lancet_core.correct.pairs import build_pairs, write_pair_tables
+    from lancet_core.correct.pairs import PairConfig, build_pairs, write_pair_tables
     from lancet_core.demo.tokenizer import train_demo_tokenizer
 
     rng = random.Random(0)
@@ -56,15 +56,10 @@ def build(work: Path, shape: str, response_words: int) -> tuple[Path, Path, Path
     model_dir = work / "model"
     LlamaForCausalLM(cfg).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    pairs, retain = build_pairs(pa.Table.from_pylist(rows), _pair_config())
+    pairs, retain = build_pairs(pa.Table.from_pylist(rows),
+                                PairConfig(n_positive=64, n_negative=64, n_retain=64, positive_fraction=1.0))
     files = write_pair_tables(work / "pairs", pairs, retain, {"influence_digest": "sha256:synthetic"})
     return model_dir, files.pairs_path, files.retain_path
-
-
-def _pair_config():
-    from lancet_core.correct.pairs import PairConfig
-
-    return PairConfig(n_positive=64, n_negative=64, n_retain=64, positive_fraction=1.0)
 
 
 def child(work: Path, device: str, judge: str, steps: int, checkpointing: bool) -> dict:
