@@ -114,7 +114,7 @@ def stage_line(phase: str, out, seconds: float) -> str:
             if cfg.get("query_contrast"):
                 target += f" minus {cfg['query_contrast']:g} x the same on the benign prompts"
             method = cfg.get("method", "?")
-            if cfg.get("damping_ratio") is not None and method in ("linfac", "kfac", "ekfac"):
+            if cfg.get("damping_ratio") is not None and method != "identity":
                 method += f" (damping {cfg['damping_ratio']:g} x the mean eigenvalue)"
             return f"recall: {n} training rows scored with {method}{target} ({_rate(seconds, n)})"
         if phase == "repair":

@@ -74,8 +74,8 @@ class RecallConfig(BaseModel):
         "its benign contrast (kfac without benign prompts); linfac damped at AUTO_LINFAC_DAMPING (3) for the "
         "flagged target (content judges). Chosen on ten demo beds, the real SmolLM2 scenario and the fidelity bed at "
         "once (docs/measurements.md, Recall quality): with the refusal target and the contrast, identity beats kfac on "
-        "the beds and SmolLM2; with the flagged target over the whole response, strongly damped linfac beats kfac on the ten "
-        "beds (0.565 vs 0.549) and ranks closer to exact Gauss-Newton influence on the fidelity bed (three seeds: "
+        "the beds and SmolLM2; with the flagged target over the whole response, strongly damped linfac beats kfac on "
+        "the ten beds (0.565 vs 0.549) and ranks closer to exact Gauss-Newton influence on the fidelity bed (three seeds: "
         "Spearman 0.40 / 0.34 / 0.34 vs 0.31 / 0.30 / 0.35, top-10 overlap 0.6 / 0.1 / 0.7 vs 0.3 / 0.3 / 0.6)."
     )
     blocks: Literal["module", "single"] = Field("module", description="linfac blocks: per module or one full block.")
@@ -153,9 +153,9 @@ def _manifest_config(cfg: RecallConfig) -> dict:
 # The strong damping keeps the inverse near the identity except along the few directions that carry most of the
 # gradients' variance (the wording every answer shares), which it divides out. Chosen on the ten demo beds and the
 # fidelity bed at once (docs/measurements.md, Recall quality): ratio 0.1 / 1 / 3 / 10 gives precision@planted
-# 0.470 / 0.526 / 0.565 / 0.586 on the beds (kfac 0.549, ekfac 0.560, identity 0.542) and top-10 overlap with exact Gauss-Newton
-# 0.6 / 0.6 / 0.6 / 0.5 on the fidelity bed (kfac 0.3, ekfac 0.4); on its held-out seeds 1 and 2 the default's
-# top-10 overlap is 0.1 and 0.7 (kfac 0.3, 0.6), its Spearman with exact GN 0.34 and 0.34 (kfac 0.30, 0.35).
+# 0.470 / 0.526 / 0.565 / 0.586 on the beds (kfac 0.549, ekfac 0.560, identity 0.542) and top-10 overlap with exact
+# Gauss-Newton 0.6 / 0.6 / 0.6 / 0.5 on the fidelity bed (kfac 0.3, ekfac 0.4); on its held-out seeds 1 and 2 the
+# default's top-10 overlap is 0.1 and 0.7 (kfac 0.3, 0.6), its Spearman with exact GN 0.34 and 0.34 (kfac 0.30, 0.35).
 AUTO_LINFAC_DAMPING = 3.0
 
 
@@ -171,10 +171,10 @@ def resolve_method(method: str, target: str, contrast: bool) -> str:
 
 def resolve_damping(method: str, target: str, damping_ratio: float | None) -> float | None:
     """The damping ratio recall uses: the one asked for; else AUTO_LINFAC_DAMPING where 'auto' resolves to linfac
-    (the flagged target); else None (the store's, IndexConfig.damping_ratio)."""
-    if damping_ratio is not None or method != "auto" or target == "refusal":
-        return damping_ratio
-    return AUTO_LINFAC_DAMPING
+    (resolve_method: the flagged target); else None (the store's, IndexConfig.damping_ratio)."""
+    if damping_ratio is None and method == "auto" and resolve_method(method, target, contrast=False) == "linfac":
+        return AUTO_LINFAC_DAMPING
+    return damping_ratio
 
 
 def contrasted(v: np.ndarray, benign: np.ndarray, beta: float) -> np.ndarray:
