@@ -9,7 +9,8 @@
 
 Shared plumbing, used by every stage: `errors`, `manifest` (atomic writes, digests, provenance), `formats` (file names
 and column contracts), `model_io` (load and digest models, pick the device), `gguf` (a GGUF file → an HF model
-directory, offline), `chat` (conversation → tokens with a loss mask), `generation` (batched greedy answers). A stage imports only the plumbing and earlier stages
+directory, offline), `chat` (conversation → tokens with a loss mask), `generation` (batched greedy answers), `threads`
+(one thread policy for torch and BLAS). A stage imports only the plumbing and earlier stages
 (tests/core/test_architecture.py checks it).
 
 Knows about torch, transformers, datasets, pyarrow and duckdb. Knows nothing about Prefect or MLflow: orchestration

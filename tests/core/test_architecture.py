@@ -18,7 +18,7 @@ PACKAGES = ("lancet_core", "tasks", "flows")
 STAGES = ("data", "index", "recall", "correct", "evaluate", "demo")
 # gguf: turns a GGUF file into the HF model directory every stage starts from (a model_io concern, split out for its
 # size); no stage consumes GGUF, so it sits beside model_io rather than in one.
-PLUMBING = {"errors", "manifest", "formats", "model_io", "chat", "generation", "gguf"}
+PLUMBING = {"errors", "manifest", "formats", "model_io", "chat", "generation", "gguf", "threads"}
 
 
 def _module_name(path: Path) -> str:
