@@ -32,6 +32,7 @@ from lancet_core.manifest import content_digest
 from lancet_core.recall.influence import RecallConfig
 from lancet_core.recall.judges import JudgeConfig
 from lancet_core.recall.undesirable import GenerationConfig
+from lancet_core.threads import apply_thread_policy
 from tasks.cache import ensure_output
 from tasks.correct import build_pairs, correct, repair
 from tasks.data import tokenize
@@ -78,6 +79,7 @@ def realign(
     """
     given = RealignParams(**{k: v for k, v in locals().items() if k in RealignParams.model_fields})
     log = get_run_logger()
+    apply_thread_policy()  # deployments run flows without the CLI: the same thread policy (lancet_core/threads.py)
     t_start = time.perf_counter()
     checked = check_inputs(given, PARAM_NAMES)
     for note in checked.notes:
