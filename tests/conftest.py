@@ -1,8 +1,19 @@
-"""Shared fixtures: offline environment and a tiny in-process tokenizer with a chat template."""
+"""Shared fixtures: offline environment, the suite kept out of the user's home, and a tiny in-process tokenizer with a
+chat template.
+
+The suite never reads or writes the user's own state: before anything imports Prefect, MLflow or Ray, the
+variables that point at a user's servers or stores are dropped and the tools' homes (Prefect's, MLflow's config and
+telemetry, matplotlib's) are pointed at a session temp dir; `_home_untouched` then asserts at the end of the session
+that nothing under the real ~/.prefect, ~/.ray, ~/.config/mlflow, ~/.cache/huggingface, ~/.cache/matplotlib was
+created, changed or removed.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -11,7 +22,50 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# A user's servers, stores and credentials are never used by a test (each test that needs one starts its own).
+for _var in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILES_PATH", "PREFECT_PROFILE", "MLFLOW_TRACKING_URI",
+             "MLFLOW_REGISTRY_URI", "RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+    os.environ.pop(_var, None)
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="lancet-tests-"))
+os.environ["PREFECT_HOME"] = str(SESSION_HOME / "prefect")
+os.environ["XDG_CONFIG_HOME"] = str(SESSION_HOME / "config")  # MLflow's telemetry.json lives under it
+os.environ["MPLCONFIGDIR"] = str(SESSION_HOME / "matplotlib")
+os.environ["HF_HOME"] = str(SESSION_HOME / "huggingface")
+
 import pytest  # noqa: E402
+
+# What the suite must leave as it found it, relative to the user's home (resolved once, before any test runs).
+WATCHED = (".prefect", ".ray", ".config/mlflow", ".cache/huggingface", ".cache/matplotlib")
+
+
+def home_snapshot(home: Path) -> dict[str, tuple[int, int]]:
+    """Every file under the watched directories of `home`: relative path -> (size, mtime_ns)."""
+    out = {}
+    for rel in WATCHED:
+        root = home / rel
+        if not root.exists():
+            continue
+        for p in [root, *root.rglob("*")]:
+            try:
+                st = p.lstat()
+            except FileNotFoundError:
+                continue
+            out[p.relative_to(home).as_posix()] = (st.st_size if p.is_file() else -1, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _home_untouched():
+    """No test creates, changes or removes anything under the user's ~/.prefect, ~/.ray, ~/.config/mlflow or HF /
+    matplotlib caches (CI runs with a brand-new HOME, so a test that needed something there fails in CI too)."""
+    home = Path(os.path.expanduser("~"))
+    before = home_snapshot(home)
+    yield
+    after = home_snapshot(home)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    shutil.rmtree(SESSION_HOME, ignore_errors=True)
+    assert not changed, (f"the user's home ({home}) changed during the test session (a test, or another lancet / "
+                         f"Prefect process running beside it): {changed[:20]}")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"

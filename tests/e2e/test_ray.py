@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -89,12 +90,19 @@ def _shard_entries(store: Path) -> list[dict]:
 @pytest.fixture
 def ray_cluster(monkeypatch):
     """A head node and a second node, 1 CPU each, on this machine (Ray turns 127.0.0.1 into the machine's address; a
-    short temp dir: Ray's socket paths are limited). Ray 2.60 clusters use token authentication (the token in
-    ~/.ray/auth_token): every process here says RAY_AUTH_MODE=token, as a user connecting to such a cluster does."""
+    short temp dir: Ray's socket paths are limited). The cluster uses token authentication, as Ray 2.60 clusters do
+    by default: the fixture makes its own token in its temp dir and hands it to every process (the nodes, this
+    driver, Ray's workers) through RAY_AUTH_TOKEN_PATH, never reading or writing ~/.ray (a fresh machine has none)."""
     port = _free_port()
     tmp = tempfile.mkdtemp(prefix="lray", dir="/tmp")
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    token = Path(tmp) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    for k, v in auth.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)  # it would take precedence over the file
+    env = {**os.environ, **auth, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--block", "--disable-usage-stats"]
     procs: list[subprocess.Popen] = []
     logs = []
