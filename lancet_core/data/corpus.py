@@ -160,7 +160,15 @@ def rename_columns(records: list[dict[str, Any]], columns: Mapping[str, str] | N
     renames = {src: dst for dst, src in columns.items() if src in found and src != dst and dst not in found}
     if not renames:
         return records
-    return datasets.Dataset.from_list(records).rename_columns(renames).to_list()
+    # Both fingerprints given, so `datasets` hashes nothing: its hashing pickles functions with dill, which runs
+    # dis.dis into a captured stdout, and inside a flow with log_prints=True Prefect's print hook sends every line of
+    # that bytecode to the run's log (issue 29). Same rows as Dataset.from_list (pyarrow infers from the first row).
+    import uuid
+
+    import pyarrow as pa
+
+    table = datasets.Dataset(pa.Table.from_pylist(records), fingerprint=uuid.uuid4().hex)
+    return table.rename_columns(renames, new_fingerprint=uuid.uuid4().hex).to_list()
 
 
 def load_corpus(path: str | Path, columns: Mapping[str, str] | None = None) -> list[CorpusRow]:
