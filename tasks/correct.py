@@ -20,8 +20,9 @@ def build_pairs(influence_path: str, cfg: PairConfig, out_dir: str) -> tuple[str
 
 @task(name="ibo_post_train", cache_policy=LANCET_CACHE, persist_result=True)
 def correct(model_dir: str, pairs_path: str, retain_path: str, cfg: TrainConfig, out_dir: str) -> str:
-    """The corrected model directory (a normal HF directory + manifest.json)."""
-    return str(post_train(model_dir, pairs_path, retain_path or None, out_dir, cfg, show_progress=False))
+    """The corrected model directory (a normal HF directory + manifest.json). IBO's steps show a progress bar on
+    stderr (tqdm), as the index's shards do."""
+    return str(post_train(model_dir, pairs_path, retain_path or None, out_dir, cfg, show_progress=True))
 
 
 @task(name="repair_corpus", cache_policy=LANCET_CACHE, persist_result=True)
