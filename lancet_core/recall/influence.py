@@ -47,7 +47,6 @@ from lancet_core.manifest import (
     read_manifest,
     write_manifest,
 )
-from lancet_core.recall.targets import corpus_refusals, refusal_target_gradients, resolve_target
 
 GRADIENT_METHODS = ("linfac", "kfac", "ekfac", "identity")
 EXPLANATION_MD, EXPLANATION_HTML, TOPK_FILE = "explanation.md", "explanation.html", "top_k.parquet"
@@ -203,6 +202,8 @@ def recall_influence(store_dir: str | Path | None, model_dir: str | Path, querie
     if queries.num_rows == 0:
         raise ValueError(f"{queries_path}: no flagged outputs to recall from (nothing to correct)")
     judges = [str(j) for j in queries.column("judge").to_pylist()] if "judge" in queries.column_names else []
+    from lancet_core.recall.targets import resolve_target  # imports torch: not at module level (flows/params.py)
+
     target = resolve_target(cfg.query_target, judges)
     benign: list[str] = []
     if target == "refusal" and cfg.query_contrast > 0 and _gradient(cfg.method):
@@ -292,6 +293,7 @@ def _refusal_query_gradients(store_dir, model_dir, tokens_file: Path, prompts: l
     """[Q, D] −∇ log P(refuse | prompt) for the 'refusal' target (lancet_core.recall.targets)."""
     from lancet_core.index.build import _store_manifest, check_store_model
     from lancet_core.model_io import load_model, load_tokenizer
+    from lancet_core.recall.targets import corpus_refusals, refusal_target_gradients
 
     check_store_model(store_dir, model_dir)
     window = _store_manifest(store_dir)["index_config"].get("response_tokens")
