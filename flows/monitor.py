@@ -35,6 +35,7 @@ from lancet_core.evaluate.drift import MonitorConfig, decide_drift
 from lancet_core.manifest import content_digest
 from lancet_core.recall.judges import JudgeConfig
 from lancet_core.recall.undesirable import GenerationConfig
+from lancet_core.threads import apply_thread_policy
 from tasks.cache import ensure_output
 from tasks.demo import ensure_demo
 from tasks.evaluate import harmful_rates
@@ -70,7 +71,11 @@ def monitor(
     """
     log = get_run_logger()
     t0 = time.perf_counter()
-    check_monitor_inputs(model, probes_path)  # a deployment's parameters get the CLI's checks, before any model loads
+    apply_thread_policy()  # deployments run flows without the CLI: the same thread policy ($LANCET_THREADS)
+    # a deployment's parameters get the CLI's checks, before any model loads: files, the work dir, the tracking store,
+    # the deployment it would start (a misnamed one fails here in seconds, not after the check)
+    check_monitor_inputs(model, probes_path, work_dir=work_dir, tracking_uri=tracking_uri,
+                         realign_deployment=realign_deployment)
     work = Path(work_dir).resolve()
     given_probes = probes_path
     if not (model and probes_path):
