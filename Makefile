@@ -71,7 +71,7 @@ demo-real: $(STAMP)
 		--ood $(REAL)/ood.jsonl --benign-eval $(REAL)/benign_eval.jsonl --registered-model-name lancet-real-demo
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -q$(if $(FRESH),; rc=$$?; rm -rf $(FRESH); exit $$rc)
+	$(VENV)/bin/pytest -q --durations=25$(if $(FRESH),; rc=$$?; rm -rf $(FRESH); exit $$rc)
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow and not e2e"

@@ -4,7 +4,8 @@ One MLflow run per realign flow run (tagged with the Prefect flow-run id), opene
 duration is the job's, and a failing stage marks it FAILED with the error) and completed at the end: params (every
 config, flattened), metrics before/after and per-phase timings, a before/after comparison table and the influence
 top-k as MLflow tables (shown in the UI's artifact view), artifacts (influence.parquet, its histogram, the top-k
-explanation, training pairs, metrics.json), dataset inputs with their digests, and the corrected model logged with the
+explanation, training pairs, metrics.json, and `charts/`: the influence distribution with the flagged rows marked and
+the before/after rates as PNGs), dataset inputs with their digests, and the corrected model logged with the
 transformers flavor, registered under a name with alias `candidate`; alias `champion` moves to it only when the gate
 passes. With a sqlite tracking URI, artifacts go next to the database (`mlartifacts/`), never into the current
 directory.
@@ -30,8 +31,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow import MlflowClient
+# lancet runs offline with telemetry off (docs/design.md §10), however the process was started (CLI, a Prefect
+# worker, a notebook): MLflow reads this at each call, and with it set never writes ~/.config/mlflow/telemetry.json.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +48,31 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+_STORES_READY: set[str] = set()
+
+
+def ensure_tracking_store(uri: str) -> None:
+    """Create a sqlite tracking store (tables, migrations, the registry's tables) under a file lock beside the
+    database (`<db>.lock`), once per process and URI: two processes creating a brand-new store at once would both run
+    MLflow's migrations and one would fail (alembic 'Online migration expected to match one row'); with the lock the
+    second waits and finds the store made. Other URIs (servers, file stores) are left to MLflow."""
+    if not uri.startswith("sqlite:///") or uri in _STORES_READY:
+        return
+    from lancet_core.manifest import file_lock
+
+    db = Path(uri[len("sqlite:///"):]).resolve()
+    with file_lock(db.with_name(db.name + ".lock")):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)  # creates the tracking tables and the default experiment
+        client.search_registered_models(max_results=1)  # and the registry's
+    _STORES_READY.add(uri)
+
+
 def configure(tracking_uri: str | None, experiment: str) -> str:
-    """Point MLflow at `tracking_uri` and `experiment` (created with its artifacts beside a sqlite database)."""
+    """Point MLflow at `tracking_uri` and `experiment` (created with its artifacts beside a sqlite database; a new
+    sqlite store is created under a lock first: ensure_tracking_store)."""
     uri = tracking_uri or default_tracking_uri()
+    ensure_tracking_store(uri)
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment) is None:
         artifacts = Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
@@ -223,6 +250,46 @@ def end_run(status: str = "FINISHED") -> None:
     mlflow.end_run(status=status)
 
 
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local (sqlite or file) store by default
+
+
+def run_page_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's own page in the MLflow UI (not the experiment's GenAI "Overview", where MLflow 3 lands): the
+    tracking server itself for an http(s) URI, else `mlflow ui`'s default address for a local store."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else MLFLOW_UI
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+CHARTS = {"influence": "charts/influence.png", "before_after": "charts/before_after.png"}
+
+
+def log_charts(metrics_before: Mapping[str, Any], metrics_after: Mapping[str, Any] | None,
+               scored_path: str | Path | None) -> dict[str, str]:
+    """Draw the influence distribution with the flagged rows marked (from the repair's scored.parquet) and the
+    before/after rates, log them to the active run under `charts/`; returns {name: the logged PNG's URI}."""
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    from lancet_core.recall.plots import before_after_chart, influence_flagged_chart
+
+    out: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="lancet-charts-") as tmp:
+        drawn = {}
+        if scored_path and Path(scored_path).is_file():
+            t = pq.read_table(scored_path, columns=["influence_score", "lancet_flag"])
+            drawn["influence"] = influence_flagged_chart(t["influence_score"].to_numpy(),
+                                                         t["lancet_flag"].to_numpy(zero_copy_only=False),
+                                                         Path(tmp) / Path(CHARTS["influence"]).name)
+        if metrics_after:
+            drawn["before_after"] = before_after_chart(metrics_before, metrics_after,
+                                                       Path(tmp) / Path(CHARTS["before_after"]).name)
+        for name, png in drawn.items():
+            mlflow.log_artifact(str(png), artifact_path=str(Path(CHARTS[name]).parent))
+            out[name] = mlflow.get_artifact_uri(CHARTS[name])
+    return out
+
+
 def _pinned(uri: str) -> tuple[str, str | None]:
     """`models:/name@alias` -> (`models:/name/<version>`, version); other URIs and paths unchanged (version None, or
     the version written in a `models:/name/N` URI)."""
@@ -316,11 +383,14 @@ def track_realign(*, run_id: str, tracking_uri: str | None, experiment: str,
 
     `datasets`: name -> (path, digest). `tables`: artifact file (.json) -> rows, logged as MLflow tables.
     `gate`: {"promote": bool, "reasons": [...]}, or None when nothing was corrected. Returns {"run_id", "version",
-    "promoted", "reasons", "tracking_uri"}.
+    "promoted", "reasons", "tracking_uri", "experiment_id", "run_url": the run's page in the MLflow UI, "charts":
+    {name: URI of the logged PNG} (`log_charts`)}.
     """
     uri = configure(tracking_uri, experiment)
     out = {"run_id": run_id, "version": None, "promoted": False, "reasons": [], "tracking_uri": uri}
-    mlflow.start_run(run_id=run_id)
+    active = mlflow.start_run(run_id=run_id)
+    out.update(experiment_id=active.info.experiment_id,
+               run_url=run_page_url(uri, active.info.experiment_id, run_id))
     try:
         mlflow.set_tag("lancet.start_model", start_model)
         mlflow.log_table(comparison_table(metrics_before, metrics_after), artifact_file="comparison/before_after.json")
@@ -335,6 +405,11 @@ def track_realign(*, run_id: str, tracking_uri: str | None, experiment: str,
             log_metrics(metrics_after, prefix="after.")
         log_metrics(extra_metrics)
         log_artifacts(artifacts)
+        try:  # pictures for people: a drawing problem is said, never a failed run
+            out["charts"] = log_charts(metrics_before, metrics_after, artifacts.get("repair/scored"))
+        except Exception as e:  # noqa: BLE001
+            log.warning("charts: not drawn (%s: %s)", type(e).__name__, e)
+            out["charts"] = {}
         if corrected_model and gate is not None:
             version = log_and_register_model(corrected_model, registered_name)
             promote(registered_name, version, gate["promote"], gate["reasons"])

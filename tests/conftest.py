@@ -63,7 +63,12 @@ def _home_untouched():
     yield
     after = home_snapshot(home)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    # MLflow 3 creates <config>/mlflow/telemetry.json (an installation id) only when telemetry is on: with it off,
+    # as lancet runs, nothing may appear even in the session's own config dir.
+    telemetry = SESSION_HOME / "config" / "mlflow" / "telemetry.json"
+    telemetry_written = telemetry.exists()
     shutil.rmtree(SESSION_HOME, ignore_errors=True)
+    assert not telemetry_written, "MLflow wrote telemetry.json although lancet runs with telemetry off"
     assert not changed, (f"the user's home ({home}) changed during the test session (a test, or another lancet / "
                          f"Prefect process running beside it): {changed[:20]}")
 
