@@ -1,12 +1,19 @@
 """Bad input is refused in seconds, before any heavy work: one line naming the option, the file and the row; exit
-code 2; no traceback; nothing written. Covers the CLI (flags and --config files) and deployment parameters.
-Also: the token limit is raised to what the corpus needs, and the config schema equals the flow's signature."""
+code 2; no traceback; nothing written. Covers the CLI (flags and --config files) and deployment parameters, and the
+places a run writes to or talks to (work dir, tracking store and server, weights, registry URIs, deployments) for
+realign, index and monitor. Also: the token limit is raised to what the corpus needs, and the config schema equals
+the flow's signature."""
 
 from __future__ import annotations
 
 import inspect
 import json
+import os
+import socket
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import yaml
@@ -60,11 +67,14 @@ def _refused(capsys, monkeypatch, tmp_path, argv, *needles):
     """main(argv) exits 2 within 3 s with one stderr line holding every needle, and writes nothing."""
     monkeypatch.chdir(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()  # what the test's own setup printed (progress bars) is not the refusal
     t0 = time.perf_counter()
     rc = main(argv)
     seconds = time.perf_counter() - t0
-    err = capsys.readouterr().err.strip()
+    captured = capsys.readouterr()
+    err = captured.err.strip()
     assert rc == 2, err
+    assert captured.out == "", captured.out  # stdout stays empty: `$(lancet config f)` must not feed a half result
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("lancet: error: "), err
     assert "Traceback" not in err
@@ -167,6 +177,318 @@ def test_row_longer_than_the_model_context_with_refuse(model_dir, files, tmp_pat
     cfg.write_text("tokenize_config:\n  overlong: refuse\n")
     _refused(capsys, monkeypatch, tmp_path, _args(model_dir, {**files, "--corpus": corpus}) + ["--config", str(cfg)],
              "--corpus", "row 1", "context (512)")
+
+
+# ------------------------------------------------------------------------------------------ where a run writes and talks
+# Each kind below failed only minutes into a run before (issue 28: 23 s to 270 s, with tracebacks, files written).
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def hung_server():
+    """A tracking server that accepts connections and never answers."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)
+    yield f"http://127.0.0.1:{s.getsockname()[1]}"
+    s.close()
+
+
+class _StubMlflow(BaseHTTPRequestHandler):
+    """Answers like an MLflow tracking server that has no registered model (/health OK, registry lookups 404 with
+    MLflow's error body)."""
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        if self.path == "/health":
+            body, code = b"OK", 200
+        else:
+            body = json.dumps({"error_code": "RESOURCE_DOES_NOT_EXIST",
+                               "message": "Registered Model with name=ghost not found"}).encode()
+            code = 404
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stub_mlflow_server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _StubMlflow)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A real MLflow sqlite store (made by MLflow itself, so the read-only lookups are held to its schema): model
+    'known' version 1 with alias 'champion', and one run. Returns (tracking URI, run id)."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("registry") / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{db}")
+    client.create_registered_model("known")
+    mv = client.create_model_version("known", source=str(db.parent / "src"))
+    client.set_registered_model_alias("known", "champion", mv.version)
+    run = client.create_run(client.create_experiment("e"))
+    return f"sqlite:///{db}", run.info.run_id
+
+
+def test_registry_lookups_find_what_mlflow_registered(registry):
+    from flows.inputs import check_model_uri
+
+    uri, run_id = registry
+    for good in ("models:/known/1", "models:/known@champion", "models:/known/latest", f"runs:/{run_id}/model"):
+        check_model_uri(good, uri, "--model")  # no InputError
+
+
+def _copy_model(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _sharded(model_dir: Path, dst: Path) -> Path:
+    """The tiny model saved as a sharded safetensors checkpoint (several files + model.safetensors.index.json)."""
+    from transformers import AutoModelForCausalLM
+
+    _copy_model(model_dir, dst)
+    (dst / "model.safetensors").unlink()
+    AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(dst, max_shard_size="20KB")
+    assert (dst / "model.safetensors.index.json").is_file()
+    return dst
+
+
+def _shards(d: Path) -> list[Path]:
+    return sorted(d.glob("model-*.safetensors"))
+
+
+def _truncate(f: Path) -> None:
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+
+
+def _garbage_header(f: Path) -> None:
+    f.write_bytes((40).to_bytes(8, "little") + b"{this is not json" + b" " * 23 + f.read_bytes()[48:])
+
+
+def _trailing(f: Path) -> None:
+    f.write_bytes(f.read_bytes() + b"\0" * 16)
+
+
+def _bad_index(d: Path) -> None:
+    (d / "model.safetensors.index.json").write_text("{not json")
+
+
+def _missing_shard(d: Path) -> None:
+    _shards(d)[-1].unlink()
+
+
+def _bin_truncated(model_dir: Path, dst: Path) -> Path:
+    """A torch (zip) .bin checkpoint cut in half (transformers 5 saves safetensors only: torch.save writes it)."""
+    import torch
+    from safetensors.torch import load_file
+
+    _copy_model(model_dir, dst)
+    torch.save(load_file(dst / "model.safetensors"), dst / "pytorch_model.bin")
+    (dst / "model.safetensors").unlink()
+    _truncate(dst / "pytorch_model.bin")
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage_header", "trailing_bytes", "sharded_missing_shard",
+                                  "sharded_truncated_shard", "sharded_bad_index", "bin_truncated"])
+def test_weights_that_would_not_load(kind, model_dir, files, tmp_path, capsys, monkeypatch):
+    """Each broken checkpoint is one that transformers / safetensors / torch refuse too (checked first, outside the
+    timing), so the check never refuses weights that would load."""
+    bad = tmp_path / "bad-model"
+    if kind == "bin_truncated":
+        _bin_truncated(model_dir, bad)
+        broken = bad / "pytorch_model.bin"
+    elif kind.startswith("sharded"):
+        _sharded(model_dir, bad)
+        broken = _shards(bad)[0]
+        {"sharded_missing_shard": lambda: _missing_shard(bad), "sharded_truncated_shard": lambda: _truncate(broken),
+         "sharded_bad_index": lambda: _bad_index(bad)}[kind]()
+        if kind == "sharded_missing_shard":
+            broken = None
+    else:
+        _copy_model(model_dir, bad)
+        broken = bad / "model.safetensors"
+        {"truncated": _truncate, "garbage_header": _garbage_header, "trailing_bytes": _trailing}[kind](broken)
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(Exception):  # noqa: B017,PT011 - whatever transformers raises: it does not load
+        AutoModelForCausalLM.from_pretrained(bad)
+    needle = {"sharded_missing_shard": "missing", "sharded_bad_index": "index"}.get(kind, broken.name if broken else "")
+    _refused(capsys, monkeypatch, tmp_path, _args(bad, files), "--model", needle)
+
+
+def test_a_sharded_checkpoint_passes(model_dir, files, tmp_path):
+    good = _sharded(model_dir, tmp_path / "sharded")
+    assert len(_shards(good)) > 1
+    check_inputs(_params(good, files), PARAM_NAMES)
+
+
+PLACES = {  # kind -> (extra realign argv, env, needles); {tmp}, {port}, {hung}, {stub}, {db}, {run} filled in below
+    "work_dir_cannot_be_created": (["--work-dir", "/proc/lancet-test/work"], {}, ["--work-dir", "cannot be created"]),
+    "work_dir_not_writable": (["--work-dir", "/sys/kernel"], {}, ["--work-dir /sys/kernel", "not writable"]),
+    "tracking_dir_not_writable": (["--tracking-uri", "sqlite:////sys/kernel/mlflow.db"], {},
+                                  ["--tracking-uri", "not writable"]),
+    "tracking_db_not_sqlite": (["--tracking-uri", "sqlite:///{tmp}/notes.db"], {}, ["--tracking-uri", "not an SQLite"]),
+    "tracking_db_is_a_directory": (["--tracking-uri", "sqlite:///{tmp}"], {}, ["--tracking-uri", "not a file"]),
+    "tracking_server_down": (["--tracking-uri", "http://127.0.0.1:{port}"], {}, ["--tracking-uri", "does not answer"]),
+    "tracking_server_hangs": (["--tracking-uri", "{hung}"], {}, ["--tracking-uri", "does not answer", "timed out"]),
+    "tracking_env_server_down": ([], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"},
+                                 ["MLFLOW_TRACKING_URI", "does not answer"]),
+    "registry_model_unknown": (["--model", "models:/ghost/1", "--tracking-uri", "{db}"], {},
+                               ["--model models:/ghost/1", "no registered model 'ghost'", "known"]),
+    "registry_version_unknown": (["--model", "models:/known/7", "--tracking-uri", "{db}"], {},
+                                 ["--model", "no version 7", "its versions: 1"]),
+    "registry_alias_unknown": (["--model", "models:/known@prod", "--tracking-uri", "{db}"], {},
+                               ["--model", "no alias 'prod'", "champion"]),
+    "registry_run_unknown": (["--model", "runs:/0123abcd/model", "--tracking-uri", "{db}"], {},
+                             ["--model", "no run 0123abcd"]),
+    "registry_uri_malformed": (["--model", "models:/known"], {}, ["--model models:/known", "models:/NAME/VERSION"]),
+    "registry_database_missing": (["--model", "models:/known/1", "--tracking-uri", "sqlite:///{tmp}/none.db"], {},
+                                  ["--model", "no tracking database"]),
+    "registry_on_server_unknown": (["--model", "models:/ghost/1", "--tracking-uri", "{stub}"], {},
+                                   ["--model models:/ghost/1", "not found"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(PLACES))
+def test_places_a_realign_run_writes_to_or_talks_to(kind, model_dir, files, registry, hung_server, stub_mlflow_server,
+                                                    tmp_path, capsys, monkeypatch):
+    argv, env, needles = PLACES[kind]
+    (tmp_path / "notes.db").write_text("my notes, not a database\n")
+    fill = {"tmp": tmp_path, "port": _free_port(), "hung": hung_server, "stub": stub_mlflow_server,
+            "db": registry[0]}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v.format(**fill))
+    if kind.startswith("registry"):  # a registry URI is the model; the files stay (the demo is not used)
+        base = [a for a in _args(model_dir, files) if a != "--model" and a != str(model_dir)]
+    else:
+        base = _args(model_dir, files)
+    _refused(capsys, monkeypatch, tmp_path, base + [a.format(**fill) for a in argv], *needles)
+
+
+# `lancet index` shares realign's checks (it had none: raw tracebacks)
+@pytest.mark.parametrize("kind", ["corpus_missing", "corpus_empty", "model_missing", "model_truncated",
+                                  "model_is_a_registry_uri", "work_dir_not_writable", "out_not_writable"])
+def test_lancet_index_refuses_bad_input(kind, model_dir, files, tmp_path, capsys, monkeypatch):
+    corpus, model, extra = files["--corpus"], model_dir, []
+    if kind == "corpus_missing":
+        corpus = tmp_path / "nope.jsonl"
+    elif kind == "corpus_empty":
+        corpus = tmp_path / "empty.jsonl"
+        corpus.write_text("")
+    elif kind == "model_missing":
+        model = tmp_path / "no-model"
+    elif kind == "model_truncated":
+        model = _copy_model(model_dir, tmp_path / "bad-model")
+        _truncate(model / "model.safetensors")
+    elif kind == "model_is_a_registry_uri":
+        model = "models:/known/1"
+    elif kind == "work_dir_not_writable":
+        extra = ["--work-dir", "/sys/kernel/lancet"]
+    else:
+        extra = ["--out", "/proc/lancet-store"]
+    needle = {"corpus_missing": "corpus", "corpus_empty": "corpus", "work_dir_not_writable": "--work-dir",
+              "out_not_writable": "--out"}.get(kind, "model")
+    _refused(capsys, monkeypatch, tmp_path, ["index", str(corpus), str(model), *extra], needle)
+
+
+# `lancet monitor` shares them too, and checks the deployment it would start (a misnamed one failed after 136 s)
+@pytest.fixture
+def prefect_api(monkeypatch):
+    """Point this process's Prefect settings at a given API URL (None: no API configured), whatever the session's
+    harness or the developer's profile say. Imports Prefect outside the timed part (the monitor command imports it
+    anyway)."""
+    from contextlib import ExitStack
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    stack = ExitStack()
+
+    def point(url: str | None):
+        monkeypatch.delenv("PREFECT_API_URL", raising=False)
+        if url is None:
+            stack.enter_context(temporary_settings(restore_defaults={PREFECT_API_URL}))
+        else:
+            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))
+
+    yield point
+    stack.close()
+
+
+@pytest.mark.parametrize("kind", ["work_dir_not_writable", "tracking_server_down", "registry_model_unknown",
+                                  "deployment_without_api_url", "deployment_malformed", "prefect_api_down"])
+def test_lancet_monitor_refuses_bad_input(kind, model_dir, tmp_path, registry, prefect_api, capsys, monkeypatch):
+    probes = _jsonl(tmp_path / "probes.jsonl", [{"prompt": "tell me a joke"}])
+    argv = ["monitor", "--model", str(model_dir), "--probes", str(probes), "--no-champion"]
+    prefect_api(None)
+    if kind == "work_dir_not_writable":
+        argv += ["--work-dir", "/sys/kernel/lancet"]
+        needles = ["--work-dir", "not writable"]
+    elif kind == "tracking_server_down":
+        argv += ["--tracking-uri", f"http://127.0.0.1:{_free_port()}"]
+        needles = ["--tracking-uri", "does not answer"]
+    elif kind == "registry_model_unknown":
+        argv[2] = "models:/ghost@champion"
+        argv += ["--tracking-uri", registry[0]]
+        needles = ["--model models:/ghost@champion", "no registered model"]
+    elif kind == "deployment_without_api_url":
+        argv += ["--realign-deployment", "realign/demo"]
+        needles = ["--realign-deployment realign/demo", "PREFECT_API_URL is not set"]
+    elif kind == "deployment_malformed":
+        argv += ["--realign-deployment", "demo"]
+        needles = ["--realign-deployment 'demo'", "FLOW/DEPLOYMENT"]
+    else:
+        prefect_api(f"http://127.0.0.1:{_free_port()}/api")
+        argv += ["--realign-deployment", "realign/demo"]
+        needles = ["--realign-deployment realign/demo", "Prefect API", "does not answer"]
+    _refused(capsys, monkeypatch, tmp_path, argv, *needles)
+
+
+def test_lancet_config_with_a_missing_file_prints_nothing_on_stdout(tmp_path, capsys, monkeypatch):
+    """`prefect deployment run ... --params "$(lancet config run.yaml)"`: exit 2, one line on stderr, stdout empty."""
+    _refused(capsys, monkeypatch, tmp_path, ["config", str(tmp_path / "run.yaml")], "run.yaml", "file not found")
+
+
+def test_threads_option_sets_the_policy_for_the_process_and_its_flows(monkeypatch, capsys):
+    import torch
+
+    from lancet_core.threads import BLAS_THREADS, current_threads, default_threads, resolve_threads
+
+    monkeypatch.setenv("LANCET_THREADS", "1")  # restored after the test (the CLI exports its --threads)
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    before = torch.get_num_threads()
+    try:
+        assert main(["config", "/nonexistent.yaml"]) == 2  # any command applies the policy first
+        assert main(["index", "/nonexistent.jsonl", "/nonexistent", "--threads", "3"]) == 2
+        assert torch.get_num_threads() == 3 and os.environ["LANCET_THREADS"] == "3"
+        assert resolve_threads() == (3, "LANCET_THREADS")  # what a flow started by this CLI applies
+        blas = current_threads().get("blas", {})
+        assert all(n == BLAS_THREADS for n in blas.values()), blas
+        monkeypatch.delenv("LANCET_THREADS")
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert resolve_threads() == (default_threads(), "default") and default_threads() >= 1
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["index", "c", "m", "--threads", "0"])
+    assert "--threads: expected a positive integer" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ deployment parameters

@@ -174,3 +174,29 @@ def test_cli_refuses_bad_input_in_one_line_before_any_work(argv, message, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"lancet: error: {message}") and "\n" not in err
     assert time.perf_counter() - t0 < 3
+
+
+def test_a_deployment_that_does_not_exist_is_refused_in_seconds_by_the_cli_and_the_flow(tiny, deployment, tmp_path,
+                                                                                      capsys, monkeypatch):
+    """Before: the check ran, then run_deployment failed with `ObjectNotFound: None` after 136 s. Now the CLI refuses it
+    in one line, in < 3 s, writing nothing; the flow (a deployment's parameters) refuses it before any model loads."""
+    from flows.cli import main
+    from flows.inputs import InputError, check_deployment
+
+    check_deployment(deployment, "--realign-deployment")  # the one that exists passes
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # the harness's API comes from Prefect's settings
+    monkeypatch.chdir(tmp_path)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["monitor", "--model", str(tiny / "model"), "--probes", str(tiny / "probes.jsonl"), "--no-champion",
+            "--work-dir", str(tmp_path / "work"), "--tracking-uri", tracking, "--realign-deployment", "realign/nope"]
+    capsys.readouterr()
+    t0 = time.perf_counter()
+    assert main(argv) == 2
+    seconds = time.perf_counter() - t0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lancet: error: --realign-deployment realign/nope: no such deployment") and "\n" not in err
+    assert seconds < 3, f"{seconds:.1f} s"
+    assert list(tmp_path.iterdir()) == []  # no work dir, no mlflow.db
+    with pytest.raises(InputError, match=r"^realign_deployment realign/nope: no such deployment"):
+        _check(tiny, tmp_path, tracking, ALWAYS, "realign/nope")
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "work").exists()
