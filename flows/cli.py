@@ -171,8 +171,9 @@ def _cmd_realign(args) -> int:
     from flows.report import closing_summary, summary_json
 
     summary = realign(**checked.params.flow_kwargs())
-    print()
-    print(closing_summary(summary))
+    human = sys.stderr if args.json else sys.stdout  # with --json, stdout carries the JSON alone (`| jq .`)
+    print(file=human)
+    print(closing_summary(summary), file=human)
     if args.json:
         print(json.dumps(summary_json(summary), indent=2, default=str))
     return 0
@@ -278,7 +279,9 @@ def _window_option(text: str) -> int | str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lancet", description="Correct a fine-tuned LM from its own training data.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="-v: lancet's own debug detail; -vv: third-party logs too (HTTP calls, weight loading, "
+                   "warnings, progress bars)")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="build the built-in demo scenario (corpus, held-out prompts, impure model)")
@@ -366,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IBO's retain KL weight λ_B (default 'auto': 1 with the decision window, 3 over the whole "
                    "response)")
     _runner_args(r)
-    r.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    r.add_argument("--json", action="store_true",
+                   help="print the summary as JSON on stdout (the human summary and the logs go to stderr)")
     _threads_arg(r)
     r.set_defaults(func=_cmd_realign)
 
@@ -422,7 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# third-party loggers that narrate every HTTP call or weight file; -v brings them back
+# lancet's own loggers: `logging.getLogger("lancet")` and every module's __name__; -v turns them to DEBUG
+_OWN_LOGGERS = ("lancet", "lancet_core", "tasks", "flows")
+# third-party loggers that narrate every HTTP call or weight file; -vv brings them back
 _NOISY_LOGGERS = {"httpx": logging.WARNING, "httpcore": logging.WARNING, "mlflow": logging.ERROR,
                   "alembic": logging.WARNING, "urllib3": logging.WARNING, "filelock": logging.WARNING,
                   "transformers": logging.ERROR, "datasets": logging.ERROR, "huggingface_hub": logging.ERROR}
@@ -430,11 +436,19 @@ _QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "MLFLOW_LOGGING_LEVEL": "ERROR"
               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
 
 
-def _configure_logging(verbose: bool) -> None:
-    """Our own lines at INFO (DEBUG with -v); third-party chatter, progress bars and warnings off unless -v."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+def _configure_logging(verbose: int) -> None:
+    """Our own lines at INFO; -v: lancet's own DEBUG detail too, third-party loggers still quiet; -vv: everything at
+    DEBUG, third-party chatter, progress bars and warnings included."""
+    logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    if verbose:
+    # MLflow writes "View run ... at" to stdout for a tracking server; the closing summary names the run page itself,
+    # and with --json stdout must carry the JSON alone
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    for name in _OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.NOTSET)
+    if verbose >= 2:
+        for name in _NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)
         return
     import warnings
 

@@ -50,7 +50,8 @@ def report_markdown(summary: dict, tracked: dict) -> str:
     lines += ["", f"Gate: **{'promoted to champion' if gate.get('promote') else 'not promoted'}** — "
               + "; ".join(gate.get("reasons", [])),
               "", f"MLflow run: `{tracked.get('run_id')}` ({tracked.get('tracking_uri')}), "
-              f"registered version: `{tracked.get('version')}`", ""]
+              f"registered version: `{tracked.get('version')}`"
+              + (f"; run page: {tracked['run_url']}" if tracked.get("run_url") else ""), ""]
     md = Path(summary["artifacts"].get("explanation_md", ""))
     if md.is_file():
         lines += ["## Top training rows behind each flagged output", "", md.read_text()[:20000]]
@@ -162,9 +163,25 @@ def closing_summary(summary: dict) -> str:
         gate = "promoted to champion" if summary.get("promoted") else "not promoted"
         lines += [f"corrected    : {summary['corrected_model']}",
                   f"gate         : {gate} — {'; '.join(summary.get('reasons') or [])}"]
+    charts = [local_path(u) for u in (summary.get("charts") or {}).values()]
+    if charts:
+        lines.append("charts       : " + "\n               ".join(charts))
     version = f", registered version {summary['version']}" if summary.get("version") else ""
-    lines.append(f"MLflow       : run {summary.get('run_id')} in {summary.get('tracking_uri')}{version}")
+    uri = summary.get("tracking_uri") or ""
+    lines.append(f"MLflow       : run {summary.get('run_id')} in {uri}{version}")
+    if summary.get("run_url"):
+        lines.append(f"run page     : {summary['run_url']}")
+        if not uri.startswith(("http://", "https://")):
+            lines.append(f"               (first start the UI: .venv/bin/mlflow ui --backend-store-uri {uri})")
     return "\n".join(lines)
+
+
+def local_path(uri: str) -> str:
+    """A file:// URI as the plain path a person can open; any other URI unchanged."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(uri)
+    return unquote(parsed.path) if parsed.scheme == "file" else uri
 
 
 def monitor_summary(out: dict) -> str:
@@ -184,8 +201,8 @@ def monitor_summary(out: dict) -> str:
 
 def summary_json(summary: dict) -> dict:
     """The realign summary's user-facing keys (for `lancet realign --json`)."""
-    keep = ("status", "n_flagged", "run_id", "version", "promoted", "reasons", "tracking_uri", "corrected_model",
-            "start_model", "repaired_corpus", "recall_metrics")
+    keep = ("status", "n_flagged", "run_id", "run_url", "experiment_id", "version", "promoted", "reasons",
+            "tracking_uri", "corrected_model", "start_model", "repaired_corpus", "recall_metrics", "charts")
     out = {k: summary.get(k) for k in keep}
     for phase in ("metrics_before", "metrics_after"):
         if summary.get(phase):

@@ -111,7 +111,8 @@ def test_output_is_quiet_by_default_and_verbose_brings_it_back(tmp_path):
     for noise in ("HTTP Request", "httpx", "Loading weights", "Warning", "warn("):
         assert noise not in quiet, (noise, quiet[-3000:])
     assert "shard-00000.parquet: 10 rows" in quiet  # our own figures are still there
-    assert "HTTP Request" in run("-v")
+    assert "HTTP Request" not in run("-v")  # -v: lancet's own detail only (issue 29)
+    assert "HTTP Request" in run("-vv")
 
 
 def test_repair_writes_the_scored_and_repaired_corpus(tmp_path, capsys):
