@@ -1,0 +1,258 @@
+"""The exact scoring pass (lancet_core.recall.exact) against float64 oracles.
+
+- scores = explicit per-example full gradients (a for-loop of single-example backward passes) · V, for GPT-2 Conv1D
+  and Llama Linear, padded batches, a response window and the whole response, Q queries at once;
+- full-dimensional kfac (Kronecker and factored damping) and ekfac equal an explicit inverse of the Kronecker-product
+  Fisher applied to vec(G); the factors equal a slow per-example accumulation;
+- the query gradients equal the oracle's; a `rows` subset scores like the same rows of a full pass (rerank with
+  M = N is the exact pass), from a tokens Parquet, with the written file's fold = scan.fold_queries'.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lancet_core.index.hooks import weight_grad_out_in
+from lancet_core.recall.exact import (
+    fit_curvature,
+    fold_scores,
+    full_layout,
+    precondition_queries,
+    query_gradients,
+    score_corpus,
+    score_rows,
+    write_scores,
+)
+from tests.core.index.test_grad_hooks import first_response_tokens, oracle_loglik, random_rows, tiny_gpt2
+from tests.core.index.test_grad_hooks import tiny_llama as _tiny_llama
+from tests.core.recall.test_influence_fidelity import B as FIDELITY
+
+
+def tiny_llama(seed: int = 0):
+    """The hooks tests' tiny Llama, computing truly in float64 once .double()'d: stock HF Llama runs RMSNorm, the
+    eager softmax and the rotary angles in float32 (the fidelity bench's float64_model patches them), which would
+    limit any float64 comparison to ~1e-8."""
+    model, _ = FIDELITY.float64_model(_tiny_llama(seed), "model.layers.0.mlp.down_proj")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def oracle_full_gradients(model, layout, rows_ids, rows_mask, reduction="mean"):
+    """{module: [N, d_out, d_in]} per-example ∇_W log π(y|x) by single-example backward() (the masks already
+    windowed)."""
+    mods = dict(model.named_modules())
+    out = {ml.name: [] for ml in layout}
+    for ids, mask in zip(rows_ids, rows_mask, strict=True):
+        model.zero_grad()
+        oracle_loglik(model, ids, mask, reduction).backward()
+        for ml in layout:
+            out[ml.name].append(weight_grad_out_in(mods[ml.name]).detach().double().numpy().copy())
+    model.zero_grad()
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def random_queries(layout, q, seed=0):
+    g = np.random.default_rng(seed)
+    return {ml.name: g.standard_normal((q, ml.d_out, ml.d_in)) for ml in layout}
+
+
+def dot(grads, queries):
+    """[N, Q] Σ_m ⟨G_i,m, V_q,m⟩, explicitly flattened."""
+    return sum(grads[k].reshape(len(grads[k]), -1) @ queries[k].reshape(len(queries[k]), -1).T for k in grads)
+
+
+def rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2-conv1d", "llama-linear"])
+@pytest.mark.parametrize("window", [None, 3], ids=["whole-response", "first-3"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_exact_scores_equal_per_example_gradients_dot_v(make, window, reduction):
+    model = make().double()
+    layout = full_layout(model)
+    rows_ids, rows_mask = random_rows(7, seed=5)
+    assert len({len(r) for r in rows_ids}) > 1  # rows of different lengths: padded batches
+    V = random_queries(layout, 3)
+    got = score_rows(model, V, rows_ids, rows_mask, reduction=reduction, response_tokens=window, batch_size=3)
+    assert all(p.requires_grad for p in model.parameters())  # restored
+    want = dot(oracle_full_gradients(model, layout, rows_ids, [first_response_tokens(m, window) for m in rows_mask],
+                                     reduction), V)
+    assert got.shape == (7, 3) and got.dtype == np.float64
+    assert rel(got, want) <= 1e-10, rel(got, want)
+    # the batch size (padding widths) does not change the scores beyond rounding
+    one = score_rows(model, V, rows_ids, rows_mask, reduction=reduction, response_tokens=window, batch_size=1)
+    assert rel(one, want) <= 1e-10
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2-conv1d", "llama-linear"])
+def test_query_gradients_equal_the_oracle(make):
+    model = make().double()
+    layout = full_layout(model)
+    rows_ids, rows_mask = random_rows(4, seed=9)
+    got = query_gradients(model, rows_ids, rows_mask, response_tokens=2, batch_size=3)
+    want = oracle_full_gradients(model, layout, rows_ids, [first_response_tokens(m, 2) for m in rows_mask])
+    for ml in layout:
+        assert got[ml.name].shape == (4, ml.d_out, ml.d_in)
+        assert rel(got[ml.name], want[ml.name]) <= 1e-10
+
+
+def _slow_factors(model, layout, rows_ids, rows_mask):
+    """Σ_t a aᵀ, Σ_t δ δᵀ over non-padding tokens, per module, by single-example passes (mean reduction)."""
+    mods = dict(model.named_modules())
+    out = {ml.name: [np.zeros((ml.d_in, ml.d_in)), np.zeros((ml.d_out, ml.d_out))] for ml in layout}
+    tokens = 0
+    for r, m in zip(rows_ids, rows_mask, strict=True):
+        acts, outs, hs = {}, {}, []
+        for ml in layout:
+            def fwd(mod, args, o, name=ml.name, acts=acts, outs=outs):
+                acts[name] = args[0].detach()[0]
+                o.retain_grad()
+                outs[name] = o
+            hs.append(mods[ml.name].register_forward_hook(fwd))
+        model.zero_grad()
+        oracle_loglik(model, r, m, "mean").backward()
+        for h in hs:
+            h.remove()
+        for ml in layout:
+            a, d = acts[ml.name].numpy(), outs[ml.name].grad[0].numpy()
+            out[ml.name][0] += a.T @ a
+            out[ml.name][1] += d.T @ d
+        tokens += len(r)
+    model.zero_grad()
+    return out, tokens
+
+
+def _kron_reference(G, A, S, tokens, n, ratio, damping):
+    """V from an explicit (d_out·d_in)² Fisher and np.linalg.inv, row-major vec (index o·d_in + i)."""
+    a, s = A / tokens, S / tokens * (tokens / n)
+    if damping == "kronecker":
+        F = np.kron(s, a)
+        lam = ratio * np.trace(F) / F.shape[0]
+        M = F + lam * np.eye(F.shape[0])
+    else:
+        la, ls = ratio * np.trace(a) / a.shape[0], ratio * np.trace(s) / s.shape[0]
+        M = np.kron(s + ls * np.eye(len(s)), a + la * np.eye(len(a)))
+    return (np.linalg.inv(M) @ G.reshape(len(G), -1).T).T.reshape(G.shape)
+
+
+@pytest.mark.parametrize("damping", ["kronecker", "factored"])
+def test_full_kfac_equals_an_explicit_kronecker_inverse(damping):
+    model = tiny_gpt2().double()
+    layout = [ml for ml in full_layout(model) if ml.name.endswith(("h.1.attn.c_proj", "h.0.mlp.c_fc"))]
+    rows_ids, rows_mask = random_rows(6, seed=2)
+    cur = fit_curvature(model, rows_ids, rows_mask, "kfac", damping_ratio=0.1, damping=damping, layout=layout,
+                        batch_size=4)
+    slow, tokens = _slow_factors(model, layout, rows_ids, rows_mask)
+    assert cur.tokens == tokens and cur.rows == 6
+    G = random_queries(layout, 2, seed=4)
+    V = precondition_queries(G, cur)
+    for ml in layout:
+        A, S = slow[ml.name]
+        want = _kron_reference(G[ml.name], A, S, tokens, 6, 0.1, damping)
+        assert rel(V[ml.name], want) <= 1e-9, (ml.name, rel(V[ml.name], want))
+
+
+def test_full_ekfac_equals_an_explicit_inverse_in_its_eigenbasis():
+    model = tiny_llama().double()
+    layout = [ml for ml in full_layout(model) if ml.name.endswith(("layers.1.mlp.down_proj", "layers.0.self_attn.k_proj"))]
+    rows_ids, rows_mask = random_rows(6, seed=3)
+    cur = fit_curvature(model, rows_ids, rows_mask, "ekfac", damping_ratio=0.1, layout=layout, batch_size=4)
+    grads = oracle_full_gradients(model, layout, rows_ids, rows_mask)
+    slow, tokens = _slow_factors(model, layout, rows_ids, rows_mask)
+    G = random_queries(layout, 2, seed=6)
+    V = precondition_queries(G, cur)
+    for ml in layout:
+        qa, qs = cur.blocks[ml.name]["QA"], cur.blocks[ml.name]["QS"]
+        A, S = slow[ml.name]
+        # the eigenbases diagonalise the factors
+        for q, f in ((qa, A), (qs, S)):
+            np.testing.assert_allclose(q.T @ q, np.eye(len(q)), atol=1e-12)
+            off = q.T @ f @ q
+            assert np.abs(off - np.diag(np.diag(off))).max() <= 1e-9 * np.abs(f).max()
+        grid = np.mean([(qs.T @ g @ qa) ** 2 for g in grads[ml.name]], axis=0)
+        lam = 0.1 * grid.mean()
+        K = np.kron(qs, qa)  # vec_r(Q_S X Q_Aᵀ) = (Q_S ⊗ Q_A) vec_r(X)
+        F = K @ np.diag(grid.reshape(-1)) @ K.T
+        M = np.linalg.inv(F + lam * np.eye(len(F)))
+        want = (M @ G[ml.name].reshape(2, -1).T).T.reshape(G[ml.name].shape)
+        assert rel(V[ml.name], want) <= 1e-9, (ml.name, rel(V[ml.name], want))
+
+
+def test_identity_is_the_query_itself_and_bad_kinds_are_refused():
+    model = tiny_gpt2().double()
+    rows_ids, rows_mask = random_rows(3)
+    G = random_queries(full_layout(model), 1)
+    cur = fit_curvature(model, rows_ids, rows_mask, "identity")
+    assert all(np.array_equal(precondition_queries(G, cur)[k], G[k]) for k in G)
+    with pytest.raises(ValueError, match="kind"):
+        fit_curvature(model, rows_ids, rows_mask, "linfac")
+    with pytest.raises(ValueError, match="ekfac"):
+        fit_curvature(model, rows_ids, rows_mask, "ekfac", damping="factored")
+
+
+def _write_tokens(path, rows_ids, rows_mask):
+    pq.write_table(pa.table({
+        "example_id": [f"ex{i:03d}" for i in range(len(rows_ids))],
+        "input_ids": pa.array(rows_ids, pa.list_(pa.int32())),
+        "loss_mask": pa.array(rows_mask, pa.list_(pa.int8())),
+    }), path)
+    return path
+
+
+def test_a_rows_subset_scores_like_the_full_pass(tmp_path):
+    """Rerank over M candidates = the same rows of the exact pass; M = N (any order) is the exact pass."""
+    model = tiny_llama().double()
+    layout = full_layout(model)
+    rows_ids, rows_mask = random_rows(11, seed=4)
+    tokens = _write_tokens(tmp_path / "tokens.parquet", rows_ids, rows_mask)
+    V = random_queries(layout, 2, seed=1)
+    seen = []
+    full = score_corpus(model, V, tokens, response_tokens=4, batch_size=3, chunk_rows=5,
+                        progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(5, 11), (10, 11), (11, 11)]
+    want = dot(oracle_full_gradients(model, layout, rows_ids, [first_response_tokens(m, 4) for m in rows_mask]), V)
+    assert rel(full, want) <= 1e-10
+    sub = [9, 2, 5, 0]
+    part = score_corpus(model, V, tokens, rows=sub, response_tokens=4, batch_size=3)
+    np.testing.assert_allclose(part, full[sub], rtol=1e-12, atol=1e-12 * np.abs(full).max())
+    perm = np.random.default_rng(0).permutation(11)
+    every = score_corpus(model, V, tokens, rows=perm, response_tokens=4, batch_size=3, chunk_rows=5)
+    np.testing.assert_allclose(every, full[perm], rtol=1e-12, atol=1e-12 * np.abs(full).max())
+    again = score_corpus(model, V, tokens, response_tokens=4, batch_size=3, chunk_rows=5)
+    assert np.array_equal(again, full)  # deterministic
+    with pytest.raises(ValueError, match="rows must be positions"):
+        score_corpus(model, V, tokens, rows=[11])
+
+    out = write_scores(tmp_path / "exact.parquet", tokens, part, V, rows=sub)
+    t = pq.read_table(out)
+    assert t.column("row_id").to_pylist() == sub
+    assert t.column("example_id").to_pylist() == [f"ex{i:03d}" for i in sub]
+    from lancet_core.recall.scan import fold_queries, normalized_queries
+
+    flat = np.concatenate([V[ml.name].reshape(2, -1) for ml in layout], axis=1)
+    g = np.concatenate([oracle_full_gradients(model, layout, [rows_ids[i] for i in sub],
+                                              [first_response_tokens(rows_mask[i], 4) for i in sub])[ml.name]
+                        .reshape(len(sub), -1) for ml in layout], axis=1)
+    np.testing.assert_allclose(t.column("score").to_numpy(), g @ fold_queries(flat, flat.shape[1]), rtol=1e-10)
+    per_q = np.array(t.column("query_scores").to_pylist())
+    np.testing.assert_allclose(per_q, g @ normalized_queries(flat, flat.shape[1]).T, rtol=1e-10)
+    folded, _ = fold_scores(part, V)
+    np.testing.assert_array_equal(t.column("score").to_numpy(), folded)
+
+
+def test_query_matrices_must_match_the_modules():
+    model = tiny_gpt2().double()
+    layout = full_layout(model)
+    rows_ids, rows_mask = random_rows(2)
+    V = random_queries(layout, 1)
+    with pytest.raises(ValueError, match="do not match the target modules"):
+        score_rows(model, {k: v for k, v in list(V.items())[1:]}, rows_ids, rows_mask)
+    bad = dict(V)
+    bad[layout[0].name] = V[layout[0].name][:, :, :-1]
+    with pytest.raises(ValueError, match="expected"):
+        score_rows(model, bad, rows_ids, rows_mask)
