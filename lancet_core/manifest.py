@@ -3,7 +3,9 @@
 An artifact is a directory holding `manifest.json` (what it was built from: input digests, config, versions) plus its
 files. Files are written to a temporary name and renamed into place, so a reader never sees half a file and an
 interrupted build leaves no artifact that looks finished. Reusing a directory built from different inputs is refused
-with both manifests shown.
+with both manifests shown. A directory artifact is built in a temporary directory and published by one mechanism
+(`publishing_dir` -> `seal` -> `publish`): its manifest then says `complete` and lists every file with its size (and
+digest where cheap), `artifact_problems` checks exactly that, and of concurrent identical builds one copy is kept.
 
 This module knows about files and hashes only; it knows nothing about models, tokens or gradients.
 """
@@ -20,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lancet_core.errors import ManifestMismatch
+from lancet_core.errors import LancetError, ManifestMismatch
 
 if TYPE_CHECKING:
     import numpy as np
@@ -187,25 +189,191 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+# ------------------------------------------------------------------------------------------ sealing and checking
+# A published artifact's manifest says `complete: true` and lists what it holds (`contents`: relative path -> bytes,
+# plus the sha256 of every file up to DIGEST_LIMIT). Manifests written by a builder in place (the gradient store)
+# name their files the same way, as a `file` / `<x>_file` field beside its `digest` / `<x>_digest`, or as a mapping
+# from a relative file path to an entry with a `digest` (the store's curvatures). `artifact_problems` checks both.
+CONTENTS_KEY = "contents"
+DIGEST_LIMIT = 64 << 20  # files up to this size are digested when sealed and when checked; larger ones by size
+_NOT_CONTENT = (MANIFEST_NAME, ".lock")
+_KIND_KEYS = ("kind", "artifact")
+
+
+class ArtifactBroken(LancetError):
+    """An artifact directory is not a complete, intact output (no manifest, not complete, a file missing or changed)."""
+
+
 @contextmanager
-def publishing_dir(out: str | Path, expected: Mapping[str, Any], keys: Iterable[str] | None = None) -> Iterator[Path]:
+def file_lock(path: str | Path, timeout: float = -1) -> Iterator[Path]:
+    """Hold an exclusive lock on `path` (a lock file, created; filelock's flock): processes that take the same lock
+    wait for each other. The lock goes with the process, so a killed holder never leaves it taken."""
+    from filelock import FileLock
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(p), timeout=timeout):
+        yield p
+
+
+def _is_content(rel: Path) -> bool:
+    return rel.name not in _NOT_CONTENT and not any(part.startswith((".tmp-", ".trash-")) for part in rel.parts)
+
+
+def seal(directory: str | Path) -> dict:
+    """Mark an artifact directory finished: its manifest (written by the builder, or a new one) gains
+    `complete: true` and `contents` (every file but the manifest: bytes, and sha256 up to DIGEST_LIMIT).
+    Returns the manifest written."""
+    root = Path(directory)
+    contents = {}
+    for f in sorted(q for q in root.rglob("*") if q.is_file()):
+        rel = f.relative_to(root)
+        if _is_content(rel):
+            size = f.stat().st_size
+            contents[rel.as_posix()] = {"bytes": size, **({"digest": file_digest(f)} if size <= DIGEST_LIMIT else {})}
+    m = read_manifest(root) or {}
+    m.update({CONTENTS_KEY: contents, "complete": True})
+    write_manifest(root, m)
+    return m
+
+
+def _looks_like_file(key: str) -> bool:
+    return "." in Path(key).name and not key.startswith("/") and ".." not in Path(key).parts
+
+
+def listed_files(manifest: Mapping[str, Any]) -> dict[str, dict]:
+    """Relative path -> {"bytes"?, "digest"?} of every file a manifest names (see the section comment above)."""
+    out: dict[str, dict] = {rel: dict(info) for rel, info in (manifest.get(CONTENTS_KEY) or {}).items()}
+
+    def walk(node, top=False):
+        if isinstance(node, list):
+            for v in node:
+                walk(v)
+        if not isinstance(node, Mapping):
+            return
+        if isinstance(node.get("file"), str):
+            out.setdefault(node["file"], {}).update({k: node[k] for k in ("digest", "bytes") if k in node})
+        for k, v in node.items():
+            if k.endswith("_file") and isinstance(v, str) and f"{k[:-5]}_digest" in node:
+                out.setdefault(v, {})["digest"] = node[f"{k[:-5]}_digest"]
+            elif isinstance(v, Mapping) and "digest" in v and _looks_like_file(k) and not (top and k == CONTENTS_KEY):
+                out.setdefault(k, {})["digest"] = v["digest"]
+            if not (top and k == CONTENTS_KEY):
+                walk(v)
+
+    walk(manifest, top=True)
+    return out
+
+
+def artifact_problems(directory: str | Path, *, digests: bool = True) -> list[str]:
+    """What stops `directory` from being a complete, intact artifact (empty list: nothing): no or unreadable
+    manifest, `complete` not true, no file listed, a listed file missing, of another size, or (with `digests`, files
+    up to DIGEST_LIMIT) of other content."""
+    root = Path(directory)
+    if not root.is_dir():
+        return [f"{root}: no such directory"]
+    try:
+        m = read_manifest(root)
+    except (OSError, ValueError) as e:
+        return [f"{root / MANIFEST_NAME}: unreadable ({e})"]
+    if m is None:
+        return [f"{root}: no {MANIFEST_NAME}"]
+    if m.get("complete") is not True:
+        return [f"{root / MANIFEST_NAME}: not marked complete"]
+    files = listed_files(m)
+    if not files:
+        return [f"{root / MANIFEST_NAME}: lists no file"]
+    problems = []
+    for rel, info in sorted(files.items()):
+        f = root / rel
+        try:
+            size = f.stat().st_size
+        except OSError:
+            problems.append(f"{f}: missing")
+            continue
+        if "bytes" in info and size != info["bytes"]:
+            problems.append(f"{f}: {size} bytes, the manifest says {info['bytes']}")
+        elif digests and info.get("digest") and size <= DIGEST_LIMIT and file_digest(f) != info["digest"]:
+            problems.append(f"{f}: content differs from the manifest's digest")
+    return problems
+
+
+def verify_artifact(directory: str | Path, *, digests: bool = True) -> Path:
+    """`directory` when it is a complete, intact artifact; else ArtifactBroken naming every problem."""
+    problems = artifact_problems(directory, digests=digests)
+    if problems:
+        raise ArtifactBroken("; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+    return Path(directory)
+
+
+def _replaceable(out: Path, new: Path) -> bool:
+    """An existing `out` may be replaced by the artifact in `new` when it is ours: empty, holding a manifest (a
+    broken artifact), or holding only files the new artifact also has (an earlier build of it)."""
+    if (out / MANIFEST_NAME).is_file():
+        return True
+    new_files = {q.relative_to(new) for q in new.rglob("*") if q.is_file()}
+    return all(q.relative_to(out) in new_files for q in out.rglob("*") if q.is_file())
+
+
+def publish(tmp: str | Path, out: str | Path, expected: Mapping[str, Any] | None = None,
+            keys: Iterable[str] | None = None) -> Path:
+    """Move the sealed artifact `tmp` to `out`, the one way every lancet artifact is published. Under a lock on
+    `out` (`.<name>.lock` beside it): an intact `out` already there (published meanwhile by a concurrent run with the
+    same inputs) is kept and `tmp` discarded — after checking its manifest agrees with `expected` on `keys`
+    (default: with the new manifest on `kind` / `artifact`; ManifestMismatch otherwise); a broken or empty `out` is moved aside and replaced; a directory holding other
+    files is refused (FileExistsError). Returns `out`."""
+    tmp, out = Path(tmp), Path(out)
+    aside = None
+    with file_lock(out.parent / f".{out.name}.lock"):
+        if out.exists():
+            if not artifact_problems(out):
+                if expected is None:  # at least the same kind of artifact
+                    new = read_manifest(tmp) or {}
+                    expected, keys = new, [k for k in _KIND_KEYS if k in new]
+                check_manifest(out, expected, keys)
+                shutil.rmtree(tmp, ignore_errors=True)
+                return out
+            if not out.is_dir() or not _replaceable(out, tmp):
+                raise FileExistsError(f"{out} exists, holds files that are not this artifact's and has no "
+                                      f"{MANIFEST_NAME}; refusing to replace it (move it away or choose another output)")
+            aside = out.parent / f".trash-{out.name}-{os.getpid()}-{os.urandom(4).hex()}"
+            os.rename(out, aside)
+        os.rename(tmp, out)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return out
+
+
+def discard_broken(out: str | Path) -> bool:
+    """Move aside and delete `out` when it is a broken artifact of ours (it has a manifest but `artifact_problems`
+    finds something), under the same lock as `publish`, so a builder that reuses any directory whose manifest
+    matches builds it again. Returns whether it did."""
+    out = Path(out)
+    if not (out / MANIFEST_NAME).is_file():
+        return False
+    with file_lock(out.parent / f".{out.name}.lock"):
+        if not (out / MANIFEST_NAME).is_file() or not artifact_problems(out):
+            return False
+        aside = out.parent / f".trash-{out.name}-{os.getpid()}-{os.urandom(4).hex()}"
+        os.rename(out, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+    return True
+
+
+@contextmanager
+def publishing_dir(out: str | Path, expected: Mapping[str, Any] | None = None,
+                   keys: Iterable[str] | None = None) -> Iterator[Path]:
     """Build a directory artifact atomically: yield a fresh temporary directory beside `out`; when the block ends
-    without error (having written the manifest there), rename it into place. An empty `out` is replaced. If another
-    process published `out` first, theirs is kept when its manifest agrees with `expected` on `keys` (else the
-    rename error is raised). On error the temporary directory is removed and nothing is published."""
+    without error (having written its manifest there, or none: one is made), `seal` it (complete + contents) and
+    `publish` it to `out`. A concurrent run that published an intact `out` first wins: this run's copy is dropped
+    and theirs used (one copy). On error the temporary directory is removed and nothing is published."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
         yield tmp
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if check_manifest(out, expected, keys) is None:
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        seal(tmp)
+        publish(tmp, out, expected, keys)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -6,7 +6,8 @@ with `lancet_core.chat.encode_example` (loss mask = response tokens), and runs s
 accumulation. Each optimizer step takes the next `batch_size × grad_accum_steps` examples of a seeded per-epoch
 permutation and `retain_batch_size × (micro-batches)` retain rows from a seeded cycling stream, and divides every sum by
 the step's counts, so the split into micro-batches does not change the update. LoRA weights are merged before saving,
-so the output is a plain HF model directory (weights + tokenizer + manifest.json), renamed into place atomically.
+so the output is a plain HF model directory (weights + tokenizer + manifest.json), published with
+`manifest.publishing_dir` like every artifact (a concurrent identical run's copy is kept, never a collision).
 
 What each loss trains on: ibo/dpo — every pair (chosen = w, rejected = l, each on its own prompt) with its weight;
 ga/npo — the distinct rejected rows (R⁺) with weight 1, as in their papers.
@@ -24,10 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +46,11 @@ from lancet_core.correct.pairs import read_pairs, read_retain
 from lancet_core.errors import ConfigError, CorpusError
 from lancet_core.manifest import (
     MANIFEST_NAME,
+    artifact_problems,
     check_manifest,
     file_digest,
     library_versions,
+    publishing_dir,
     read_manifest,
     write_manifest,
 )
@@ -281,9 +281,12 @@ def post_train(
     expected = _expected_manifest(model_dir, pairs_path, retain_path, cfg)
     existing = check_manifest(out_dir, expected)
     if existing is not None:
-        log.info("post_train: %s already built from the same inputs; reusing it", out_dir)
-        return out_dir
-    if out_dir.exists() and any(out_dir.iterdir()):
+        broken = artifact_problems(out_dir)
+        if not broken:
+            log.info("post_train: %s already built from the same inputs; reusing it", out_dir)
+            return out_dir
+        log.info("post_train: %s is incomplete or damaged (%s); training it again", out_dir, broken[0])
+    elif out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists, is not empty and has no {MANIFEST_NAME}; refusing to overwrite it")
 
     device = resolve_device(cfg.device)
@@ -447,9 +450,9 @@ class _ReferenceLogps:
 
 
 def _save_atomically(model, tokenizer, out_dir: Path, expected: dict, history, n_examples, n_retain, t0) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    try:
+    """Publish the trained model with `manifest.publishing_dir` (built beside out_dir, sealed, renamed into place):
+    when a concurrent run with the same inputs published it first, its complete copy is kept and used."""
+    with publishing_dir(out_dir, expected) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         manifest = dict(expected)
@@ -463,10 +466,4 @@ def _save_atomically(model, tokenizer, out_dir: Path, expected: dict, history, n
             versions=library_versions(),
         )
         write_manifest(tmp, manifest)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked before training); a non-empty one was refused
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
