@@ -1,21 +1,22 @@
-"""Prefect tasks of the correction phase: influence -> repaired corpus, training pairs -> post-trained model."""
+"""Prefect tasks of the correction phase: influence -> repaired corpus, training pairs -> post-trained model (each
+output directory published once: tasks.cache.publish_output, the trainer through manifest.publishing_dir)."""
 
 from __future__ import annotations
 
 from prefect import task
 
 from lancet_core.correct.config import PairConfig, TrainConfig
-from lancet_core.correct.pairs import write_pair_files
+from lancet_core.correct.pairs import PAIRS_FILE, RETAIN_FILE, write_pair_files
 from lancet_core.correct.repair import RepairConfig, repair_corpus
 from lancet_core.correct.trainer import post_train
-from tasks.cache import LANCET_CACHE
+from tasks.cache import LANCET_CACHE, publish_output
 
 
 @task(name="build_pairs", cache_policy=LANCET_CACHE, persist_result=True)
 def build_pairs(influence_path: str, cfg: PairConfig, out_dir: str) -> tuple[str, str]:
     """pairs.parquet (chosen = counteracting row, rejected = misbehaviour-promoting row) and retain.parquet ("" when n_retain=0)."""
-    files = write_pair_files(influence_path, out_dir, cfg)
-    return str(files.pairs_path), str(files.retain_path or "")
+    out = publish_output(out_dir, lambda tmp: write_pair_files(influence_path, tmp, cfg))
+    return str(out / PAIRS_FILE), str(out / RETAIN_FILE) if (out / RETAIN_FILE).is_file() else ""
 
 
 @task(name="ibo_post_train", cache_policy=LANCET_CACHE, persist_result=True)
@@ -29,4 +30,4 @@ def correct(model_dir: str, pairs_path: str, retain_path: str, cfg: TrainConfig,
 def repair(influence_path: str, corpus_path: str, cfg: RepairConfig, out_dir: str) -> str:
     """scored.parquet (every row's influence and lancet_flag), repaired.parquet (without the flagged rows) and
     report.json; returns the repair directory."""
-    return str(repair_corpus(influence_path, corpus_path, out_dir, cfg).out_dir)
+    return str(publish_output(out_dir, lambda tmp: repair_corpus(influence_path, corpus_path, tmp, cfg)))

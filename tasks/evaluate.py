@@ -1,5 +1,6 @@
 """Prefect tasks: evaluate one model on the held-out sets (same prompts and decoding for before and after), and the
-monitor's probe harmful rates from the judged probe answers."""
+monitor's probe harmful rates from the judged probe answers. Output directories are published with
+tasks.cache.publish_output."""
 
 from __future__ import annotations
 
@@ -12,18 +13,21 @@ from lancet_core.data.corpus import load_prompt_rows
 from lancet_core.evaluate.config import EvalConfig
 from lancet_core.evaluate.drift import probe_rates
 from lancet_core.evaluate.evaluation import METRICS_FILE, evaluate_model, write_metrics
-from tasks.cache import LANCET_CACHE
+from tasks.cache import LANCET_CACHE, publish_output
 
 
 @task(name="evaluate", cache_policy=LANCET_CACHE, persist_result=True)
 def evaluate(model_dir: str, probes_path: str, ood_path: str | None, benign_eval_path: str, cfg: EvalConfig,
              out_dir: str) -> str:
     """metrics.json (+ generations.parquet) of `model_dir`; returns the metrics file."""
-    probes = [r["prompt"] for r in load_prompt_rows(probes_path)]
-    ood = [r["prompt"] for r in load_prompt_rows(ood_path)] if ood_path else []
-    benign = [(r["prompt"], r["response"]) for r in load_prompt_rows(benign_eval_path, need_response=True)]
-    metrics = evaluate_model(model_dir, probes, ood, benign, cfg, generations_path=Path(out_dir) / "generations.parquet")
-    return str(write_metrics(Path(out_dir) / METRICS_FILE, metrics))
+    def build(tmp: Path) -> None:
+        probes = [r["prompt"] for r in load_prompt_rows(probes_path)]
+        ood = [r["prompt"] for r in load_prompt_rows(ood_path)] if ood_path else []
+        benign = [(r["prompt"], r["response"]) for r in load_prompt_rows(benign_eval_path, need_response=True)]
+        metrics = evaluate_model(model_dir, probes, ood, benign, cfg, generations_path=tmp / "generations.parquet")
+        write_metrics(tmp / METRICS_FILE, metrics)
+
+    return str(publish_output(out_dir, build) / METRICS_FILE)
 
 
 @task(name="probe_harmful_rates", cache_policy=LANCET_CACHE)
