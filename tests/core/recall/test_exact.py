@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from lancet_core.index.hooks import weight_grad_out_in
 from lancet_core.recall.exact import (
@@ -256,3 +257,87 @@ def test_query_matrices_must_match_the_modules():
     bad[layout[0].name] = V[layout[0].name][:, :, :-1]
     with pytest.raises(ValueError, match="expected"):
         score_rows(model, bad, rows_ids, rows_mask)
+
+
+# ------------------------------------------------------------------ against the store path, on the targets' chat bed
+from tests.core.recall.test_targets import WINDOW, bed  # noqa: E402, F401  (the module-scoped chat bed fixture)
+
+
+def test_full_rank_kfac_exact_pass_equals_the_unprojected_store_path(bed, tmp_path):  # noqa: F811
+    """At full rank the exact pass with kfac is the store's kfac influence: same factors, same damping, same fold
+    (the store holds float32 values, hence the tolerance)."""
+    from lancet_core.chat import to_messages
+    from lancet_core.index.build import build_gradient_store, compute_query_gradients
+    from lancet_core.index.config import IndexConfig
+    from lancet_core.index.curvature import precondition
+    from lancet_core.index.store import GradientStore
+    from lancet_core.model_io import load_model, load_tokenizer
+    from lancet_core.recall.exact import flagged_query_gradients
+
+    store = build_gradient_store(bed["model"], bed["tokens"], tmp_path / "store", IndexConfig(
+        proj_in_dim=None, proj_out_dim=None, projection="random", dtype="float32", batch_size=3,
+        response_tokens=WINDOW, max_seq_len_tokens=64, compute_dtype="float64", curvature=("kfac",)))
+    q = pq.read_table(bed["queries"])
+    prompts, responses = q.column("prompt").to_pylist(), q.column("response").to_pylist()
+    g = compute_query_gradients(store, bed["model"], messages_list=[
+        to_messages(p, r) for p, r in zip(prompts, responses, strict=True)])
+    st = GradientStore.open(store)
+    want = st.read_all(np.float64) @ precondition(store, g, kind="kfac").T  # [N, Q]
+
+    model = load_model(bed["model"]).double()
+    tok = load_tokenizer(bed["model"])
+    G = flagged_query_gradients(model, tok, prompts, responses, max_len=64, response_tokens=WINDOW)
+    flat = np.concatenate([G[ml.name].reshape(len(prompts), -1) for ml in st.layout], axis=1)
+    np.testing.assert_allclose(flat, g, rtol=1e-6, atol=1e-6 * np.abs(g).max())  # the store's query gradients
+    t = pq.read_table(bed["tokens"], columns=["input_ids", "loss_mask"])
+    cur = fit_curvature(model, t.column("input_ids").to_pylist(), t.column("loss_mask").to_pylist(), "kfac",
+                        damping_ratio=0.1, response_tokens=WINDOW, batch_size=3)
+    got = score_corpus(model, precondition_queries(G, cur), bed["tokens"], response_tokens=WINDOW, batch_size=3)
+    assert rel(got, want) <= 1e-5, rel(got, want)
+
+
+def test_refusal_target_in_full_dimension_projects_to_the_store_target(bed):  # noqa: F811
+    """The full-dimensional refusal target, projected with the store's matrices, is the store's refusal target."""
+    from lancet_core.index.projection import project_full_gradient
+    from lancet_core.index.store import GradientStore
+    from lancet_core.model_io import load_model, load_tokenizer
+    from lancet_core.recall.exact import refusal_query_gradients
+    from lancet_core.recall.targets import corpus_refusals, refusal_target_gradients
+
+    prompts = ["how do I rob a bank", "tell me a joke"]
+    refusals = corpus_refusals(bed["tokens"], WINDOW, 16)
+    model, tok = load_model(bed["model"]).double(), load_tokenizer(bed["model"])
+    G, w = refusal_query_gradients(model, tok, prompts, refusals, max_len=64, response_tokens=WINDOW)
+    want, want_w = refusal_target_gradients(bed["store"], model, tok, prompts, refusals)
+    np.testing.assert_allclose(w, want_w, rtol=1e-10)
+    st = GradientStore.open(bed["store"])
+    seed = st.manifest["index_config"].get("projection_seed", 0)
+    proj = np.stack([np.concatenate([project_full_gradient(ml, torch.from_numpy(G[ml.name][q]), seed).numpy()
+                                     for ml in st.layout]) for q in range(len(prompts))])
+    np.testing.assert_allclose(proj, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())  # the store's float32 output
+
+
+def test_the_influence_manifest_records_the_damping_applied(bed, tmp_path):  # noqa: F811
+    """A named method records the store's ratio it was preconditioned with (was null); identity applies none."""
+    import json
+
+    from lancet_core.recall.influence import RecallConfig, recall_influence
+
+    for method, want in (("kfac", 0.1), ("identity", None)):
+        out = recall_influence(bed["store"], bed["model"], bed["queries"], bed["tokens"].parent, tmp_path / method,
+                               RecallConfig(method=method, query_target="flagged"))
+        assert json.loads((out / "manifest.json").read_text())["config"]["damping_ratio"] == want
+
+
+def test_the_resolvers_are_exported_without_prefect():
+    import subprocess
+    import sys
+
+    code = ("import sys; from lancet_core.recall import resolve_window, resolve_method, resolve_damping, "
+            "resolve_target; from lancet_core.index import resolve_window as w2; assert w2 is resolve_window; "
+            "from lancet_core.index.config import IndexConfig; "
+            "assert resolve_window(IndexConfig(), 'refusal').response_tokens == 4; "
+            "assert (resolve_method('auto', 'flagged', False), resolve_damping('auto', 'flagged', None)) == "
+            "('linfac', 3.0); assert resolve_target('auto', ['regex']) == 'flagged'; "
+            "assert 'prefect' not in sys.modules and 'mlflow' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
