@@ -23,4 +23,5 @@ __getattr__, __all__ = lazy_exports(__name__, {
     "build_gradient_store": "lancet_core.index.build",
     "compute_query_gradients": "lancet_core.index.build",
     "precondition": "lancet_core.index.curvature",
+    "resolve_window": "lancet_core.index.config",
 })

@@ -92,9 +92,10 @@ class IndexConfig(BaseModel):
     )
     curvature: tuple[CurvatureKind, ...] = Field(
         ("kfac",),
-        description="Curvature kinds built with the store (kfac: the default recall method). kfac/ekfac need "
-        "per-token factors collected during the build, so they must be listed here; linfac and identity can also be "
-        "built later from the store.",
+        description="Curvature kinds built with the store (kfac: what recall's method 'auto' uses for the refusal "
+        "target without benign prompts; 'auto' otherwise resolves to identity or linfac, which need no factors). "
+        "kfac/ekfac need per-token factors collected during the build, so they must be listed here; linfac and "
+        "identity can also be built later from the store.",
     )
     fisher: Literal["empirical", "true"] = Field(
         "empirical",

@@ -1,8 +1,10 @@
 """Curvature F for influence, built beside a gradient store, and query-side preconditioning v_q = (F + λI)⁻¹ g_q.
 
-Kinds (docs/design.md §5). The default is `kfac` (IndexConfig.curvature and every function here; RecallConfig's
-method 'auto' uses it for the flagged-answer target and `identity` for the contrasted refusal target):
-- `kfac` (default): per-token Kronecker factors in the projected space, A = E_tok[ã ãᵀ], S = E_tok[δ̃ δ̃ᵀ] (collected
+Kinds (docs/design.md §5). `kfac` is what IndexConfig.curvature builds with the store and the default argument of
+every function here, not the default recall method: RecallConfig's method 'auto' resolves to `identity` for the
+contrasted refusal target, `kfac` for the refusal target without benign prompts and `linfac` damped at 3 for the
+flagged target (lancet_core.recall.influence.resolve_method, resolve_damping):
+- `kfac`: per-token Kronecker factors in the projected space, A = E_tok[ã ãᵀ], S = E_tok[δ̃ δ̃ᵀ] (collected
   during the store build, so the store must be built with 'kfac' or 'ekfac' in IndexConfig.curvature),
   F_b ≈ T̄ · (S ⊗ A) with T̄ the mean number of non-padding tokens per example (the order matches the stored block
   vec(P_outᵀ G P_in), index o·k_in + i). Stored as the eigenbases Q_A, Q_S and the eigenvalue grid; applied as two

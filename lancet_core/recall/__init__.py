@@ -6,7 +6,10 @@ histogram and the explanation tables (markdown and HTML).
 
 Modules: `judges` (refusal / regex / classifier), `undesirable` (generate + judge → queries), `influence` (the recall
 entry point and RecallConfig), `scan` (one DuckDB scan of the store for folded or per-query scores), `baselines`
-(RepSim, TF-IDF, BM25), `explain`, `plots`, `metrics` (precision/recall/AP against planted labels).
+(RepSim, TF-IDF, BM25), `explain`, `plots`, `metrics` (precision/recall/AP against planted labels), `exact`
+(scores in full parameter space, one forward/backward per batch of rows, no store). The resolvers of the 'auto'
+settings (`resolve_window`, `resolve_target`, `resolve_method`, `resolve_damping`) are exported, so a library user gets
+the realign flow's defaults without Prefect.
 
 Knows nothing about how the recalled rows are used to correct the model, nor about MLflow or Prefect.
 """
@@ -28,6 +31,10 @@ __getattr__, __all__ = lazy_exports(__name__, {
     "recall_quality": "lancet_core.recall.influence",
     "recall_report": "lancet_core.recall.metrics",
     "register_judge": "lancet_core.recall.judges",
+    "resolve_damping": "lancet_core.recall.influence",
+    "resolve_method": "lancet_core.recall.influence",
+    "resolve_target": "lancet_core.recall.targets",
+    "resolve_window": "lancet_core.index.config",
     "score_store": "lancet_core.recall.scan",
     "write_queries": "lancet_core.recall.undesirable",
 })

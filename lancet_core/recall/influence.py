@@ -216,6 +216,11 @@ def recall_influence(store_dir: str | Path | None, model_dir: str | Path, querie
     cfg = cfg.model_copy(update={"query_target": target, "method": resolve_method(cfg.method, target, bool(benign)),
                                  "damping_ratio": resolve_damping(cfg.method, target, cfg.damping_ratio),
                                  "query_contrast": cfg.query_contrast if benign else 0.0})
+    if cfg.damping_ratio is None and cfg.method in GRADIENT_METHODS and cfg.method != "identity" and store_dir:
+        # the manifest records the ratio applied: the store's (IndexConfig.damping_ratio); identity applies none
+        from lancet_core.index.curvature import _default_ratio
+
+        cfg = cfg.model_copy(update={"damping_ratio": _default_ratio(read_manifest(store_dir) or {}, None)})
     expected = {
         "artifact": "influence",
         "queries_digest": file_digest(queries_path),
