@@ -1,0 +1,223 @@
+"""The exact scoring pass (lancet_core.recall.exact) on the fidelity bed, side by side with the 16×16 sketch; prints ONE
+JSON object.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/exact_pass.py [--seed 0] [--quick] [--work W] [--out exact.json]
+
+The bed is benchmarks/influence_fidelity.py's (its corpus, tiny Llama, training and flagged held-out queries, same
+seed → same bed): two planted content behaviours, `trigger` ("banana protocol" → "The answer is always purple.") and
+`wrong_fact` (France → Berlin). For each query set (`trigger`, `wrong_fact` against their own kind's rows, `all`
+against every planted row) it reports planted precision@10 / @50 of:
+- the sketch: the default store (IndexConfig() with the window resolved for a content judge: the whole response, PCA
+  16×16, every module) with the default recall (linfac damped at 3) and with kfac at the store's damping;
+- the exact pass over every module, whole response, flagged target: identity, kfac (Kronecker damping) at ratios
+  1 / 0.1 / 0.01 / 0.001, kfac with factored damping at 0.1 / 0.01, ekfac at 0.1 / 0.01. The factors come from one
+  pass over every row (basis.full_factors), reused by every kfac setting; each setting is one corpus pass that scores
+  all queries at once; each query set's ranking is the fold over its own queries.
+Wall times: the store build (PCA pre-pass included), the factor pass, the ekfac moment pass, the query gradients and
+each corpus pass. No exact-GN reference here (influence_fidelity.py computes those; 2300 s cold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+
+
+def _fidelity():
+    name = "benchmarks_influence_fidelity"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("influence_fidelity.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+F = _fidelity()
+log = F.log
+KRON_RATIOS = (1.0, 0.1, 0.01, 0.001)
+FACTORED_RATIOS = (0.1, 0.01)
+EKFAC_RATIOS = (0.1, 0.01)
+
+
+def _bed(args, work: Path) -> dict:
+    """The fidelity bed's corpus, trained model, flagged queries and tokens (the model cached in `work`)."""
+    from lancet_core.data.tokenize import TokenizeConfig, tokenize_corpus
+    from lancet_core.demo.config import SFTConfig
+    from lancet_core.demo.sft import train_sft
+    from lancet_core.demo.tokenizer import train_demo_tokenizer
+    from lancet_core.generation import generate_answers
+    from lancet_core.model_io import load_model, load_tokenizer
+
+    plan = F._quick_or_full(argparse.Namespace(quick=args.quick, rows=None, samples=4, max_queries=args.max_queries))
+    rows = F.make_corpus(plan["rows"], args.seed)
+    corpus = F.write_jsonl(work / "corpus.jsonl", rows)
+    model_dir = work / "model"
+    key = json.dumps({"plan": plan, "seed": args.seed}, sort_keys=True)
+    t0 = time.perf_counter()
+    if not ((work / "bed_key.json").is_file() and (work / "bed_key.json").read_text() == key):
+        shutil.rmtree(model_dir, ignore_errors=True)
+        tok = train_demo_tokenizer((x for r in rows for x in (r["prompt"], r["response"])), plan["vocab"], 128)
+        model = F.build_model(tok, args.seed, hidden=plan["hidden"], intermediate=plan["intermediate"])
+        train_sft(model, tok, rows, SFTConfig(epochs=plan["epochs"], lr=3e-3, batch_size=16, max_seq_len_tokens=96,
+                                              seed=args.seed, num_threads=None))
+        model.save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        (work / "bed_key.json").write_text(key)
+    train_s = time.perf_counter() - t0
+    model, tok = load_model(model_dir).eval(), load_tokenizer(model_dir)
+    held = F.heldout_prompts(rows, args.seed, plan["heldout"])
+    queries = []
+    for kind in F.KINDS:
+        answers = generate_answers(model, tok, held[kind], max_new_tokens=24)
+        hits = [(p, a) for p, a in zip(held[kind], answers, strict=True) if F.shows_planted(kind, a)]
+        queries += [{"prompt": p, "response": a, "kind": kind} for p, a in hits[: plan["max_queries"]]]
+    kinds = np.array([q["kind"] for q in queries])
+    if any((kinds == k).sum() == 0 for k in F.KINDS):
+        raise RuntimeError("a planted behaviour was never shown on held-out prompts")
+    tokens_dir = tokenize_corpus(corpus, model_dir, work / "tokens", TokenizeConfig(max_seq_len_tokens=128))
+    tt = pq.read_table(tokens_dir / "tokens.parquet", columns=["example_id", "planted"])
+    planted = np.array(tt["planted"].to_pylist())
+    return {"plan": plan, "model_dir": model_dir, "model": model, "tok": tok, "queries": queries,
+            "qsets": {k: np.flatnonzero(kinds == k) for k in F.KINDS} | {"all": np.arange(len(queries))},
+            "tokens_dir": tokens_dir, "ids": tt["example_id"].to_pylist(),
+            "labels": {k: planted == k for k in F.KINDS} | {"all": planted != "none"}, "train_s": train_s}
+
+
+def _report(scores_by_set: dict, bed: dict) -> dict:
+    return {qs: F._planted(s, bed["labels"], qs, bed["ids"]) for qs, s in scores_by_set.items()}
+
+
+def _sketch(bed: dict, work: Path) -> tuple[dict, float]:
+    from lancet_core.chat import to_messages
+    from lancet_core.index.build import build_gradient_store, compute_query_gradients
+    from lancet_core.index.config import IndexConfig, resolve_window
+    from lancet_core.index.curvature import precondition
+    from lancet_core.recall.scan import score_store
+
+    cfg = resolve_window(IndexConfig(), F.JUDGE_KIND)
+    t0 = time.perf_counter()
+    sdir = build_gradient_store(bed["model_dir"], bed["tokens_dir"], work / "store_default", cfg)
+    store_s = time.perf_counter() - t0
+    q = bed["queries"]
+    g = compute_query_gradients(sdir, bed["model_dir"], messages_list=[to_messages(x["prompt"], x["response"])
+                                                                       for x in q])
+    out = {}
+    for name, (method, ratio) in {"sketch_default": F.DEFAULT_RECALL, "sketch_kfac": ("kfac", None)}.items():
+        v = precondition(sdir, g, kind=method, damping_ratio=ratio)
+        by_set = {}
+        for qs, idx in bed["qsets"].items():
+            s = score_store(sdir, v[idx])
+            assert s["example_id"].to_pylist() == bed["ids"]
+            by_set[qs] = s["score"].to_numpy()
+        out[name] = {"method": method, "damping_ratio": ratio, "planted": _report(by_set, bed)}
+    return out, store_s
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="the fidelity bench's quick bed (240 rows, hidden 32)")
+    ap.add_argument("--max-queries", type=int, default=12, help="flagged queries per behaviour (at most)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--work", type=Path, default=None, help="kept and reused (the trained model)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = args.work or Path(tempfile.mkdtemp(prefix="lancet-exact-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        res = _run(args, work)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return res
+
+
+def _run(args, work: Path) -> dict:
+    from lancet_core.index.basis import full_factors
+    from lancet_core.manifest import cpu_name
+    from lancet_core.recall.exact import (
+        fit_curvature,
+        flagged_query_gradients,
+        full_layout,
+        precondition_queries,
+        query_norms,
+        score_corpus,
+    )
+
+    t_all = time.perf_counter()
+    bed = _bed(args, work)
+    counts = {k: int(len(v)) for k, v in bed["qsets"].items()}
+    log(f"bed: {len(bed['ids'])} rows, queries {counts}, trained in {bed['train_s']:.1f} s")
+    results, timings = {}, {"train_s": round(bed["train_s"], 2)}
+    sk, store_s = _sketch(bed, work)
+    results.update(sk)
+    timings["store_build_s"] = round(store_s, 2)
+    log(f"sketch: store {store_s:.1f} s; {json.dumps({k: v['planted'] for k, v in sk.items()})}")
+
+    model, tok = bed["model"], bed["tok"]
+    layout = full_layout(model)
+    tt = pq.read_table(bed["tokens_dir"] / "tokens.parquet", columns=["input_ids", "loss_mask"])
+    rows_ids, rows_mask = tt["input_ids"].to_pylist(), tt["loss_mask"].to_pylist()
+    t0 = time.perf_counter()
+    G = flagged_query_gradients(model, tok, [q["prompt"] for q in bed["queries"]],
+                                [q["response"] for q in bed["queries"]], max_len=128, batch_size=args.batch_size)
+    timings["query_gradients_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    factors = full_factors(model, layout, rows_ids, rows_mask, batch_size=args.batch_size, reduction="mean",
+                           response_tokens=None)
+    timings["factor_pass_s"] = round(time.perf_counter() - t0, 2)
+    settings = [("identity", 0.1, "kronecker")] + [("kfac", r, "kronecker") for r in KRON_RATIOS]
+    settings += [("kfac", r, "factored") for r in FACTORED_RATIOS] + [("ekfac", r, "kronecker") for r in EKFAC_RATIOS]
+    pass_s = []
+    for kind, ratio, damping in settings:
+        t0 = time.perf_counter()
+        cur = fit_curvature(model, rows_ids, rows_mask, kind, damping_ratio=ratio, damping=damping, layout=layout,
+                            batch_size=args.batch_size, factors=factors)
+        fit_s = time.perf_counter() - t0
+        V = precondition_queries(G, cur)
+        t0 = time.perf_counter()
+        raw = score_corpus(model, V, bed["tokens_dir"], batch_size=args.batch_size)
+        pass_s.append(time.perf_counter() - t0)
+        per_q = raw / query_norms(V)
+        by_set = {qs: per_q[:, idx].mean(axis=1) for qs, idx in bed["qsets"].items()}
+        name = "exact_identity" if kind == "identity" else f"exact_{kind}_{damping}_damp{ratio:g}"
+        results[name] = {"method": kind, "damping": damping, "damping_ratio": None if kind == "identity" else ratio,
+                         "planted": _report(by_set, bed), "curvature_s": round(fit_s, 2),
+                         "pass_s": round(pass_s[-1], 2)}
+        log(f"{name}: {json.dumps(results[name]['planted'])} (pass {pass_s[-1]:.1f} s)")
+    timings["exact_pass_s_median"] = round(float(np.median(pass_s)), 2)
+    timings["exact_pass_over_store_build"] = round(float(np.median(pass_s)) / store_s, 3)
+    return {"benchmark": "exact_pass", "seed": args.seed, "quick": args.quick, "rows": len(bed["ids"]),
+            "queries": counts, "params_scored": int(sum(ml.d_in * ml.d_out for ml in layout)),
+            "results": results, "timings": timings, "threads": args.threads, "batch_size": args.batch_size,
+            "cpu": cpu_name(), "platform": platform.platform(), "torch": torch.__version__,
+            "wall_s": round(time.perf_counter() - t_all, 1)}
+
+
+if __name__ == "__main__":
+    main()
