@@ -534,3 +534,43 @@ def contrast_queries(flagged: Mapping[str, np.ndarray], benign: Mapping[str, np.
     nf, nb = query_norms(flagged), query_norms(benign)
     return {k: np.asarray(flagged[k]) / nf[:, None, None]
             - beta * (np.asarray(benign[k]) / nb[:, None, None]).mean(axis=0, keepdims=True) for k in flagged}
+
+
+# ================================================================================================== end to end
+def exact_recall(
+    model: nn.Module,
+    tokenizer,
+    tokens_path: str | Path,
+    out_path: str | Path,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    kind: str = "kfac",
+    damping_ratio: float = 0.1,
+    damping: str = "kronecker",
+    response_tokens: int | None = None,
+    reduction: str = "mean",
+    curvature_rows: int = 512,
+    rows: Sequence[int] | np.ndarray | None = None,
+    batch_size: int = 8,
+    max_len: int = 1024,
+    progress: Progress | None = None,
+) -> Path:
+    """The flagged target end to end: query gradients of (prompt, response), curvature from `curvature_rows` rows
+    spread over the tokens file (lancet_core.index.basis.sample_indices, the PCA pre-pass's sample), preconditioned,
+    one exact pass over the corpus (or `rows`), written by `write_scores`. Returns out_path."""
+    from lancet_core.index.basis import sample_indices
+
+    tp = _tokens_path(tokens_path)
+    kw = {"reduction": reduction, "response_tokens": response_tokens, "batch_size": batch_size}
+    G = flagged_query_gradients(model, tokenizer, prompts, responses, max_len=max_len, **kw)
+    if kind == "identity":
+        cur = FullCurvature("identity", float(damping_ratio), damping)
+    else:
+        t = pq.read_table(tp, columns=["input_ids", "loss_mask"], memory_map=True)
+        t = t.take(pa.array(sample_indices(t.num_rows, curvature_rows)))
+        cur = fit_curvature(model, t.column("input_ids").to_pylist(), t.column("loss_mask").to_pylist(), kind,
+                            damping_ratio=damping_ratio, damping=damping, **kw)
+    V = precondition_queries(G, cur)
+    raw = score_corpus(model, V, tp, rows=rows, progress=progress, **kw)
+    return write_scores(out_path, tp, raw, V, rows=rows)

@@ -341,3 +341,42 @@ def test_the_resolvers_are_exported_without_prefect():
             "('linfac', 3.0); assert resolve_target('auto', ['regex']) == 'flagged'; "
             "assert 'prefect' not in sys.modules and 'mlflow' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_shards_score_byte_for_byte_like_the_serial_pass(tmp_path):
+    """Contiguous shards of `chunk_rows` rows, scored separately, are the serial pass byte for byte (the same
+    batches), whatever order they run in."""
+    model = tiny_gpt2().double()
+    rows_ids, rows_mask = random_rows(13, seed=8)
+    tokens = _write_tokens(tmp_path / "tokens.parquet", rows_ids, rows_mask)
+    V = random_queries(full_layout(model), 2, seed=3)
+    serial = score_corpus(model, V, tokens, batch_size=2, chunk_rows=4)
+    shards = {lo: score_corpus(model, V, tokens, rows=range(lo, min(lo + 4, 13)), batch_size=2) for lo in (12, 4, 0, 8)}
+    assert np.concatenate([shards[lo] for lo in sorted(shards)]).tobytes() == serial.tobytes()
+
+
+def test_exact_recall_end_to_end_on_the_chat_bed(bed, tmp_path):  # noqa: F811
+    """exact_recall = flagged query gradients → kfac from a row sample → preconditioned → one pass → Parquet."""
+    from lancet_core.model_io import load_model, load_tokenizer
+    from lancet_core.recall.exact import exact_recall, flagged_query_gradients
+
+    model, tok = load_model(bed["model"]).double(), load_tokenizer(bed["model"])
+    q = pq.read_table(bed["queries"])
+    prompts, responses = q.column("prompt").to_pylist(), q.column("response").to_pylist()
+    out = exact_recall(model, tok, bed["tokens"].parent, tmp_path / "exact.parquet", prompts, responses,
+                       response_tokens=WINDOW, curvature_rows=5, batch_size=3, max_len=64)
+    t = pq.read_table(out)
+    n = pq.read_metadata(bed["tokens"]).num_rows
+    assert t.column("row_id").to_pylist() == list(range(n)) and t.column("query_scores").type.list_size == 2
+    from lancet_core.index.basis import sample_indices
+
+    tt = pq.read_table(bed["tokens"], columns=["input_ids", "loss_mask"]).take(sample_indices(n, 5))
+    cur = fit_curvature(model, tt.column("input_ids").to_pylist(), tt.column("loss_mask").to_pylist(), "kfac",
+                        response_tokens=WINDOW, batch_size=3)
+    V = precondition_queries(flagged_query_gradients(model, tok, prompts, responses, max_len=64,
+                                                     response_tokens=WINDOW), cur)
+    folded, per_q = fold_scores(score_corpus(model, V, bed["tokens"], response_tokens=WINDOW, batch_size=3), V)
+    np.testing.assert_allclose(t.column("score").to_numpy(), folded, rtol=1e-12, atol=1e-14)
+    sub = exact_recall(model, tok, bed["tokens"], tmp_path / "sub.parquet", prompts, responses, response_tokens=WINDOW,
+                       curvature_rows=5, batch_size=3, max_len=64, rows=[6, 1])
+    np.testing.assert_allclose(pq.read_table(sub).column("score").to_numpy(), folded[[6, 1]], rtol=1e-10)
