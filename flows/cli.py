@@ -215,7 +215,7 @@ def _cmd_monitor(args) -> int:
                   realign_deployment=args.realign_deployment)
     from flows.report import monitor_summary
 
-    print(monitor_summary(out))
+    print(monitor_summary(out), file=sys.stderr if args.json else sys.stdout)  # --json: stdout is the JSON alone
     if args.json:
         print(json.dumps(out, indent=2, default=str))
     return 0
@@ -416,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--work-dir", default=None, help="artifact root (default: ./.lancet)")
     mo.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
     mo.add_argument("--experiment", default="lancet-monitor", help="MLflow experiment of the monitor runs")
-    mo.add_argument("--json", action="store_true", help="also print the check as JSON")
+    mo.add_argument("--json", action="store_true",
+                    help="print the check as JSON on stdout (the human summary and the logs go to stderr)")
     _threads_arg(mo)
     mo.set_defaults(func=_cmd_monitor)
 

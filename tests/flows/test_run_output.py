@@ -118,3 +118,17 @@ def test_charts_are_drawn(tmp_path):
         influence_flagged_chart(scores, scores[:10] > 0, tmp_path / "x.png")
     with pytest.raises(ValueError, match="no rate to draw"):
         before_after_chart({"nll_benign": 1.0}, {"nll_benign": 1.0}, tmp_path / "y.png")
+
+
+def test_monitor_json_is_alone_on_stdout(monkeypatch, tmp_path, capsys):
+    import flows.inputs
+    import flows.monitor
+
+    check = {"model": "m", "harmful_rate": 0.2, "n_flagged": 12, "n_probes": 60, "by_category": {"fraud": 0.4},
+             "drifted": True, "reasons": ["0.200 > 0.1"], "event_id": "e1", "realign_flow_run_id": None,
+             "mlflow_run_id": "r1", "step": 0, "tracking_uri": "sqlite:////w/mlflow.db"}
+    monkeypatch.setattr(flows.inputs, "check_monitor_inputs", lambda *a, **k: None)
+    monkeypatch.setattr(flows.monitor, "monitor", lambda **kw: dict(check))
+    assert main(["monitor", "--json", "--work-dir", str(tmp_path / "w")]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["harmful_rate"] == 0.2 and "DRIFT" in err and "DRIFT" not in out
