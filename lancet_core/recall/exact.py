@@ -12,7 +12,8 @@ matrix V (d_out × d_in),
 one matmul per module per batch on top of the backward pass (`ExactScorer`): (a @ Vᵀ) ⊙ δ summed over positions and
 output units, or (δ @ V) ⊙ a when d_in < d_out (the smaller intermediate). Q query matrices at once cost Q such matmuls;
 per-query scores are kept, the folded score is the one the store scan ranks by (mean of the per-query scores of the
-unit-normalised queries, lancet_core.recall.scan.fold_queries), norms taken over all target modules together.
+unit-normalised queries, lancet_core.recall.scan.fold_queries), norms taken over all target modules together; when
+per-query scores are not needed the queries are folded first (`fold_queries_full`: one matmul per module).
 
 Conventions are the store's, from lancet_core.index.hooks: g = ∇θ log π(y|x) (positive = training on the row raises the
 query output), log π the mean (or sum) over the counted response tokens, `response_tokens=k` counts only the first k
@@ -327,16 +328,32 @@ def fold_scores(raw: np.ndarray, queries: Mapping[str, np.ndarray]) -> tuple[np.
     return per_q.mean(axis=1), per_q
 
 
+def fold_queries_full(queries: Mapping[str, np.ndarray]) -> Queries:
+    """{module: [1, d_out, d_in]} the one query whose score is the folded score (mean of the unit-normalised queries,
+    norms over all modules together): one matmul per module instead of Q when per-query scores are not needed."""
+    norms = query_norms(queries)
+    if not np.all(np.isfinite(norms)) or np.any(norms == 0):
+        raise ValueError(f"query matrices must be finite and non-zero (norms {norms.tolist()[:10]})")
+    return {k: (np.asarray(v, np.float64) / norms[:, None, None]).mean(axis=0, keepdims=True) for k, v in queries.items()}
+
+
 def write_scores(path: str | Path, tokens_path: str | Path, raw: np.ndarray, queries: Mapping[str, np.ndarray],
-                 rows: Sequence[int] | np.ndarray | None = None) -> Path:
+                 rows: Sequence[int] | np.ndarray | None = None, *, prefolded: bool = False) -> Path:
     """Parquet: row_id (position in the tokens file), example_id, score (folded), query_scores (per query), in the
-    order scored. Written atomically."""
+    order scored. Written atomically. `prefolded`: `queries` is already `fold_queries_full`'s one query, whose raw
+    score is the folded score (not normalised again)."""
     from lancet_core.manifest import atomic_write_parquet
 
     tp = _tokens_path(tokens_path)
     n = pq.ParquetFile(tp).metadata.num_rows
     sel = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64).reshape(-1)
-    folded, per_q = fold_scores(raw, queries)
+    if prefolded:
+        if np.shape(raw)[1] != 1:
+            raise ValueError(f"prefolded scores have one column, got {np.shape(raw)[1]}")
+        per_q = np.asarray(raw, np.float64)
+        folded = per_q[:, 0]
+    else:
+        folded, per_q = fold_scores(raw, queries)
     if len(sel) != len(folded):
         raise ValueError(f"{len(folded)} scores for {len(sel)} rows")
     ids = pq.read_table(tp, columns=["example_id"], memory_map=True).column("example_id").take(pa.array(sel))
@@ -554,11 +571,13 @@ def exact_recall(
     rows: Sequence[int] | np.ndarray | None = None,
     batch_size: int = 8,
     max_len: int = 1024,
+    per_query: bool = True,
     progress: Progress | None = None,
 ) -> Path:
     """The flagged target end to end: query gradients of (prompt, response), curvature from `curvature_rows` rows
     spread over the tokens file (lancet_core.index.basis.sample_indices, the PCA pre-pass's sample), preconditioned,
-    one exact pass over the corpus (or `rows`), written by `write_scores`. Returns out_path."""
+    one exact pass over the corpus (or `rows`), written by `write_scores`. `per_query=False` folds the queries first
+    (one matmul per module instead of Q; the file's query_scores then hold the folded score alone). Returns out_path."""
     from lancet_core.index.basis import sample_indices
 
     tp = _tokens_path(tokens_path)
@@ -572,5 +591,7 @@ def exact_recall(
         cur = fit_curvature(model, t.column("input_ids").to_pylist(), t.column("loss_mask").to_pylist(), kind,
                             damping_ratio=damping_ratio, damping=damping, **kw)
     V = precondition_queries(G, cur)
+    if not per_query:
+        V = fold_queries_full(V)
     raw = score_corpus(model, V, tp, rows=rows, progress=progress, **kw)
-    return write_scores(out_path, tp, raw, V, rows=rows)
+    return write_scores(out_path, tp, raw, V, rows=rows, prefolded=not per_query)

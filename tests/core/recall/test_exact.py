@@ -380,3 +380,8 @@ def test_exact_recall_end_to_end_on_the_chat_bed(bed, tmp_path):  # noqa: F811
     sub = exact_recall(model, tok, bed["tokens"], tmp_path / "sub.parquet", prompts, responses, response_tokens=WINDOW,
                        curvature_rows=5, batch_size=3, max_len=64, rows=[6, 1])
     np.testing.assert_allclose(pq.read_table(sub).column("score").to_numpy(), folded[[6, 1]], rtol=1e-10)
+    one = exact_recall(model, tok, bed["tokens"], tmp_path / "one.parquet", prompts, responses, response_tokens=WINDOW,
+                       curvature_rows=5, batch_size=3, max_len=64, per_query=False)  # folded first: one query
+    t1 = pq.read_table(one)
+    assert t1.column("query_scores").type.list_size == 1
+    np.testing.assert_allclose(t1.column("score").to_numpy(), folded, rtol=1e-10, atol=1e-12 * np.abs(folded).max())
