@@ -23,6 +23,7 @@ __getattr__, __all__ = lazy_exports(__name__, {
     "JudgeConfig": "lancet_core.recall.judges",
     "RecallConfig": "lancet_core.recall.influence",
     "average_precision": "lancet_core.recall.metrics",
+    "exact_recall": "lancet_core.recall.exact",
     "find_undesirable_outputs": "lancet_core.recall.undesirable",
     "make_judge": "lancet_core.recall.judges",
     "precision_at_k": "lancet_core.recall.metrics",
