@@ -190,12 +190,14 @@ def library_versions() -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ sealing and checking
-# A published artifact's manifest says `complete: true` and lists what it holds (`contents`: relative path -> bytes,
-# plus the sha256 of every file up to DIGEST_LIMIT). Manifests written by a builder in place (the gradient store)
-# name their files the same way, as a `file` / `<x>_file` field beside its `digest` / `<x>_digest`, or as a mapping
-# from a relative file path to an entry with a `digest` (the store's curvatures). `artifact_problems` checks both.
+# A published artifact's manifest says `complete: true` and lists what it holds (`contents`: relative path -> bytes
+# and sha256); a check re-reads the digests of files up to DIGEST_LIMIT and the sizes of the others. Manifests
+# written by a builder in place (the gradient store) name their files as a `file` / `<x>_file` field beside its
+# `digest` / `<x>_digest`, or as a mapping from a relative file path to an entry with a `digest` (the store's
+# curvatures); such a file is checked by its digest within the limits below, else by its format's end marker.
 CONTENTS_KEY = "contents"
-DIGEST_LIMIT = 64 << 20  # files up to this size are digested when sealed and when checked; larger ones by size
+DIGEST_LIMIT = 64 << 20  # a check re-digests files up to this size; larger ones are checked by size
+DIGEST_BUDGET = 512 << 20  # and at most this many bytes per artifact (a big store's shards: size or end marker)
 _NOT_CONTENT = (MANIFEST_NAME, ".lock")
 _KIND_KEYS = ("kind", "artifact")
 
@@ -222,15 +224,15 @@ def _is_content(rel: Path) -> bool:
 
 def seal(directory: str | Path) -> dict:
     """Mark an artifact directory finished: its manifest (written by the builder, or a new one) gains
-    `complete: true` and `contents` (every file but the manifest: bytes, and sha256 up to DIGEST_LIMIT).
+    `complete: true` and `contents` (every file but the manifest: bytes and sha256; every digest, so the manifest's
+    own digest, which stands for the artifact in cache keys and folder names, changes with any byte).
     Returns the manifest written."""
     root = Path(directory)
     contents = {}
     for f in sorted(q for q in root.rglob("*") if q.is_file()):
         rel = f.relative_to(root)
         if _is_content(rel):
-            size = f.stat().st_size
-            contents[rel.as_posix()] = {"bytes": size, **({"digest": file_digest(f)} if size <= DIGEST_LIMIT else {})}
+            contents[rel.as_posix()] = {"bytes": f.stat().st_size, "digest": file_digest(f)}
     m = read_manifest(root) or {}
     m.update({CONTENTS_KEY: contents, "complete": True})
     write_manifest(root, m)
@@ -268,7 +270,8 @@ def listed_files(manifest: Mapping[str, Any]) -> dict[str, dict]:
 def artifact_problems(directory: str | Path, *, digests: bool = True) -> list[str]:
     """What stops `directory` from being a complete, intact artifact (empty list: nothing): no or unreadable
     manifest, `complete` not true, no file listed, a listed file missing, of another size, or (with `digests`, files
-    up to DIGEST_LIMIT) of other content."""
+    up to DIGEST_LIMIT, DIGEST_BUDGET bytes in all) of other content; a file with neither its size recorded nor its
+    digest re-read must at least end with its format's end marker (Parquet, npz)."""
     root = Path(directory)
     if not root.is_dir():
         return [f"{root}: no such directory"]
@@ -284,6 +287,7 @@ def artifact_problems(directory: str | Path, *, digests: bool = True) -> list[st
     if not files:
         return [f"{root / MANIFEST_NAME}: lists no file"]
     problems = []
+    budget = DIGEST_BUDGET if digests else 0
     for rel, info in sorted(files.items()):
         f = root / rel
         try:
@@ -293,9 +297,29 @@ def artifact_problems(directory: str | Path, *, digests: bool = True) -> list[st
             continue
         if "bytes" in info and size != info["bytes"]:
             problems.append(f"{f}: {size} bytes, the manifest says {info['bytes']}")
-        elif digests and info.get("digest") and size <= DIGEST_LIMIT and file_digest(f) != info["digest"]:
-            problems.append(f"{f}: content differs from the manifest's digest")
+        elif info.get("digest") and size <= min(DIGEST_LIMIT, budget):
+            budget -= size
+            if file_digest(f) != info["digest"]:
+                problems.append(f"{f}: content differs from the manifest's digest")
+        elif "bytes" not in info and not _tail_ok(f):
+            problems.append(f"{f}: truncated (no {f.suffix} end marker)")
     return problems
+
+
+def _tail_ok(f: Path) -> bool:
+    """The cheap check of a file whose size the manifest does not record and that is not re-digested: a Parquet
+    file ends with its footer magic, an .npz (zip) with an end-of-central-directory record; others pass."""
+    if f.suffix == ".parquet":
+        with open(f, "rb") as fh:
+            if f.stat().st_size < 12:
+                return False
+            fh.seek(-4, os.SEEK_END)
+            return fh.read(4) == b"PAR1"
+    if f.suffix == ".npz":
+        import zipfile
+
+        return zipfile.is_zipfile(f)
+    return True
 
 
 def verify_artifact(directory: str | Path, *, digests: bool = True) -> Path:

@@ -101,6 +101,37 @@ def test_a_returned_path_outside_the_output_location_is_a_problem(tmp_path):
     assert "missing" in output_problems(str(out / "gone.txt"), {"out_dir": str(out)})[0]
 
 
+def test_an_in_place_manifest_names_its_files_and_big_ones_are_checked_cheaply(tmp_path, monkeypatch):
+    """A store-like manifest (entries with `file` / `factors_file` and their digests, curvature files as keys): each
+    file is checked by digest; beyond the digest budget a truncated Parquet file is still caught by its end marker."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import lancet_core.manifest as manifest
+    from lancet_core.manifest import file_digest, listed_files
+
+    root = tmp_path / "store"
+    (root / "curvature").mkdir(parents=True)
+    pq.write_table(pa.table({"x": list(range(100))}), root / "shard-00000.parquet")
+    (root / "curvature" / "f.npz").write_bytes(manifest.npz_bytes({"a": [1.0, 2.0]}))
+    (root / "curvature" / "kfac_module_damp0.1.npz").write_bytes(manifest.npz_bytes({"b": [3.0]}))
+    m = {"complete": True,
+         "shards": [{"index": 0, "file": "shard-00000.parquet", "digest": file_digest(root / "shard-00000.parquet"),
+                     "factors_file": "curvature/f.npz", "factors_digest": file_digest(root / "curvature" / "f.npz")}],
+         "curvature": {"curvature/kfac_module_damp0.1.npz": {
+             "kind": "kfac", "digest": file_digest(root / "curvature" / "kfac_module_damp0.1.npz")}}}
+    write_manifest(root, m)
+    assert set(listed_files(m)) == {"shard-00000.parquet", "curvature/f.npz", "curvature/kfac_module_damp0.1.npz"}
+    assert artifact_problems(root) == []
+    shard = root / "shard-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert "differs" in artifact_problems(root)[0]
+    monkeypatch.setattr(manifest, "DIGEST_BUDGET", 0)  # as for a store too big to re-digest on every answer
+    assert "truncated" in artifact_problems(root)[0]
+    (root / "curvature" / "kfac_module_damp0.1.npz").unlink()
+    assert any("missing" in p for p in artifact_problems(root))
+
+
 # ---------------------------------------------------------------------------------------- the gradient store
 @pytest.fixture(scope="module")
 def store_inputs(tmp_path_factory):
