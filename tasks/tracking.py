@@ -116,21 +116,23 @@ def resolve_model(model: str, cache_dir: str | Path) -> Path:
         name, alias = model[len("models:/"):].split("@", 1)
         mv = MlflowClient().get_model_version_by_alias(name, alias)
         uri = f"models:/{name}/{mv.version}"
+    import tempfile
+
+    from lancet_core.manifest import artifact_problems, publishing_dir, write_manifest
+
     dst = Path(cache_dir) / uri.replace(":/", "_").replace("/", "_")
-    if (dst / "config.json").exists():
+    if not artifact_problems(dst):  # downloaded before, complete and intact
         return dst
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    raw = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp / "raw")))
-    hf = tmp / "hf"
-    shutil.copytree(raw / "model", hf)
-    tok_dir = raw / "components" / "tokenizer"
-    if tok_dir.exists():
-        for f in tok_dir.iterdir():
-            shutil.copy2(f, hf / f.name)
-    if not dst.exists():  # another run may have finished the same download first
-        hf.rename(dst)
-    shutil.rmtree(tmp, ignore_errors=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # published like every artifact (manifest.publishing_dir): concurrent runs downloading the same version keep one
+    with tempfile.TemporaryDirectory(prefix=".tmp-download-", dir=dst.parent) as raw_dir, publishing_dir(dst) as hf:
+        raw = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=raw_dir))
+        shutil.copytree(raw / "model", hf, dirs_exist_ok=True)
+        tok_dir = raw / "components" / "tokenizer"
+        if tok_dir.exists():
+            for f in tok_dir.iterdir():
+                shutil.copy2(f, hf / f.name)
+        write_manifest(hf, {"kind": "downloaded_model", "source": uri})
     return dst
 
 
@@ -199,7 +201,20 @@ def log_artifacts(paths: Mapping[str, str | Path]) -> None:
 
 
 def log_and_register_model(model_dir: str | Path, registered_name: str) -> str:
-    """Log the corrected model with the transformers flavor and register it; alias `candidate`. Returns the version."""
+    """Log the corrected model with the transformers flavor and register it; alias `candidate`. Returns the version.
+    With a sqlite store the look-up of identical weights and the registration hold a file lock beside the database
+    (`<db>.registry.lock`), so concurrent runs that corrected the model identically register one version."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return _log_and_register_model(model_dir, registered_name)
+    from lancet_core.manifest import file_lock
+
+    db = Path(uri[len("sqlite:///"):]).resolve()
+    with file_lock(db.with_name(db.name + ".registry.lock")):
+        return _log_and_register_model(model_dir, registered_name)
+
+
+def _log_and_register_model(model_dir: str | Path, registered_name: str) -> str:
     from lancet_core.model_io import load_model, load_tokenizer, model_digest
 
     if not _NAME_RE.match(registered_name):

@@ -141,3 +141,39 @@ def test_processes_creating_a_fresh_sqlite_tracking_store_at_once_all_succeed(tm
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("lancet")
     assert len(client.search_runs([exp.experiment_id])) == 3
+
+
+def _register_then_download(uri: str, model_dir: str, cache_dir: str, barrier, q) -> None:
+    try:
+        import mlflow
+
+        from tasks.tracking import configure, log_and_register_model, resolve_model
+
+        configure(uri, "lancet")
+        barrier.wait(timeout=120)
+        with mlflow.start_run():
+            version = log_and_register_model(model_dir, "concurrent")
+        barrier.wait(timeout=120)
+        q.put(("ok", (version, str(resolve_model(f"models:/concurrent/{version}", cache_dir)))))
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        q.put(("error", f"{type(e).__name__}: {str(e)[:300]}"))
+
+
+@pytest.mark.slow
+def test_identical_models_registered_and_downloaded_at_once_are_one_version_one_copy(tmp_path):
+    """Two runs that corrected the model identically register it at the same moment: one version, both told so;
+    then both resolve that version's `models:/` URI into one work dir at once: one complete copy."""
+    from mlflow import MlflowClient
+
+    from tests.conftest import make_tiny_gpt2
+
+    model = make_tiny_gpt2(tmp_path / "model")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cache = tmp_path / "work" / "models"
+    got = _run_all(_register_then_download, lambda i: (uri, str(model), str(cache)), 2)
+    assert [s for s, _ in got] == ["ok", "ok"], got
+    (v1, p1), (v2, p2) = (g for _, g in got)
+    assert v1 == v2 and p1 == p2
+    assert len(MlflowClient(tracking_uri=uri).search_model_versions("name = 'concurrent'")) == 1
+    assert not artifact_problems(p1) and (Path(p1) / "config.json").is_file()
+    assert _leftovers(cache) == []
