@@ -144,7 +144,7 @@ def test_grown_corpus_recomputes_only_new_shards(prefect_harness, default_demo, 
     kw = dict(corpus_path=str(corpus), model=str(default_demo.model), probes_path=str(default_demo.probes),
               ood_path=str(default_demo.ood), benign_eval_path=str(default_demo.benign_eval), index=index)
     out1, _ = _run(tmp_path / "work", tracking, **kw)
-    stores = list((tmp_path / "work" / "stores").iterdir())
+    stores = [p for p in (tmp_path / "work" / "stores").iterdir() if not p.name.startswith(".")]  # not the cache
     assert len(stores) == 1
     assert json.loads((stores[0] / "manifest.json").read_text())["index_config"]["response_tokens"] == 4  # 'auto'
     before = {e["file"]: e["digest"] for e in json.loads((stores[0] / "manifest.json").read_text())["shards"]}
