@@ -288,14 +288,32 @@ def check_model_uri(model: str, tracking_uri: str, opt: str) -> None:
         raise InputError(f"{opt} {model}: {problem}, in the registry at {tracking_uri}")
 
 
+def _prefect_settings_files() -> bool:
+    """Whether a file Prefect reads its settings from may set the API URL (its profiles file or a .env naming
+    PREFECT_API_URL, a prefect.toml, a pyproject.toml with [tool.prefect])."""
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    for f, needle in ((Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml"), "PREFECT_API_URL"),
+                      (Path(".env"), "PREFECT_API_URL"), (Path("prefect.toml"), ""),
+                      (Path("pyproject.toml"), "tool.prefect")):
+        try:
+            if needle in f.read_text(encoding="utf-8", errors="ignore"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def prefect_api_url() -> str | None:
     """The Prefect API this process would talk to: Prefect's settings (which see a profile, prefect.toml and a test
-    harness) when Prefect is already imported, else $PREFECT_API_URL, else the settings after all (importing Prefect
-    costs a second or two; only asked when a deployment is to be started)."""
+    harness) when Prefect is already imported, else $PREFECT_API_URL, else the settings when a settings file may set
+    it (importing Prefect costs seconds on a loaded box, so it is skipped when no file could), else None."""
     import sys
 
-    if "prefect" not in sys.modules and os.environ.get("PREFECT_API_URL"):
-        return os.environ["PREFECT_API_URL"]
+    if "prefect" not in sys.modules:
+        if os.environ.get("PREFECT_API_URL"):
+            return os.environ["PREFECT_API_URL"]
+        if not _prefect_settings_files():
+            return None
     from prefect.settings import get_current_settings
 
     url = get_current_settings().api.url
