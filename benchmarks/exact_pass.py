@@ -2,6 +2,7 @@
 JSON object.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/exact_pass.py [--seed 0] [--quick] [--work W] [--out exact.json]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/exact_pass.py --throughput     # per-batch cost at SmolLM2's shape
 
 The bed is benchmarks/influence_fidelity.py's (its corpus, tiny Llama, training and flagged held-out queries, same
 seed → same bed): two planted content behaviours, `trigger` ("banana protocol" → "The answer is always purple.") and
@@ -177,6 +178,57 @@ def _plain_fwd_bwd(model, rows_ids, rows_mask, batch_size: int) -> float:
     return time.perf_counter() - t0
 
 
+def throughput(threads: int, batches: int = 3, layers: int = 4, batch_size: int = 8, seq: int = 128) -> dict:
+    """Seconds per batch at SmolLM2-135M's layer shape (hidden 576, MLP 1536, 9 heads / 3 KV heads; `layers` blocks,
+    vocabulary 8192 so the head keeps about its 30-layer share of the work), random weights, float32: a plain
+    forward/backward (parameter gradients on), the store's hooked extraction (PCA-sized 16×16 projections) and the
+    exact pass with 1 and 3 query matrices per module. Median over `batches` batches after one warm-up."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lancet_core.index.hooks import ProjectedGradientExtractor, build_layout, sequence_loglik
+    from lancet_core.recall.exact import ExactScorer, full_layout
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2 * seq)
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 8192, (batch_size, seq), generator=g)
+    attn = torch.ones_like(ids)
+    lm = torch.zeros_like(ids)
+    lm[:, seq // 2 :] = 1
+
+    def timed(fn) -> float:
+        fn()
+        ts = []
+        for _ in range(batches):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return float(np.median(ts))
+
+    def plain():
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, attention_mask=attn, use_cache=False)
+        sequence_loglik(out.logits, ids, lm, attn, "mean").sum().backward()
+
+    res = {"plain_fwd_bwd_s": timed(plain)}
+    model.zero_grad(set_to_none=True)
+    with ProjectedGradientExtractor(model, build_layout(model, None, 16, 16), 0, "mean") as ex:
+        res["store_extraction_s"] = timed(lambda: ex.batch_gradients(ids, attn, lm))
+    layout = full_layout(model)
+    for q in (1, 3):
+        V = {ml.name: np.random.default_rng(q).standard_normal((q, ml.d_out, ml.d_in)) for ml in layout}
+        with ExactScorer(model, V, layout=layout) as sc:
+            res[f"exact_pass_q{q}_s"] = timed(lambda sc=sc: sc.batch_scores(ids, attn, lm))
+    out = {k: round(v, 3) for k, v in res.items()}
+    out |= {f"{k[:-2]}_over_plain": round(v / res["plain_fwd_bwd_s"], 3) for k, v in res.items() if k != "plain_fwd_bwd_s"}
+    return {"benchmark": "exact_pass_throughput", "shape": {"layers": layers, "hidden": 576, "intermediate": 1536,
+            "vocab": 8192, "batch_size": batch_size, "seq": seq}, "threads": threads, "seconds_per_batch": out}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -186,8 +238,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--work", type=Path, default=None, help="kept and reused (the trained model)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--throughput", action="store_true", help="only the per-batch timings at SmolLM2's layer shape")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.throughput:
+        res = throughput(args.threads)
+        print(json.dumps(res, indent=1))
+        if args.out:
+            args.out.write_text(json.dumps(res, indent=1) + "\n")
+        return res
     work = args.work or Path(tempfile.mkdtemp(prefix="lancet-exact-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
