@@ -71,14 +71,14 @@ def _cmd_index(args) -> int:
     problem = runner_problem(args.runner, args.ray_address)
     if problem:
         raise ConfigError(f"lancet index: --runner/--ray-address: {problem}")
-    from flows.inputs import check_index_inputs
-    from flows.paths import default_work_dir
-
-    check_index_inputs(args.corpus, args.model, args.work_dir or default_work_dir(), args.out)  # before any model loads
     if args.runner == "ray":
         from tasks.index import check_ray_reachable
 
         check_ray_reachable(args.ray_address)
+    from flows.inputs import check_index_inputs
+    from flows.paths import default_work_dir
+
+    check_index_inputs(args.corpus, args.model, args.work_dir or default_work_dir(), args.out)  # before any model loads
     from flows.data import tokenize_flow
     from flows.index import index_flow
     from flows.paths import artifact_dir, default_work_dir
