@@ -145,6 +145,29 @@ def build_index(model_dir: str, tokens_path: str, out_store_dir: str, cfg: Index
     return run_index_build(model_dir, tokens_path, out_store_dir, cfg, runner=runner, ray_address=ray_address)
 
 
+def _up_to_date(store_dir: str, model_dir: str, tokens_path: str, cfg: IndexConfig) -> bool:
+    """Whether `store_dir` holds a complete, intact store (manifest.artifact_problems) built from exactly this model,
+    these tokens and this identity, with every curvature asked for: then there is nothing to plan."""
+    import json
+
+    from lancet_core.index.build import tokens_file
+    from lancet_core.index.curvature import curvature_file
+    from lancet_core.manifest import artifact_problems, file_digest, read_manifest
+    from lancet_core.model_io import model_digest, tokenizer_digest
+
+    if artifact_problems(store_dir):
+        return False
+    m = read_manifest(store_dir) or {}
+    try:
+        want = {"tokens_digest": file_digest(tokens_file(tokens_path)), "index_config": cfg.store_identity(),
+                "model_digest": model_digest(model_dir), "tokenizer_digest": tokenizer_digest(model_dir)}
+    except (OSError, ValueError):
+        return False
+    same = all(json.dumps(m.get(k), sort_keys=True) == json.dumps(v, sort_keys=True) for k, v in want.items())
+    return same and all(curvature_file(k, "module", cfg.damping_ratio) in (m.get("curvature") or {})
+                        for k in cfg.curvature)
+
+
 def run_index_build(model_dir: str, tokens_path: str, store_dir: str, cfg: IndexConfig, *, runner: str = "local",
                     ray_address: str | None = None, timings: list | None = None) -> str:
     """The coordinator (inside a Prefect flow or task): plan, map the shards, record them as they finish,
@@ -153,6 +176,11 @@ def run_index_build(model_dir: str, tokens_path: str, store_dir: str, cfg: Index
     t0 = time.perf_counter()
     cfg.require_resolved()  # response_tokens='auto' needs the judge: resolve_window first (before any work)
     with store_lock(store_dir):
+        if _up_to_date(store_dir, model_dir, tokens_path, cfg):
+            # built meanwhile by a concurrent run (we waited on its lock): planning again would rewrite the manifest
+            # (complete=false for a moment) under the feet of the runs already reading the store
+            log.info("index: %s is complete and built from these inputs; reusing it", store_dir)
+            return str(store_dir)
         plan = plan_build(Path(model_dir), Path(tokens_path), Path(store_dir), cfg)
         entries = {e["index"]: e for e in plan.done}
         failed: list[tuple[int, str]] = []

@@ -162,6 +162,13 @@ def test_the_index_flow_rebuilds_a_lost_or_damaged_shard(prefect_harness, store_
     original = shards[1].read_bytes()
     # a cached answer (nothing changed): no shard rewritten
     assert Path(index_flow(str(model_dir), str(tokens), str(out), CFG)) == store and _shard_mtimes(store) == before
+    # a run that missed the cache (it waited on the store's lock while another built it) finds the store up to date
+    # and leaves its manifest alone: re-planning would mark it incomplete while other runs read it
+    from tasks.index import run_index_build
+
+    manifest_mtime = (store / "manifest.json").stat().st_mtime_ns
+    assert run_index_build(str(model_dir), str(tokens), str(out), CFG) == str(out)
+    assert (store / "manifest.json").stat().st_mtime_ns == manifest_mtime and _shard_mtimes(store) == before
 
     shards[1].unlink()  # deleted: the cached answer is refused, the store rebuilt, only that shard computed
     assert Path(index_flow(str(model_dir), str(tokens), str(out), CFG)) == store
