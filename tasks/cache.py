@@ -13,7 +13,7 @@ Never keyed on tensors or DataFrames: tasks take paths.
 (`<stage folder>/.prefect-results`, not Prefect's global ~/.prefect/storage), so a work dir holds its own cache and two
 work dirs never answer for each other. A result, fresh or cached, is then checked: every output location must be a
 complete artifact (`lancet_core.manifest.artifact_problems`: manifest says complete, each listed file present with its
-size, digests up to 64 MiB) and every returned path must exist inside one. A cached answer that fails is recomputed
+size, digests re-read where cheap) and every returned path must exist inside one. A cached answer that fails is recomputed
 (refresh_cache); a fresh one that fails is an error (ArtifactBroken), never a path handed on.
 
 `publish_output` is the body of a task that writes a directory artifact: an intact output (an earlier or concurrent
