@@ -42,6 +42,13 @@ input_ids, loss_mask), read in chunks of `chunk_rows` in file order, each chunk 
 subset (the rerank mode: an exact pass over the sketch's top-M candidates). Deterministic; scores in float64.
 `write_scores` writes row_id, example_id, score, query_scores (Parquet, atomic).
 
+Measured (benchmarks/exact_pass.py, the fidelity bed, 800 rows, seeds 0 / 1 / 2, whole response, flagged target;
+planted P@10 of the trigger behaviour's queries, which every 16×16 sketch setting misses): sketch default 0.0 / 0.1 /
+0.0; exact identity 0.0 / 0.1 / 0.0; exact kfac ratio 0.1: 0.9 / 0.7 / 0.5, 0.01: 1.0 / 0.9 / 0.8, 0.001: 1.0 / 1.0 /
+0.9; factored 0.01 and ekfac 0.01: 1.0 / 1.0 / 0.9 (the wrong-fact behaviour: 1.0 everywhere). One pass scoring 3
+folded queries: 1.1–1.7× a plain forward/backward over the same batches on the tiny bed (2 loaded cores); at
+SmolLM2's layer shape 1.19× (1 query) and 1.48× (3 queries) per batch, the store's extraction 0.73×.
+
 Knows about torch modules, token rows and the hooks' conventions; knows nothing about gradient stores, sharding,
 caching, Prefect or MLflow.
 """
