@@ -325,14 +325,30 @@ def query_norms(queries: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.sqrt(sq)
 
 
-def fold_scores(raw: np.ndarray, queries: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(folded [N], per-query [N, Q]): the per-query scores of the unit-normalised queries and their mean, exactly
-    the store scan's fold (lancet_core.recall.scan.fold_queries) in full parameter space."""
+FOLDS = ("mean", "zscore")
+
+
+def fold_scores(raw: np.ndarray, queries: Mapping[str, np.ndarray], how: str = "mean") -> tuple[np.ndarray, np.ndarray]:
+    """(folded [N], per-query [N, Q]): the per-query scores of the unit-normalised queries and their fold.
+
+    `mean` (default): their mean, exactly the store scan's fold (lancet_core.recall.scan.fold_queries) in full
+    parameter space. `zscore`: each query's scores standardised over the scored rows first (so with a `rows` subset,
+    over the subset), then averaged: every query weighs the same whatever the scale of its scores. Measured on the
+    fidelity bed's mixed query set (benchmarks/exact_pass.py, kfac 0.01, seeds 0 / 1 / 2): the mean fold's top 10 holds
+    no trigger row (the wrong-fact queries' scores are larger), the z-scored one 5 / 5 / 8, top-50 planted precision
+    0.88 / 0.88 / 0.70 vs 0.64 / 0.82 / 0.76; not a default (deliverable 3 of issue 26 chooses)."""
+    if how not in FOLDS:
+        raise ValueError(f"fold must be one of {FOLDS}, got {how!r}")
     norms = query_norms(queries)
     if not np.all(np.isfinite(norms)) or np.any(norms == 0):
         raise ValueError(f"query matrices must be finite and non-zero (norms {norms.tolist()[:10]})")
     per_q = np.asarray(raw, np.float64) / norms
-    return per_q.mean(axis=1), per_q
+    if how == "mean":
+        return per_q.mean(axis=1), per_q
+    sd = per_q.std(axis=0)
+    if np.any(sd == 0):
+        raise ValueError("a query scores every row the same: its z-scores are undefined")
+    return ((per_q - per_q.mean(axis=0)) / sd).mean(axis=1), per_q
 
 
 def fold_queries_full(queries: Mapping[str, np.ndarray]) -> Queries:
@@ -345,10 +361,11 @@ def fold_queries_full(queries: Mapping[str, np.ndarray]) -> Queries:
 
 
 def write_scores(path: str | Path, tokens_path: str | Path, raw: np.ndarray, queries: Mapping[str, np.ndarray],
-                 rows: Sequence[int] | np.ndarray | None = None, *, prefolded: bool = False) -> Path:
+                 rows: Sequence[int] | np.ndarray | None = None, *, prefolded: bool = False,
+                 fold: str = "mean") -> Path:
     """Parquet: row_id (position in the tokens file), example_id, score (folded), query_scores (per query), in the
-    order scored. Written atomically. `prefolded`: `queries` is already `fold_queries_full`'s one query, whose raw
-    score is the folded score (not normalised again)."""
+    order scored. Written atomically. `fold`: fold_scores' `how`. `prefolded`: `queries` is already
+    `fold_queries_full`'s one query, whose raw score is the folded score (not normalised again)."""
     from lancet_core.manifest import atomic_write_parquet
 
     tp = _tokens_path(tokens_path)
@@ -360,7 +377,7 @@ def write_scores(path: str | Path, tokens_path: str | Path, raw: np.ndarray, que
         per_q = np.asarray(raw, np.float64)
         folded = per_q[:, 0]
     else:
-        folded, per_q = fold_scores(raw, queries)
+        folded, per_q = fold_scores(raw, queries, fold)
     if len(sel) != len(folded):
         raise ValueError(f"{len(folded)} scores for {len(sel)} rows")
     ids = pq.read_table(tp, columns=["example_id"], memory_map=True).column("example_id").take(pa.array(sel))
@@ -579,12 +596,16 @@ def exact_recall(
     batch_size: int = 8,
     max_len: int = 1024,
     per_query: bool = True,
+    fold: str = "mean",
     progress: Progress | None = None,
 ) -> Path:
     """The flagged target end to end: query gradients of (prompt, response), curvature from `curvature_rows` rows
     spread over the tokens file (lancet_core.index.basis.sample_indices, the PCA pre-pass's sample), preconditioned,
     one exact pass over the corpus (or `rows`), written by `write_scores`. `per_query=False` folds the queries first
-    (one matmul per module instead of Q; the file's query_scores then hold the folded score alone). Returns out_path."""
+    (one matmul per module instead of Q; the file's query_scores then hold the folded score alone; `fold` 'mean'
+    only). `fold`: fold_scores' `how`. Returns out_path."""
+    if not per_query and fold != "mean":
+        raise ValueError(f"fold={fold!r} needs every query's scores: per_query=True")
     from lancet_core.index.basis import sample_indices
 
     tp = _tokens_path(tokens_path)
@@ -601,4 +622,4 @@ def exact_recall(
     if not per_query:
         V = fold_queries_full(V)
     raw = score_corpus(model, V, tp, rows=rows, progress=progress, **kw)
-    return write_scores(out_path, tp, raw, V, rows=rows, prefolded=not per_query)
+    return write_scores(out_path, tp, raw, V, rows=rows, prefolded=not per_query, fold=fold)

@@ -396,3 +396,17 @@ def test_bf16_autocast_scores_approximate_float32():
     want = score_rows(model, V, rows_ids, rows_mask, batch_size=3)
     got = score_rows(model, V, rows_ids, rows_mask, batch_size=3, autocast="bf16")
     assert got.dtype == np.float64 and 0 < rel(got, want) <= 0.03, rel(got, want)  # measured 0.004
+
+
+def test_zscore_fold_weighs_every_query_the_same():
+    g = np.random.default_rng(0)
+    V = {"m": g.standard_normal((3, 4, 5))}
+    raw = g.standard_normal((20, 3)) * np.array([100.0, 1.0, 0.01])  # one query's scores dwarf the others'
+    folded, per_q = fold_scores(raw, V, "zscore")
+    z = [(raw[:, q] - raw[:, q].mean()) / raw[:, q].std() for q in range(3)]
+    np.testing.assert_allclose(folded, np.mean(z, axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(per_q, fold_scores(raw, V)[1], rtol=0)  # the per-query scores are the same
+    scaled = {"m": V["m"] * np.array([7.0, 0.1, 3.0])[:, None, None]}  # scaling a query changes nothing
+    np.testing.assert_allclose(fold_scores(raw * np.array([7.0, 0.1, 3.0]), scaled, "zscore")[0], folded, rtol=1e-10)
+    with pytest.raises(ValueError, match="fold must be one of"):
+        fold_scores(raw, V, "median")
