@@ -637,3 +637,16 @@ def test_the_content_judge_example_config_parses(model_dir, files):
     p = _realign_params(build_parser().parse_args(_args(model_dir, files) + ["--config", str(example)]))
     assert p.judge.kind == "regex" and len(p.judge.keywords) == 16
     assert "close the account after a few days" in p.judge.keywords
+
+
+def test_the_input_checks_import_no_torch_prefect_or_mlflow():
+    """A refusal costs what its imports cost: flows/params.py and flows/inputs.py stay free of torch (seconds to
+    import on a loaded box; it had come back through lancet_core.recall.influence), Prefect and MLflow."""
+    import subprocess
+    import sys
+
+    code = ("import sys, flows.params, flows.inputs; "
+            "print([m for m in ('torch', 'transformers', 'prefect', 'mlflow') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout.strip()
+    assert out == "[]", out
