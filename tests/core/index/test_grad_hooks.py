@@ -40,8 +40,43 @@ def tiny_llama(seed: int = 0):
         num_key_value_heads=1,
         max_position_embeddings=64,
     )
-    cfg._attn_implementation = "eager"
-    return LlamaForCausalLM(cfg).eval()
+    cfg._attn_implementation = _exact_eager_attention()
+    return norms_in_input_dtype(LlamaForCausalLM(cfg).eval())
+
+
+# transformers' Llama computes its RMSNorm and its eager attention softmax in float32 whatever the input's dtype (for
+# half-precision training), so a `.double()` Llama is not float64 all the way: float64 differences of one ulp between
+# a batched and a one-row pass (different GEMM shapes: MKL's kernels on AMD EPYC / AVX2 give them, on the Intel
+# AVX-512 box they did not) come out as float32 ulps, ~1e-7 relative, and a float64 oracle comparison at 1e-9 fails
+# on one machine and passes on another. The two functions below are the same formulas in the input's dtype:
+# identical for float32, exact for float64.
+def _exact_eager_attention() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.models.llama.modeling_llama import repeat_kv
+
+    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        k, v = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
+        w = torch.matmul(query, k.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            w = w + attention_mask
+        w = torch.softmax(w, dim=-1)
+        return torch.matmul(w, v).transpose(1, 2).contiguous(), w
+
+    AttentionInterface.register("eager_in_input_dtype", attention)
+    AttentionMaskInterface.register("eager_in_input_dtype", eager_mask)  # the causal + padding mask eager gets
+    return "eager_in_input_dtype"
+
+
+def norms_in_input_dtype(model):
+    """Every RMSNorm of `model` computes in its input's dtype (see above)."""
+    for m in model.modules():
+        if type(m).__name__.endswith("RMSNorm"):
+            def forward(h, m=m):
+                return m.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + m.variance_epsilon))
+
+            m.forward = forward
+    return model
 
 
 def random_rows(n: int, seed: int = 1, min_len: int = 5, max_len: int = 14):
