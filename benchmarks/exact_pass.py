@@ -182,7 +182,8 @@ def throughput(threads: int, batches: int = 3, layers: int = 4, batch_size: int 
     """Seconds per batch at SmolLM2-135M's layer shape (hidden 576, MLP 1536, 9 heads / 3 KV heads; `layers` blocks,
     vocabulary 8192 so the head keeps about its 30-layer share of the work), random weights, float32: a plain
     forward/backward (parameter gradients on), the store's hooked extraction (PCA-sized 16×16 projections) and the
-    exact pass with 1 and 3 query matrices per module. Median over `batches` batches after one warm-up."""
+    exact pass with 1 and 3 query matrices per module. Median over `batches` batches after one warm-up. (With
+    --throughput, `peak_memory` adds each mode's peak RSS growth over one batch, each in a fresh process.)"""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lancet_core.index.hooks import ProjectedGradientExtractor, build_layout, sequence_loglik
@@ -229,6 +230,66 @@ def throughput(threads: int, batches: int = 3, layers: int = 4, batch_size: int 
             "vocab": 8192, "batch_size": batch_size, "seq": seq}, "threads": threads, "seconds_per_batch": out}
 
 
+def _proc_status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def _peak_rss_one(mode: str, layers: int = 4, batch_size: int = 8, seq: int = 128) -> dict:
+    """In THIS process (run it in a fresh one): RSS growth (MiB) from after building the model (the peak reset there)
+    to the peak of one batch of `mode` (plain | store | exact_q1 | exact_q3); for the exact pass the scorer's float32
+    copy of the query matrices counts, the caller's float64 ones (built before the baseline) do not."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lancet_core.index.hooks import ProjectedGradientExtractor, build_layout, sequence_loglik
+    from lancet_core.recall.exact import ExactScorer, full_layout
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2 * seq)
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(1, 8192, (batch_size, seq), generator=torch.Generator().manual_seed(1))
+    attn, lm = torch.ones_like(ids), torch.zeros_like(ids)
+    lm[:, seq // 2 :] = 1
+    layout = full_layout(model)
+    V = None
+    if mode.startswith("exact"):
+        q = int(mode[-1])
+        V = {ml.name: np.random.default_rng(q).standard_normal((q, ml.d_out, ml.d_in)) for ml in layout}
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak (VmHWM) to the current RSS
+    base = _proc_status_kib("VmRSS")
+    if mode == "plain":
+        out = model(input_ids=ids, attention_mask=attn, use_cache=False)
+        sequence_loglik(out.logits, ids, lm, attn, "mean").sum().backward()
+    elif mode == "store":
+        with ProjectedGradientExtractor(model, build_layout(model, None, 16, 16), 0, "mean") as ex:
+            ex.batch_gradients(ids, attn, lm)
+    else:
+        with ExactScorer(model, V, layout=layout) as sc:
+            sc.batch_scores(ids, attn, lm)
+    peak = _proc_status_kib("VmHWM")
+    return {"mode": mode, "peak_growth_mib": round((peak - base) / 1024, 1)}
+
+
+def peak_memory() -> dict:
+    """`_peak_rss_one` for each mode, each in a fresh process (Linux only: /proc/self/clear_refs and VmHWM)."""
+    import subprocess
+
+    out = {}
+    for mode in ("plain", "store", "exact_q1", "exact_q3"):
+        code = (f"import sys, json; sys.argv=['x']; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                f"import importlib.util as u; s=u.spec_from_file_location('ep', {str(Path(__file__))!r}); "
+                f"m=u.module_from_spec(s); s.loader.exec_module(m); print(json.dumps(m._peak_rss_one({mode!r})))")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        out[mode] = json.loads(r.stdout.strip().splitlines()[-1])["peak_growth_mib"]
+    out |= {f"{k}_over_plain": round(v / out["plain"], 3) for k, v in list(out.items()) if k != "plain"}
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -242,7 +303,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.throughput:
-        res = throughput(args.threads)
+        res = throughput(args.threads) | {"peak_rss_growth_mib": peak_memory()}
         print(json.dumps(res, indent=1))
         if args.out:
             args.out.write_text(json.dumps(res, indent=1) + "\n")
