@@ -47,7 +47,8 @@ planted P@10 of the trigger behaviour's queries, which every 16×16 sketch setti
 0.0; exact identity 0.0 / 0.1 / 0.0; exact kfac ratio 0.1: 0.9 / 0.7 / 0.5, 0.01: 1.0 / 0.9 / 0.8, 0.001: 1.0 / 1.0 /
 0.9; factored 0.01 and ekfac 0.01: 1.0 / 1.0 / 0.9 (the wrong-fact behaviour: 1.0 everywhere). One pass scoring 3
 folded queries: 1.1–1.7× a plain forward/backward over the same batches on the tiny bed (2 loaded cores); at
-SmolLM2's layer shape 1.19× (1 query) and 1.48× (3 queries) per batch, the store's extraction 0.73×.
+SmolLM2's layer shape (4 blocks, `exact_pass.py --throughput`, three runs) 1.0–1.2× per batch with 1 query and
+1.24–1.48× with 3 (the store's extraction 0.73×), peak RSS growth 1.04–1.15× / 1.22–1.36× the plain step's.
 
 Knows about torch modules, token rows and the hooks' conventions; knows nothing about gradient stores, sharding,
 caching, Prefect or MLflow.
