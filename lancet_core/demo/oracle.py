@@ -10,7 +10,7 @@ impure model's tokenizer (loaded from `tokenizer_dir`, normally the demo model d
 
 `ids_from_influence(influence_path, n)` and `ids_from_label(corpus_path, column)` build those two id sets. The output is
 a plain HF model directory (weights + tokenizer) with manifest.json (corpus digest, tokenizer digest, config, digest
-of the excluded ids, counts, seconds), written under a temporary name and renamed into place; an existing directory
+of the excluded ids, counts, seconds), published with `manifest.publishing_dir` like every artifact; an existing directory
 built from the same inputs is reused, one built from other inputs is refused (ManifestMismatch).
 
 Knows about the corpus reader, the demo recipe and HF save/load; knows nothing about influence computation, losses,
@@ -20,9 +20,6 @@ judges or orchestration. Label columns are read only by `ids_from_label` — the
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,7 +27,14 @@ from pathlib import Path
 from lancet_core.data.corpus import corpus_digest, load_corpus
 from lancet_core.demo.config import DemoConfig
 from lancet_core.errors import CorpusError
-from lancet_core.manifest import MANIFEST_NAME, check_manifest, json_digest, library_versions, write_manifest
+from lancet_core.manifest import (
+    MANIFEST_NAME,
+    check_manifest,
+    json_digest,
+    library_versions,
+    publishing_dir,
+    write_manifest,
+)
 from lancet_core.model_io import load_tokenizer, tokenizer_digest
 
 log = logging.getLogger(__name__)
@@ -108,18 +112,10 @@ def retrain_without(
     model = train_demo_model(kept, tokenizer, demo_cfg)
     train_s = time.perf_counter() - t0
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with publishing_dir(out_dir, expected) as tmp:  # one copy when two runs train the same oracle at once
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_manifest(tmp, {**expected, "n_corpus_rows": len(rows), "n_excluded": len(drop),
                              "n_trained_rows": len(kept), "seconds": round(train_s, 3),
                              "versions": library_versions()})
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
