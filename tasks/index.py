@@ -2,8 +2,8 @@
 
 `build_index` (cached on its inputs' content) is the coordinator: it plans the build (lancet_core.index.build
 .plan_build), maps `index_shard` over the shards still to compute on a task runner — in this process by default
-(Prefect's ThreadPoolTaskRunner, one shard at a time: torch already uses every core), or prefect-ray's
-RayTaskRunner on a Ray cluster (`runner="ray"`: `ray_address` None = a new local cluster, "auto" = the one this
+(Prefect's ThreadPoolTaskRunner, one shard at a time: torch already has the threads lancet_core.threads gives it), or
+prefect-ray's RayTaskRunner on a Ray cluster (`runner="ray"`: `ray_address` None = a new local cluster, "auto" = the one this
 machine is part of, "ray://host:10001" or "host:port" = a remote one), each shard asking Ray for one GPU when the
 cluster has GPUs — then records every finished shard in the manifest as it arrives (only this process writes the
 manifest) and finalises the store (exact reduction of the Kronecker factor sums, curvature). A shard task that fails
