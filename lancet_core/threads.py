@@ -108,7 +108,9 @@ def _limit_loaded_blas() -> None:
         from threadpoolctl import threadpool_limits
     except ImportError:  # a dependency (pyproject); without it the environment variables above still apply to new loads
         return
-    threadpool_limits(limits={"openblas": BLAS_THREADS, "blis": BLAS_THREADS})
+    # by user API: threadpoolctl 3.8 left both scipy-openblas libraries at 2 threads when given
+    # limits={"openblas": 1, "blis": 1} (measured on numpy 2.4 + scipy's wheels; the policy test caught it)
+    threadpool_limits(limits=BLAS_THREADS, user_api="blas")
 
 
 def current_threads() -> dict:

@@ -466,6 +466,7 @@ def test_lancet_config_with_a_missing_file_prints_nothing_on_stdout(tmp_path, ca
 
 
 def test_threads_option_sets_the_policy_for_the_process_and_its_flows(monkeypatch, capsys):
+    import scipy.linalg  # noqa: F401  loaded before the policy, as in a long-lived process: env variables come too late
     import torch
 
     from lancet_core.threads import BLAS_THREADS, current_threads, default_threads, resolve_threads
