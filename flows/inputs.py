@@ -224,7 +224,7 @@ def _sqlite_registry_problem(db: Path, ref: tuple[str, str, str]) -> str | None:
             known = [r[0] for r in q("SELECT name FROM registered_models ORDER BY name LIMIT 6")]
             return f"no registered model {name!r} (registered: {', '.join(known[:5]) or 'none'}" + \
                    (", ...)" if len(known) > 5 else ")")
-        live = "current_stage != 'Deleted_Internal'"
+        deleted = "Deleted_Internal"  # MLflow's stage of a deleted version
         if kind == "alias":
             if q("SELECT 1 FROM registered_model_aliases WHERE name = ? AND alias = ?", (name, what)).fetchone():
                 return None
@@ -232,13 +232,14 @@ def _sqlite_registry_problem(db: Path, ref: tuple[str, str, str]) -> str | None:
                                      (name,))]
             return f"model {name!r} has no alias {what!r} (its aliases: {', '.join(known) or 'none'})"
         if kind == "version":
-            if q(f"SELECT 1 FROM model_versions WHERE name = ? AND version = ? AND {live}", (name, int(what))).fetchone():
+            if q("SELECT 1 FROM model_versions WHERE name = ? AND version = ? AND current_stage != ?",
+                 (name, int(what), deleted)).fetchone():
                 return None
-            known = [str(r[0]) for r in q(f"SELECT version FROM model_versions WHERE name = ? AND {live} "
-                                          "ORDER BY version", (name,))]
+            known = [str(r[0]) for r in q("SELECT version FROM model_versions WHERE name = ? AND current_stage != ? "
+                                          "ORDER BY version", (name, deleted))]
             return f"model {name!r} has no version {what} (its versions: {', '.join(known[-10:]) or 'none'})"
         if what.lower() == "latest":
-            found = q(f"SELECT 1 FROM model_versions WHERE name = ? AND {live}", (name,)).fetchone()
+            found = q("SELECT 1 FROM model_versions WHERE name = ? AND current_stage != ?", (name, deleted)).fetchone()
         else:
             found = q("SELECT 1 FROM model_versions WHERE name = ? AND lower(current_stage) = lower(?)",
                       (name, what)).fetchone()
