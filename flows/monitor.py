@@ -15,15 +15,25 @@ team that prefers to decouple can set `realign_deployment: null` and put a `trig
 `as_subflow=False` (cancelling or retrying the monitor never touches it; an idempotency key per monitor run means a
 retried monitor run does not start a second one).
 
+Hysteresis: a drifted check does not start a re-alignment that was already tried. Before starting one, the monitor
+reads the attempts recorded on the model version's MLflow monitor run with the same inputs key (model version, probes,
+corpus, thresholds, the deployment and its parameters: `realign_inputs_key`), asks Prefect for the latest one's state
+and MLflow for its gate decision, and holds the new one back while that attempt is pending or running, or after it
+ended refused by the gate (or with nothing to correct), for `drift.cooldown_hours` (`decide_realign`). A held check
+says why in one log line, as tag `lancet.realign_held` and metric `realign_held` 1 on the monitor run, and as
+`skipped_reason` in its result. Changing the probes, the corpus, a threshold or a realign parameter, or waiting out the
+cool-down, starts the next one; a failed (errored) attempt is retried at the next check.
+
 Only composition: the rates and the threshold decision are `lancet_core.evaluate.drift`, MLflow is `tasks/tracking.py`.
 """
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_client, get_run_logger
 from prefect.deployments import run_deployment
 from prefect.events import emit_event
 from prefect.runtime import flow_run
@@ -31,7 +41,14 @@ from prefect.runtime import flow_run
 from flows.inputs import check_monitor_inputs
 from flows.paths import artifact_dir
 from lancet_core.demo.config import DemoConfig
-from lancet_core.evaluate.drift import MonitorConfig, decide_drift
+from lancet_core.evaluate.drift import (
+    MonitorConfig,
+    RealignAttempt,
+    attempt_outcome,
+    decide_drift,
+    decide_realign,
+    realign_inputs_key,
+)
 from lancet_core.manifest import content_digest
 from lancet_core.recall.judges import JudgeConfig
 from lancet_core.recall.undesirable import GenerationConfig
@@ -40,7 +57,7 @@ from tasks.cache import ensure_output
 from tasks.demo import ensure_demo
 from tasks.evaluate import harmful_rates
 from tasks.recall import find_undesirable
-from tasks.tracking import resolve_monitored_model, tag_monitor_run, track_monitor
+from tasks.tracking import attempt_tag, realign_attempts, resolve_monitored_model, tag_monitor_run, track_monitor
 
 DRIFT_EVENT = "lancet.monitor.drift"
 
@@ -67,7 +84,9 @@ def monitor(
     under `registered_model_name`; empty `model`/`probes_path` mean the built-in demo's. The realign run gets
     `model` = the checked version (a registry alias pinned to its version), `work_dir`, `tracking_uri`,
     `registered_model_name`, the judge and generation settings (and `probes_path` when given), then
-    `realign_parameters` on top. `realign_deployment: None` only emits the event. Returns the check's summary.
+    `realign_parameters` on top. `realign_deployment: None` only emits the event. A drifted check starts no
+    realign run while the last one for this model version with the same inputs is pending, running, or ended refused
+    by the gate, within `drift.cooldown_hours` (`skipped_reason` says so). Returns the check's summary.
     """
     log = get_run_logger()
     t0 = time.perf_counter()
@@ -92,9 +111,28 @@ def monitor(
                                                      generation.model_dump())))
     rates = harmful_rates(probes_path, queries)
     decision = decide_drift(rates, drift)
+    hold, inputs_key, params = None, None, None
+    if decision.drifted and realign_deployment:
+        params = {"model": checked["uri"], "work_dir": str(work), "registered_model_name": registered_model_name,
+                  "judge": judge.model_dump(mode="json"), "generation": generation.model_dump(mode="json"),
+                  **({"tracking_uri": tracking_uri} if tracking_uri else {}),
+                  **({"probes_path": given_probes} if given_probes else {}),
+                  **({"demo": demo.model_dump(mode="json")} if demo != DemoConfig() else {}),
+                  **(realign_parameters or {})}
+        effective = {**_deployment_parameters(realign_deployment), **params}  # what the realign run will see
+        corpus = effective.get("corpus_path")
+        inputs_key = realign_inputs_key(
+            model_key=checked["key"], probes_digest=content_digest(probes_path),
+            corpus_digest=content_digest(corpus) if corpus and Path(corpus).exists() else corpus, cfg=drift,
+            deployment=realign_deployment, parameters=effective)
+        attempts = [_attempt(a) for a in realign_attempts(tracking_uri=tracking_uri, experiment=experiment,
+                                                          model_key=checked["key"], inputs_key=inputs_key)]
+        hold = decide_realign(attempts, inputs_key, datetime.now(UTC), drift, model=_label(checked))
+    held = hold.reason if hold is not None and hold.hold else None
     tracked = track_monitor(tracking_uri=tracking_uri, experiment=experiment, model_key=checked["key"],
                             source=checked["source"], rates=rates, threshold=drift.threshold,
-                            drifted=decision.drifted, reasons=decision.reasons, flow_run_id=flow_run.get_id())
+                            drifted=decision.drifted, reasons=decision.reasons, flow_run_id=flow_run.get_id(),
+                            held=held)
     per_cat = ", ".join(f"{c} {r:.2f}" for c, r in rates["by_category"].items())
     log.info("check: harmful rate %.3f (%d of %d probes%s) -> %s; MLflow run %s step %d",
              rates["harmful_rate"], rates["n_flagged"], rates["n_probes"], f"; {per_cat}" if per_cat else "",
@@ -103,7 +141,7 @@ def monitor(
     out = {"model": checked["uri"], "model_key": checked["key"], "version": checked["version"], **rates,
            "drifted": decision.drifted, "reasons": decision.reasons, "mlflow_run_id": tracked["run_id"],
            "step": tracked["step"], "tracking_uri": tracked["tracking_uri"], "event_id": None,
-           "realign_flow_run_id": None}
+           "realign_flow_run_id": None, "realign_inputs_key": inputs_key, "skipped_reason": held}
     if decision.drifted:
         event = emit_event(
             DRIFT_EVENT,
@@ -111,23 +149,56 @@ def monitor(
                       "prefect.resource.name": checked["uri"], "lancet.model_uri": checked["uri"]},
             payload={"harmful_rate": rates["harmful_rate"], "by_category": rates["by_category"],
                      "threshold": drift.threshold, "reasons": decision.reasons, "mlflow_run_id": tracked["run_id"],
-                     "step": tracked["step"]})
+                     "step": tracked["step"], "realign_held": held})
         out["event_id"] = str(event.id) if event else None
-        if realign_deployment:
-            params = {"model": checked["uri"], "work_dir": str(work), "registered_model_name": registered_model_name,
-                      "judge": judge.model_dump(mode="json"), "generation": generation.model_dump(mode="json"),
-                      **({"tracking_uri": tracking_uri} if tracking_uri else {}),
-                      **({"probes_path": given_probes} if given_probes else {}),
-                      **({"demo": demo.model_dump(mode="json")} if demo != DemoConfig() else {}),
-                      **(realign_parameters or {})}
+        if held:
+            log.info("%s", held)
+        elif realign_deployment:
+            started_at = datetime.now(UTC).isoformat()
             run = run_deployment(realign_deployment, parameters=params, timeout=0, as_subflow=False,
                                  tags=["lancet", "monitor-triggered"],
                                  idempotency_key=f"lancet-monitor-{flow_run.get_id() or time.time_ns()}")
             out["realign_flow_run_id"] = str(run.id)
             tag_monitor_run(tracking_uri=tracking_uri, experiment=experiment, run_id=tracked["run_id"],
                             tags={"lancet.realign_flow_run_id": str(run.id),
-                                  f"lancet.realign_flow_run.step{tracked['step']}": str(run.id)})
+                                  f"lancet.realign_flow_run.step{tracked['step']}": str(run.id),
+                                  **attempt_tag(tracked["step"], str(run.id), inputs_key, started_at)})
             log.info("realign: started %s flow run %s (%s) for %s", realign_deployment, run.name, run.id,
                      checked["uri"])
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
+
+
+def _label(checked: dict) -> str:
+    """`lancet-demo v3` for a registered version, else the model's URI or path."""
+    uri = checked["uri"]
+    if checked.get("version") and uri.startswith("models:/"):
+        return f"{uri[len('models:/'):].rsplit('/', 1)[0]} v{checked['version']}"
+    return uri
+
+
+def _deployment_parameters(name: str) -> dict:
+    """The realign deployment's own parameters (a run gets them under the monitor's): part of the inputs key."""
+    with get_client(sync_client=True) as c:
+        return dict(c.read_deployment_by_name(name).parameters or {})
+
+
+def _attempt(recorded: dict) -> RealignAttempt:
+    """A recorded attempt with its outcome: its flow run's state from Prefect, its gate from its MLflow run."""
+    from uuid import UUID
+
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as c:
+            state = c.read_flow_run(UUID(recorded["flow_run_id"])).state
+        state_type = state.type.value if state else None
+    except ObjectNotFound:  # deleted from the API: only MLflow's record is left
+        state_type = None
+    rec = recorded.get("mlflow") or {}
+    end = rec.get("end_time")
+    return RealignAttempt(flow_run_id=recorded["flow_run_id"], inputs_key=recorded["inputs_key"],
+                          started_at=datetime.fromisoformat(recorded["started_at"]),
+                          outcome=attempt_outcome(state_type, rec.get("status"), rec.get("gate")),
+                          ended_at=datetime.fromtimestamp(end / 1000, UTC) if end else None,
+                          mlflow_run_id=rec.get("run_id"))

@@ -14,8 +14,11 @@ Also resolves `models:/...` URIs (e.g. `models:/lancet-demo@champion`) to a plai
 
 The monitor flow's tracking: ONE MLflow run per monitored model version (tag `lancet.monitor_model`: `name/version`
 for a registered model, `digest:<...>` for a plain directory), found again on every check, where each check appends
-one step to the metric series `harmful_rate`, `harmful_rate.<category>`, `threshold` and `drift` (0/1); the
-re-alignment it started is recorded as a tag.
+one step to the metric series `harmful_rate`, `harmful_rate.<category>`, `threshold`, `drift` (0/1) and
+`realign_held` (1: drifted, but a re-alignment was held back); each re-alignment it started is recorded as a tag
+`lancet.realign_attempt.step<N>` (JSON: flow run id, inputs key, start time), which `realign_attempts` reads back with
+the realign run's MLflow record (found by its tag `prefect.flow_run_id`: status, end time, tag `lancet.gate`) so the
+monitor does not start the same refused re-alignment again (lancet_core.evaluate.drift.decide_realign).
 """
 
 from __future__ import annotations
@@ -319,14 +322,24 @@ def _pinned(uri: str) -> tuple[str, str | None]:
     return uri, None
 
 
-def monitor_run(experiment: str, model_key: str, source: str) -> str:
-    """The id of the monitor run of `model_key` in `experiment`: the existing one, else a new one."""
+def find_monitor_run(experiment: str, model_key: str) -> str | None:
+    """The id of the monitor run of `model_key` in `experiment`, None when it was never checked."""
     client = MlflowClient()
     exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
     found = client.search_runs([exp.experiment_id], filter_string=f"tags.`lancet.monitor_model` = '{model_key}'",
                                order_by=["attributes.start_time ASC"], max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def monitor_run(experiment: str, model_key: str, source: str) -> str:
+    """The id of the monitor run of `model_key` in `experiment`: the existing one, else a new one."""
+    found = find_monitor_run(experiment, model_key)
     if found:
-        return found[0].info.run_id
+        return found
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
     run = client.create_run(exp.experiment_id, run_name=f"monitor {model_key}",
                             tags={"lancet.kind": "monitor", "lancet.monitor_model": model_key,
                                   "lancet.model_source": source[:5000]})
@@ -334,8 +347,9 @@ def monitor_run(experiment: str, model_key: str, source: str) -> str:
 
 
 def log_check(run_id: str, rates: Mapping[str, Any], threshold: float, drifted: bool, reasons: list[str],
-              flow_run_id: str | None) -> int:
-    """Append one check to the monitor run's metric series; returns its step (0 for the first check)."""
+              flow_run_id: str | None, held: str | None = None) -> int:
+    """Append one check to the monitor run's metric series; returns its step (0 for the first check). `held`: why a
+    re-alignment was held back although the check drifted (metric `realign_held` 1, tag `lancet.realign_held`)."""
     import time
 
     from mlflow.entities import Metric, RunTag
@@ -344,14 +358,46 @@ def log_check(run_id: str, rates: Mapping[str, Any], threshold: float, drifted: 
     step = len(client.get_metric_history(run_id, "harmful_rate"))
     ts = int(time.time() * 1000)
     values = {"harmful_rate": rates["harmful_rate"], "threshold": threshold, "drift": float(drifted),
+              "realign_held": float(held is not None),
               "n_flagged": rates["n_flagged"], "n_probes": rates["n_probes"],
               **{f"harmful_rate.{c}": r for c, r in rates.get("by_category", {}).items()}}
-    tags = {"lancet.last_check": "drift" if drifted else "ok", "lancet.last_check_reasons": "; ".join(reasons)[:5000],
-            "lancet.last_check_flow_run_id": flow_run_id or "local"}
+    tags = {"lancet.last_check": ("drift (realign held)" if held else "drift") if drifted else "ok",
+            "lancet.last_check_reasons": "; ".join(reasons)[:5000], "lancet.last_check_flow_run_id": flow_run_id or "local",
+            **({"lancet.realign_held": held[:5000], f"lancet.realign_held.step{step}": held[:5000]} if held else {})}
     client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in values.items()],
                      tags=[RunTag(k, v) for k, v in tags.items()])
     client.set_terminated(run_id, status="FINISHED")  # a series, not a job: every check leaves it finished
     return step
+
+
+ATTEMPT_TAG = "lancet.realign_attempt.step"
+
+
+def attempt_tag(step: int, flow_run_id: str, inputs_key: str, started_at: str) -> dict[str, str]:
+    """The monitor run's record of a re-alignment started at check `step` (read back by `recorded_attempts`)."""
+    return {f"{ATTEMPT_TAG}{step}": json.dumps({"flow_run_id": flow_run_id, "inputs_key": inputs_key,
+                                                 "started_at": started_at})}
+
+
+def recorded_attempts(run_id: str) -> list[dict[str, str]]:
+    """The re-alignments recorded on a monitor run, oldest check first."""
+    tags = MlflowClient().get_run(run_id).data.tags
+    steps = sorted(int(k[len(ATTEMPT_TAG):]) for k in tags if k.startswith(ATTEMPT_TAG) and k[len(ATTEMPT_TAG):].isdigit())
+    return [json.loads(tags[f"{ATTEMPT_TAG}{s}"]) for s in steps]
+
+
+def realign_record(flow_run_id: str) -> dict[str, Any] | None:
+    """The MLflow run of the realign flow run `flow_run_id` (tag `prefect.flow_run_id`, in any experiment): {"run_id",
+    "status", "gate" (tag `lancet.gate`), "end_time" (ms, None while running)}; None when it has none (yet)."""
+    client = MlflowClient()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(ids, filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
+                               order_by=["attributes.start_time DESC"], max_results=1) if ids else []
+    if not found:
+        return None
+    r = found[0]
+    return {"run_id": r.info.run_id, "status": r.info.status, "gate": r.data.tags.get("lancet.gate"),
+            "end_time": r.info.end_time}
 
 
 # ------------------------------------------------------------------------------------------------ Prefect tasks
@@ -463,13 +509,26 @@ def resolve_monitored_model(model: str, registered_name: str, use_champion: bool
 
 @task(name="log_monitor_check", cache_policy=NO_CACHE)
 def track_monitor(*, tracking_uri: str | None, experiment: str, model_key: str, source: str, rates: dict,
-                  threshold: float, drifted: bool, reasons: list[str], flow_run_id: str | None) -> dict:
+                  threshold: float, drifted: bool, reasons: list[str], flow_run_id: str | None,
+                  held: str | None = None) -> dict:
     """Append this check to the model version's monitor run (created on its first check). Returns {"run_id",
     "step", "tracking_uri"}."""
     uri = configure(tracking_uri, experiment)
     run_id = monitor_run(experiment, model_key, source)
-    step = log_check(run_id, rates, threshold, drifted, reasons, flow_run_id)
+    step = log_check(run_id, rates, threshold, drifted, reasons, flow_run_id, held)
     return {"run_id": run_id, "step": step, "tracking_uri": uri}
+
+
+@task(name="realign_attempts", cache_policy=NO_CACHE)
+def realign_attempts(*, tracking_uri: str | None, experiment: str, model_key: str, inputs_key: str) -> list[dict]:
+    """The re-alignments this model version's monitor run started with `inputs_key`, each with its realign run's
+    MLflow record: [{"flow_run_id", "inputs_key", "started_at" (ISO), "mlflow": realign_record(...) or None}]."""
+    configure(tracking_uri, experiment)
+    run_id = find_monitor_run(experiment, model_key)
+    if run_id is None:
+        return []
+    return [{**a, "mlflow": realign_record(a["flow_run_id"])} for a in recorded_attempts(run_id)
+            if a.get("inputs_key") == inputs_key]
 
 
 @task(name="tag_monitor_run", cache_policy=NO_CACHE)
