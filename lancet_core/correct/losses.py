@@ -319,12 +319,104 @@ def sequence_logprobs_from_logits(logits: Tensor, input_ids: Tensor, loss_mask: 
     return (tok * mask).sum(-1)
 
 
+# Position chunks of the full-vocabulary math: a chunk's float32 temporaries hold at most this many elements
+# (2^24 = 64 MiB: 341 positions of a 49 152-token vocabulary, 130 of a 128 256 one)
+VOCAB_CHUNK_ELEMENTS = 1 << 24
+
+
+def vocab_chunk_positions(vocab_size: int) -> int:
+    """Positions per chunk of the full-vocabulary log_softmax / KL (VOCAB_CHUNK_ELEMENTS // vocab, at least 1)."""
+    return max(1, VOCAB_CHUNK_ELEMENTS // max(1, vocab_size))
+
+
+def _position_chunks(n: int, vocab_size: int):
+    step = vocab_chunk_positions(vocab_size)
+    return ((s, min(n, s + step)) for s in range(0, n, step))
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """[N]: log softmax(logits)[n, targets[n]], computed a chunk of positions at a time (vocab_chunk_positions).
+
+    Autograd's log_softmax + gather keeps a full-vocabulary float32 copy of the logits for the backward pass (and
+    makes it at once for every position); this keeps only the logits themselves and forms at most one chunk's
+    softmax at a time, in the forward and in the backward pass. The same arithmetic as autograd's (the backward is
+    log_softmax's: g·onehot − softmax·g), so the values and gradients are those of the unchunked expression."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
+        out = torch.empty(logits.shape[0], dtype=_upcast(logits[:0]).dtype, device=logits.device)
+        for a, b in _position_chunks(logits.shape[0], logits.shape[-1]):
+            logp = torch.log_softmax(_upcast(logits[a:b]), dim=-1)
+            out[a:b] = logp.gather(-1, targets[a:b].unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(logits, targets)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        logits, targets = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for a, b in _position_chunks(logits.shape[0], logits.shape[-1]):
+            g = grad_out[a:b].unsqueeze(-1)
+            d = torch.softmax(_upcast(logits[a:b]), dim=-1).mul_(-g)  # −g·softmax (sum of the one-hot grad is g)
+            d.scatter_add_(-1, targets[a:b].unsqueeze(-1), g)
+            grad[a:b] = d
+        return grad, None
+
+
+class _TokenKL(torch.autograd.Function):
+    """[N]: KL(q ‖ softmax(logits)) per position from the reference's log-probabilities `logq` (no gradient), a chunk
+    of positions at a time; keeps only the logits and `logq` for the backward pass (autograd's expression keeps four
+    full-vocabulary copies: log_softmax, exp(logq), logq − logp and their product's inputs). The backward is the
+    one autograd forms for the unchunked expression: g·(softmax(z)·Σq − q)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, logq: Tensor) -> Tensor:
+        out = torch.empty(logits.shape[0], dtype=logq.dtype, device=logits.device)
+        for a, b in _position_chunks(logits.shape[0], logits.shape[-1]):
+            logp = torch.log_softmax(_upcast(logits[a:b]), dim=-1)
+            out[a:b] = _token_kl(logp, logq[a:b])
+        ctx.save_for_backward(logits, logq)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        logits, logq = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for a, b in _position_chunks(logits.shape[0], logits.shape[-1]):
+            g = grad_out[a:b].unsqueeze(-1)
+            q = logq[a:b].exp()
+            gq = q.mul_(g)  # d(Σ q·(logq − logp))/d logp = −g·q
+            d = torch.softmax(_upcast(logits[a:b]), dim=-1).mul_(gq.sum(-1, keepdim=True)).sub_(gq)
+            grad[a:b] = d
+        return grad, None
+
+
+def response_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """[N]: log softmax(logits)[targets] per position, in position chunks (see _TokenLogprobs)."""
+    return _TokenLogprobs.apply(logits, targets)
+
+
+def log_softmax_chunked_(logits: Tensor) -> Tensor:
+    """log_softmax over the last axis, without gradient, a chunk of positions at a time and in place when the logits
+    are float32/float64 already (half precision is upcast first, once): the reference's log-probs without a second
+    full-vocabulary copy."""
+    out = _upcast(logits)
+    for a, b in _position_chunks(out.shape[0], out.shape[-1]):
+        out[a:b] = torch.log_softmax(out[a:b], dim=-1)
+    return out
+
+
 def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tensor:
     """[B]: sequence log-likelihood of the response, summed over response tokens (the IBO/DPO/NPO/GA input).
 
-    Equals `sequence_logprobs_from_logits` on the full logits; only the response positions' logits are formed."""
+    Equals `sequence_logprobs_from_logits` on the full logits; only the response positions' logits are formed, and
+    their log_softmax a chunk of positions at a time (response_logprobs)."""
     logits, targets, rows = response_logits(model, input_ids, attention_mask, loss_mask)
-    tok = torch.log_softmax(_upcast(logits), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if not torch.is_grad_enabled() or not logits.requires_grad:
+        with torch.no_grad():
+            tok = log_softmax_chunked_(logits).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    else:
+        tok = response_logprobs(logits, targets)
     return _row_sum(tok, rows, input_ids.shape[0])
 
 
@@ -364,10 +456,10 @@ def retain_kl_from_models(
     n = _response_counts(loss_mask)
     with torch.no_grad():
         ref_logits, _, _ = response_logits(ref_model, input_ids, attention_mask, loss_mask)
-        logq = torch.log_softmax(_upcast(ref_logits), dim=-1)
+        logq = log_softmax_chunked_(ref_logits)  # in place: the reference's logits are not kept beside it
+        del ref_logits
     pol_logits, _, rows = response_logits(policy_model, input_ids, attention_mask, loss_mask)
-    logp = torch.log_softmax(_upcast(pol_logits), dim=-1)
-    kl_tok = _token_kl(logp, logq)  # [N]
+    kl_tok = _TokenKL.apply(pol_logits, logq)  # [N], a chunk of positions at a time
     return _row_sum(kl_tok, rows, input_ids.shape[0]) / n.to(kl_tok.dtype)
 
 

@@ -296,3 +296,45 @@ def test_a_model_that_ignores_the_position_mask_falls_back_to_the_exact_path(mon
     torch.testing.assert_close(got, L.sequence_logprobs_from_logits(L._logits(model, ids, attn), ids, lm),
                                rtol=1e-12, atol=1e-12)
     assert L._KEEPS_POSITIONS[_IgnoresTheMask] is False  # found out on the first call, never asked again
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 100, 48 * 5, 1 << 24])
+def test_position_chunked_log_softmax_and_kl_equal_the_unchunked_expressions(chunk_elements, monkeypatch):
+    """The full-vocabulary math of sequence_logprobs and retain_kl_from_models runs a chunk of positions at a time
+    (losses.VOCAB_CHUNK_ELEMENTS; one position, two, five, all of them here): the values and the gradients must be
+    those of the unchunked autograd expressions (log_softmax + gather; Σ q·(log q − log p)) in float64, and the
+    reference's no-grad log-likelihoods too."""
+    monkeypatch.setattr(L, "VOCAB_CHUNK_ELEMENTS", chunk_elements)
+    rows = [[1, 2, 3, 4, 5, 6, 10, 11, 12, 13], [5, 6, 7, 20, 21, 22, 23, 24], [8, 9, 3, 4, 30, 31, 40]]
+    masks = [[0, 0, 0, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 0], [0, 0, 0, 0, 1, 1, 1]]
+    ids, attn, lm = _pad(rows, masks)
+    model, ref = _tiny_gpt2(seed=4), _tiny_gpt2(seed=5)
+    n_pos = int(lm[:, 1:].sum())
+    assert L.vocab_chunk_positions(48) == max(1, chunk_elements // 48) and n_pos == 14
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    coef = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    got = L.sequence_logprobs(model, ids, attn, lm)
+    want = L.sequence_logprobs_from_logits(L._logits(model, ids, attn), ids, lm)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(grads((got * coef).sum()), grads((want * coef).sum()), rtol=1e-11, atol=1e-13)
+    with torch.no_grad():  # the reference's path: in place, no autograd function
+        torch.testing.assert_close(L.sequence_logprobs(model, ids, attn, lm), want.detach(), rtol=1e-13, atol=1e-13)
+
+    got_kl = L.retain_kl_from_models(model, ref, ids, attn, lm)
+    with torch.no_grad():
+        ref_logits = L._logits(ref, ids, attn)
+    want_kl = L.token_kl_per_row_from_logits(L._logits(model, ids, attn), ref_logits, lm)
+    torch.testing.assert_close(got_kl, want_kl, rtol=1e-13, atol=1e-14)
+    assert bool((got_kl > 1e-3).all())
+    torch.testing.assert_close(grads((got_kl * coef).sum()), grads((want_kl * coef).sum()), rtol=1e-11, atol=1e-13)
+    # the functions themselves, on random float64 logits, against torch.autograd.gradcheck
+    z = torch.randn(7, 11, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 11, (7,))
+    logq = torch.log_softmax(torch.randn(7, 11, dtype=torch.float64), -1)
+    assert torch.autograd.gradcheck(lambda x: L._TokenLogprobs.apply(x, t), (z,))
+    assert torch.autograd.gradcheck(lambda x: L._TokenKL.apply(x, logq), (z,))
