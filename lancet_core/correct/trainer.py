@@ -42,6 +42,7 @@ from lancet_core.correct.losses import (
     retain_kl_from_models,
     sequence_logprobs,
 )
+from lancet_core.correct.memory import MemoryPlan, ModelShape, choose_plan
 from lancet_core.correct.pairs import read_pairs, read_retain
 from lancet_core.errors import ConfigError, CorpusError
 from lancet_core.manifest import (
@@ -239,6 +240,65 @@ def lora_target_modules(model) -> tuple[str, ...]:
     return tuple(short) if caught == set(full) else tuple(full)
 
 
+def _config_int(cfg, *names: str, default: int | None = None) -> int | None:
+    for n in names:
+        v = getattr(cfg, n, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return default
+
+
+def model_shape(model, cfg: TrainConfig) -> ModelShape:
+    """The model's dimensions (from its config; Llama, GPT-2 and GPT-NeoX names) and parameter counts; the trainable
+    count is LoRA's r·(in + out) per adapted module for finetune='lora', every parameter for 'full'."""
+    mc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    emb = model.get_input_embeddings().weight
+    hidden = _config_int(mc, "hidden_size", "n_embd", "d_model", default=int(emb.shape[1]))
+    n_params = sum(p.numel() for p in model.parameters())
+    if cfg.finetune == "lora":
+        targets = cfg.lora_target_modules or lora_target_modules(model)
+        n_trainable = sum(cfg.lora_rank * sum(m.weight.shape) for n, m in model.named_modules()
+                          if any(n == t or n.endswith("." + t) for t in targets) and hasattr(m, "weight"))
+    else:
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    layers = _config_int(mc, "num_hidden_layers", "n_layer", "num_layers")
+    if layers is None:
+        from lancet_core.index.hooks import select_target_modules
+
+        layers = len({n.rsplit(".", 2)[0] for n, _ in select_target_modules(model)}) or 1
+    return ModelShape(
+        layers=layers, hidden=hidden,
+        intermediate=_config_int(mc, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+        heads=_config_int(mc, "num_attention_heads", "n_head", default=1),
+        vocab=int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None
+        else int(emb.shape[0]),
+        n_params=n_params, n_trainable=n_trainable, param_bytes=emb.element_size())
+
+
+def memory_plan(model, cfg: TrainConfig, spec: LossSpec, examples: list[_Example], retain_seqs: list[_Seq],
+                device) -> MemoryPlan:
+    """chunk_rows and gradient checkpointing for this run: as configured, or (train.memory_budget_gb) the largest
+    chunk, without checkpointing first, whose estimated step fits the budget (correct.memory.choose_plan)."""
+    if cfg.memory_budget_gb is None:
+        return MemoryPlan(cfg.chunk_rows, cfg.gradient_checkpointing)
+    seqs = [s for e in examples for s in (e.rejected, e.chosen) if s is not None] + list(retain_seqs)
+    per_example = 2 if spec.needs_chosen else 1
+    return choose_plan(
+        model_shape(model, cfg),
+        budget_gb=cfg.memory_budget_gb,
+        chunk_rows=cfg.chunk_rows,
+        max_rows=max(per_example * cfg.batch_size, (cfg.retain_batch_size or cfg.batch_size) if retain_seqs else 0),
+        min_rows=per_example,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        can_checkpoint=bool(getattr(model, "supports_gradient_checkpointing", False)),
+        seq_len=max(len(s.input_ids) for s in seqs),
+        response_positions=max(sum(s.loss_mask[1:]) for s in seqs),
+        eager_attention=device.type == "cpu",
+        adam=cfg.optimizer == "adamw",
+        reference_copy=cfg.finetune == "full" and (spec.needs_reference or cfg.lambda_b > 0),
+    )
+
+
 def _expected_manifest(model_dir: Path, pairs_path: Path, retain_path: Path | None, cfg: TrainConfig) -> dict:
     pairs_manifest = read_manifest(pairs_path.parent) or {}
     return {
@@ -294,10 +354,21 @@ def post_train(
     _seed_everything(cfg.seed)
     tokenizer = load_tokenizer(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = _examples(pairs, spec, tokenizer, cfg.max_seq_len_tokens, str(pairs_path), cfg.response_tokens)
+    retain_seqs = []
+    if cfg.lambda_b > 0 and retain is not None:
+        for i, r in enumerate(retain.to_pylist()):
+            where = f"{retain_path} row {i} (example_id {r['example_id']!r})"
+            retain_seqs.append(_encode(tokenizer, r["prompt"], r["response"], cfg.max_seq_len_tokens, where,
+                                       cfg.response_tokens))
     model = load_model(model_dir, dtype=dtype, eager_attention=device.type == "cpu").to(device)
     if cfg.disable_dropout:
         _zero_dropout(model)
-    if cfg.gradient_checkpointing:
+    mem = memory_plan(model, cfg, spec, examples, retain_seqs, device)  # may raise: the budget cannot be met
+    if cfg.memory_budget_gb is not None:
+        log.info("post_train: memory_budget_gb=%g -> chunk_rows %s, gradient checkpointing %s (estimated %s)",
+                 cfg.memory_budget_gb, mem.chunk_rows, mem.gradient_checkpointing, mem.estimate.describe())
+    if mem.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} ({model_dir}) does not support "
                               "gradient checkpointing; set it to false")
@@ -334,13 +405,6 @@ def post_train(
                 p.requires_grad_(False)
     policy.train()
 
-    examples = _examples(pairs, spec, tokenizer, cfg.max_seq_len_tokens, str(pairs_path), cfg.response_tokens)
-    retain_seqs = []
-    if cfg.lambda_b > 0 and retain is not None:
-        for i, r in enumerate(retain.to_pylist()):
-            where = f"{retain_path} row {i} (example_id {r['example_id']!r})"
-            retain_seqs.append(_encode(tokenizer, r["prompt"], r["response"], cfg.max_seq_len_tokens, where,
-                                       cfg.response_tokens))
     params = [p for p in policy.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -350,6 +414,9 @@ def post_train(
     plan = _step_plan(len(examples), cfg)
     stream = _RetainStream(len(retain_seqs), cfg.seed) if retain_seqs else None
     retain_bs = cfg.retain_batch_size or cfg.batch_size
+    per_example = 2 if spec.needs_chosen else 1  # sequences a pair (or a ga/npo row) forwards
+    pair_chunk = max(1, mem.chunk_rows // per_example) if mem.chunk_rows else cfg.batch_size
+    retain_chunk = mem.chunk_rows or retain_bs
     ref_logps = _ReferenceLogps(ref, spec, pad_id, device, keep=cfg.disable_dropout)
     history: list[dict] = []
 
@@ -367,26 +434,31 @@ def post_train(
         n_step, m_step = len(idx), len(ridx)
         tot = pref = kl = 0.0
         for k, mb in enumerate(micro):
-            batch = [examples[i] for i in mb]
-            weight = torch.tensor([e.weight for e in batch], dtype=dtype, device=device)
-            # the pair term and the retain term are backpropagated one after the other (their gradients add up to
-            # the loss's): the pair sequences' activations are freed before the retain rows' forward pass, so the
-            # peak holds one of the two graphs, not both
-            with autocast_context(device, cfg.autocast):  # log-probs and KL are upcast to float32 in losses.py
-                terms = _micro_terms(policy, ref, spec, batch, ref_logps, pad_id, device)
-            terms = spec.fn(**terms, beta=cfg.beta, weight=weight, retain_kl_per_row=None, lambda_b=cfg.lambda_b)
-            part = terms.accumulation_loss(n_step, max(m_step, 1))
-            part.backward()
-            tot += float(part.detach())
-            pref += float(terms.per_example.detach().sum()) / n_step
-            if stream is not None:
-                rseqs = [retain_seqs[i] for i in ridx[k * retain_bs : (k + 1) * retain_bs]]
-                with autocast_context(device, cfg.autocast):
-                    kl_rows = retain_kl_from_models(policy, ref, *_collate(rseqs, pad_id, device))
-                part = retain_accumulation_loss(kl_rows, cfg.lambda_b, m_step)
+            # every chunk of pairs, then every chunk of retain rows, is backpropagated before the next one's forward
+            # pass (their gradients add up to the step loss's: a pair's term and a row's KL depend on their own
+            # sequences only), so the peak holds one chunk's graph (train.chunk_rows sequences), whatever the batch
+            for a in range(0, len(mb), pair_chunk):
+                batch = [examples[i] for i in mb[a : a + pair_chunk]]
+                weight = torch.tensor([e.weight for e in batch], dtype=dtype, device=device)
+                with autocast_context(device, cfg.autocast):  # log-probs and KL are upcast to float32 in losses.py
+                    terms = _micro_terms(policy, ref, spec, batch, ref_logps, pad_id, device)
+                terms = spec.fn(**terms, beta=cfg.beta, weight=weight, retain_kl_per_row=None, lambda_b=cfg.lambda_b)
+                part = terms.accumulation_loss(n_step, max(m_step, 1))
                 part.backward()
                 tot += float(part.detach())
-                kl += float(kl_rows.detach().sum()) / m_step
+                pref += float(terms.per_example.detach().sum()) / n_step
+                del terms, part
+            if stream is not None:
+                rk = ridx[k * retain_bs : (k + 1) * retain_bs]
+                for a in range(0, len(rk), retain_chunk):
+                    rseqs = [retain_seqs[i] for i in rk[a : a + retain_chunk]]
+                    with autocast_context(device, cfg.autocast):
+                        kl_rows = retain_kl_from_models(policy, ref, *_collate(rseqs, pad_id, device))
+                    part = retain_accumulation_loss(kl_rows, cfg.lambda_b, m_step)
+                    part.backward()
+                    tot += float(part.detach())
+                    kl += float(kl_rows.detach().sum()) / m_step
+                    del kl_rows, part
         grad_norm = None
         if cfg.max_grad_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
@@ -401,7 +473,8 @@ def post_train(
     bar.close()
 
     final = policy.merge_and_unload() if cfg.finetune == "lora" else policy
-    return _save_atomically(final, tokenizer, out_dir, expected, history, len(examples), len(retain_seqs), t0)
+    return _save_atomically(final, tokenizer, out_dir, expected, history, len(examples), len(retain_seqs), t0,
+                            mem.as_manifest())
 
 
 def _micro_terms(policy, ref, spec: LossSpec, batch, ref_logps, pad_id, device) -> dict:
@@ -449,7 +522,8 @@ class _ReferenceLogps:
         return chosen, torch.stack([r for _, r in got])
 
 
-def _save_atomically(model, tokenizer, out_dir: Path, expected: dict, history, n_examples, n_retain, t0) -> Path:
+def _save_atomically(model, tokenizer, out_dir: Path, expected: dict, history, n_examples, n_retain, t0,
+                     memory: dict | None = None) -> Path:
     """Publish the trained model with `manifest.publishing_dir` (built beside out_dir, sealed, renamed into place):
     when a concurrent run with the same inputs published it first, its complete copy is kept and used."""
     with publishing_dir(out_dir, expected) as tmp:
@@ -463,6 +537,7 @@ def _save_atomically(model, tokenizer, out_dir: Path, expected: dict, history, n
             n_retain=n_retain,
             steps=len(history),
             seconds=round(time.perf_counter() - t0, 3),
+            memory=memory,
             versions=library_versions(),
         )
         write_manifest(tmp, manifest)

@@ -372,3 +372,78 @@ def test_decision_window_counts_only_the_first_response_tokens(model_dirs, tmp_p
         torch.testing.assert_close(a[n], b[n], rtol=0, atol=1e-12)
     a, b = states["plain", None], states["longer", None]
     assert max(float((a[n] - b[n]).abs().max()) for n in a) > 1e-6
+
+
+@pytest.mark.parametrize("finetune,loss", [("full", "ibo"), ("lora", "dpo"), ("full", "npo")])
+def test_chunk_rows_changes_no_gradient_and_bounds_every_forward(model_dirs, pair_files, tmp_path, monkeypatch,
+                                                                 finetune, loss):
+    """train.chunk_rows: pairs (chosen + rejected together) and retain rows go through in chunks, each backpropagated
+    before the next. Two SGD steps (float64, the retain KL active at the second) give the weights of the run that
+    forwards a whole micro-batch at once (chunk_rows=None), and no forward pass, the reference's included, sees more
+    than chunk_rows sequences."""
+    from lancet_core.correct import trainer as T
+
+    common = dict(BASE, loss=loss, finetune=finetune, optimizer="sgd", learning_rate=0.5, dtype="float64",
+                  batch_size=8, retain_batch_size=6, max_steps=2, lora_rank=4)
+    whole = post_train(model_dirs["gpt2"], *pair_files, tmp_path / "whole", TrainConfig(**common, chunk_rows=None),
+                       show_progress=False)
+    widths: list[int] = []
+    real = T._collate
+    monkeypatch.setattr(T, "_collate", lambda seqs, *a: widths.append(len(seqs)) or real(seqs, *a))
+    for chunk in (2, 3):
+        widths.clear()
+        got = post_train(model_dirs["gpt2"], *pair_files, tmp_path / f"c{chunk}",
+                         TrainConfig(**common, chunk_rows=chunk), show_progress=False)
+        assert widths and max(widths) <= chunk
+        sw, sg, s0 = _state(whole), _state(got), _state(model_dirs["gpt2"])
+        assert max(float((sw[k] - s0[k]).abs().max()) for k in sw) > 1e-4
+        for k in sw:
+            torch.testing.assert_close(sg[k], sw[k], rtol=0, atol=1e-12)
+        hw = json.loads((whole / "manifest.json").read_text())["loss_history"]
+        hg = json.loads((got / "manifest.json").read_text())["loss_history"]
+        assert hg[1]["retain_kl"] > 1e-8 and hg[1]["retain_kl"] == pytest.approx(hw[1]["retain_kl"], rel=1e-10)
+        assert [h["loss"] for h in hg] == pytest.approx([h["loss"] for h in hw], rel=1e-12)
+        assert json.loads((got / "manifest.json").read_text())["memory"]["chunk_rows"] == chunk
+
+
+def test_memory_budget_picks_chunks_then_checkpointing_and_refuses_in_one_line():
+    """correct.memory.choose_plan: the configured chunk when it fits, smaller chunks, then gradient checkpointing;
+    ValueError in one line naming the option when nothing fits; no budget keeps the configuration."""
+    from lancet_core.correct.memory import GiB, ModelShape, choose_plan, estimate_step
+
+    shape = ModelShape(layers=30, hidden=576, intermediate=1536, heads=9, vocab=49152, n_params=134_515_008,
+                       n_trainable=4_884_480, param_bytes=4)
+    kw = dict(chunk_rows=8, max_rows=16, min_rows=2, gradient_checkpointing=False, can_checkpoint=True, seq_len=342,
+              response_positions=320, eager_attention=True, adam=True, reference_copy=False)
+    est = {(r, ck): estimate_step(shape, rows=r, seq_len=342, response_positions=320, checkpointing=ck,
+                                  eager_attention=True, adam=True, reference_copy=False).total / GiB
+           for r in (8, 4, 2) for ck in (False, True)}
+    assert est[(8, False)] > est[(4, False)] > est[(2, False)] > est[(2, True)]  # the order the plan tries them in
+    assert choose_plan(shape, budget_gb=None, **kw).chunk_rows == 8
+    assert choose_plan(shape, budget_gb=1000.0, **kw).chunk_rows == 8
+    assert choose_plan(shape, budget_gb=1000.0, **kw | {"chunk_rows": None}).chunk_rows == 16
+    p = choose_plan(shape, budget_gb=est[(4, False)] + 0.01, **kw)
+    assert (p.chunk_rows, p.gradient_checkpointing) == (4, False) and p.estimate.total / GiB <= est[(4, False)] + 0.01
+    p = choose_plan(shape, budget_gb=est[(2, False)] - 0.01, **kw)
+    assert p.gradient_checkpointing and p.estimate.total / GiB <= est[(2, False)] - 0.01
+    assert p.as_manifest()["budget_gb"] == pytest.approx(est[(2, False)] - 0.01)
+    with pytest.raises(ValueError) as e:
+        choose_plan(shape, budget_gb=est[(2, True)] - 0.01, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("train.memory_budget_gb=") and "gradient checkpointing" in msg
+    with pytest.raises(ValueError, match="unsupported"):
+        choose_plan(shape, budget_gb=est[(2, False)] - 0.01, **kw | {"can_checkpoint": False})
+
+
+def test_memory_budget_in_post_train(model_dirs, pair_files, tmp_path):
+    """A budget below the runtime alone is refused before any work; one that fits is recorded in the manifest."""
+    common = dict(BASE, loss="ibo", finetune="lora", max_steps=1, lora_rank=4)
+    with pytest.raises(ValueError, match=r"^train.memory_budget_gb=0.5: one step needs about"):
+        post_train(model_dirs["llama"], *pair_files, tmp_path / "no", TrainConfig(**common, memory_budget_gb=0.5),
+                   show_progress=False)
+    assert not (tmp_path / "no").exists()
+    out = post_train(model_dirs["llama"], *pair_files, tmp_path / "yes", TrainConfig(**common, memory_budget_gb=4.0),
+                     show_progress=False)
+    mem = json.loads((out / "manifest.json").read_text())["memory"]
+    assert mem["budget_gb"] == 4.0 and mem["chunk_rows"] == 8 and mem["gradient_checkpointing"] is False
+    assert 1.0 < mem["estimate_gb"]["total"] <= 4.0
