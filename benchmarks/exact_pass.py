@@ -40,6 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
@@ -290,6 +291,52 @@ def peak_memory() -> dict:
     return out
 
 
+DEFAULTS_VARIANTS = {  # RecallConfig overrides measured beside the defaults (--defaults)
+    "default": {}, "sketch": {"scoring": "sketch"}, "rerank_5pct": {"scoring": "rerank"},
+    "rerank_20pct": {"scoring": "rerank", "rerank_share": 0.2}, "exact_damp0.01": {"exact_damping": 0.01},
+    "exact_mean_fold": {"query_aggregation": "mean"}}
+
+
+def defaults(args, work: Path) -> dict:
+    """The realign flow's recall as a user gets it: recall_influence(RecallConfig(**variant)) on the default store
+    (IndexConfig() with the content judge's window), one run per query set (`trigger`, `wrong_fact`: each behaviour's
+    own queries; `all`: both together, with its per-behaviour split), planted P@10 / P@50 and wall time."""
+    from lancet_core.index.build import build_gradient_store
+    from lancet_core.index.config import IndexConfig, resolve_window
+    from lancet_core.manifest import cpu_name
+    from lancet_core.recall.influence import RecallConfig, recall_influence
+
+    t_all = time.perf_counter()
+    bed = _bed(args, work)
+    shutil.rmtree(work / "store_default", ignore_errors=True)
+    t0 = time.perf_counter()
+    sdir = build_gradient_store(bed["model_dir"], bed["tokens_dir"], work / "store_default",
+                                resolve_window(IndexConfig(), F.JUDGE_KIND))
+    store_s = time.perf_counter() - t0
+    results = {}
+    for name, over in DEFAULTS_VARIANTS.items():
+        results[name] = {"config": over, "planted": {}, "seconds": {}}
+        for qs, idx in bed["qsets"].items():
+            qpath = work / f"queries-{qs}.parquet"
+            pq.write_table(pa.Table.from_pylist([{"query_id": f"q{j}", "prompt": bed["queries"][j]["prompt"],
+                                                  "response": bed["queries"][j]["response"], "judge": F.JUDGE_KIND}
+                                                 for j in idx]), qpath)
+            out = work / f"recall-{name}-{qs}"
+            shutil.rmtree(out, ignore_errors=True)
+            t0 = time.perf_counter()
+            res = recall_influence(sdir, bed["model_dir"], qpath, bed["tokens_dir"], out, RecallConfig(**over))
+            results[name]["seconds"][qs] = round(time.perf_counter() - t0, 2)
+            t = pq.read_table(res / "influence.parquet", columns=["example_id", "score"])
+            got = dict(zip(t["example_id"].to_pylist(), t["score"].to_numpy(), strict=True))
+            results[name]["planted"][qs] = F._planted(np.array([got[i] for i in bed["ids"]]), bed["labels"], qs,
+                                                      bed["ids"])
+        log(f"{name}: {json.dumps(results[name]['planted'])} {results[name]['seconds']}")
+    return {"benchmark": "exact_pass --defaults", "seed": args.seed, "quick": args.quick, "rows": len(bed["ids"]),
+            "queries": {k: int(len(v)) for k, v in bed["qsets"].items()}, "store_build_s": round(store_s, 2),
+            "results": results, "threads": args.threads, "cpu": cpu_name(), "platform": platform.platform(),
+            "torch": torch.__version__, "wall_s": round(time.perf_counter() - t_all, 1)}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -300,8 +347,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", type=Path, default=None, help="kept and reused (the trained model)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--throughput", action="store_true", help="only the per-batch timings at SmolLM2's layer shape")
+    ap.add_argument("--defaults", action="store_true", help="only the flow's recall (recall_influence) with its "
+                    "defaults and a few variants, per query set")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.defaults:
+        work = args.work or Path(tempfile.mkdtemp(prefix="lancet-exact-"))
+        work.mkdir(parents=True, exist_ok=True)
+        res = defaults(args, work)
+        print(json.dumps(res, indent=1))
+        if args.out:
+            args.out.write_text(json.dumps(res, indent=1) + "\n")
+        return res
     if args.throughput:
         res = throughput(args.threads) | {"peak_rss_growth_mib": peak_memory()}
         print(json.dumps(res, indent=1))

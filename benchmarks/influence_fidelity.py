@@ -757,7 +757,7 @@ def _run(args, plan: dict, work: Path, t_start: float) -> dict:
             rec_s = time.perf_counter() - t0
             name = f"{sname}_{method}" + ("" if ratio is None else f"_damp{ratio:g}")
             if (sname, method, ratio) == ("default", *DEFAULT_RECALL):
-                name = "lancet_default"
+                name = "lancet_sketch_default"
             results[name] = _setting_report(
                 scores, refs, labels, ids, config={"store": sname, "index": _cfg_summary(cfg), "method": method,
                                                    "damping_ratio": ratio or cfg.damping_ratio},
@@ -765,8 +765,17 @@ def _run(args, plan: dict, work: Path, t_start: float) -> dict:
             head = "gnx_whole" if "gnx_whole" in refs else "gn_whole"
             log(f"  {name}: {json.dumps(results[name]['all']['planted'])} vs {head} "
                 f"{json.dumps(results[name]['all']['vs'][head])} ({rec_s:.1f} s)")
-            if name == "lancet_default":
+            if name == "lancet_sketch_default":
                 default_check = _check_recall_influence(sdir, model_dir, qpath, tokens_file, work, scores["all"], ids)
+                # the default for content judges: recall_influence(RecallConfig()) = the exact pass (scoring 'auto'),
+                # each query set on its own, through the real entry point
+                t0 = time.perf_counter()
+                exact_scores = _recall_influence_default(sdir, model_dir, queries, qsets, tokens_file, work, ids)
+                results["lancet_default"] = _setting_report(
+                    exact_scores, refs, labels, ids, config={"store": sname, "recall": "RecallConfig() (exact pass)"},
+                    bytes_row=store.dim * {"float16": 2, "float32": 4, "int8": 1}[cfg.dtype], disk_row=disk,
+                    store_s=store_s, recall_s=time.perf_counter() - t0)
+                log(f"  lancet_default: {json.dumps(results['lancet_default']['all']['planted'])}")
     t0 = time.perf_counter()
     baselines = [("repsim", {"method": "repsim"}), ("text_tfidf", {"method": "text", "text_method": "tfidf"}),
                  ("text_bm25", {"method": "text", "text_method": "bm25"})]
@@ -961,11 +970,29 @@ def _cfg_summary(cfg: IndexConfig) -> dict:
             "fisher": cfg.fisher}
 
 
+def _recall_influence_default(sdir, model_dir, queries, qsets, tokens_file, work, ids) -> dict:
+    """{query set: scores in `ids` order} from recall_influence(RecallConfig()), one run per query set (the realign
+    flow's recall with every default, for a content judge: the exact pass)."""
+    out = {}
+    for qs, idx in qsets.items():
+        qpath = work / f"queries-{qs}.parquet"
+        pq.write_table(pa.Table.from_pylist([{"query_id": f"q{j}", "prompt": queries[j]["prompt"],
+                                              "response": queries[j]["response"], "judge": JUDGE_KIND}
+                                             for j in idx]), qpath)
+        res = recall_influence(sdir, model_dir, qpath, tokens_file, work / f"recall_exact-{Path(sdir).name}-{qs}",
+                               RecallConfig())
+        t = pq.read_table(res / "influence.parquet", columns=["example_id", "score"])
+        got = dict(zip(t["example_id"].to_pylist(), t["score"].to_numpy(), strict=True))
+        out[qs] = np.array([got[i] for i in ids])
+    return out
+
+
 def _check_recall_influence(sdir, model_dir, qpath, tokens_file, work, scores_all, ids) -> dict:
-    """recall_influence with RecallConfig() (the real entry point) ranks like the functions used above."""
+    """recall_influence on the sketch (RecallConfig(scoring='sketch'), the real entry point) ranks like the functions
+    used above."""
     t0 = time.perf_counter()
     out = recall_influence(sdir, model_dir, qpath, tokens_file, work / f"recall_default-{Path(sdir).name}",
-                           RecallConfig())
+                           RecallConfig(scoring="sketch"))
     t = pq.read_table(out / "influence.parquet", columns=["example_id", "score"])
     got = dict(zip(t["example_id"].to_pylist(), t["score"].to_numpy(), strict=True))
     mine = np.array([got[i] for i in ids])

@@ -142,6 +142,7 @@ def _realign_params(args):
     if args.column:
         data["columns"] = {**(data.get("columns") or {}), **parse_columns(args.column)}
     nested = {("recall", "method"): args.recall_method, ("recall", "query_target"): args.query_target,
+              ("recall", "scoring"): args.recall_scoring,
               ("index", "response_tokens"): args.response_tokens,
               ("index", "proj_in_dim"): args.proj_dim, ("index", "proj_out_dim"): args.proj_dim,
               ("train", "finetune"): args.finetune, ("train", "epochs"): args.epochs,
@@ -347,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--experiment", default=None, help="MLflow experiment (default: lancet)")
     k = r.add_argument_group("common knobs (everything else: --config)")
     k.add_argument("--recall-method", choices=["auto", "kfac", "ekfac", "linfac", "identity", "repsim", "text"])
+    k.add_argument("--recall-scoring", choices=["auto", "sketch", "exact", "rerank"],
+                   help="score rows on the gradient store's sketch, exactly in the model's parameter space (one "
+                   "forward/backward per row), or rerank the sketch's top 5%% exactly (default 'auto': exact for "
+                   "content judges, sketch for the refusal judge)")
     k.add_argument("--query-target", choices=["auto", "flagged", "refusal"],
                    help="influence on the flagged answer, or on -log P(refuse | prompt) (default 'auto': refusal with "
                    "the refusal judge, flagged otherwise)")

@@ -87,11 +87,30 @@ class RecallConfig(BaseModel):
     top_k: int = Field(100, ge=1, description="Rows kept in top_k.parquet and per query.")
     explain_top_k: int = Field(5, ge=1, description="Training rows shown per flagged output in the explanation.")
     text_method: Literal["tfidf", "bm25"] = Field("tfidf", description="Lexical baseline flavour (method='text').")
-    query_aggregation: Literal["mean", "max", "topk_mean"] = Field(
-        "mean", description="How a row's per-query (unit-normalised) scores become its one score, gradient methods "
-        "only: mean (default, linear fold over all queries), max (the row's highest query score), topk_mean (mean of "
-        "the row's query_topk highest query scores). Baselines accept only 'mean'."
+    query_aggregation: Literal["auto", "mean", "scaled", "max", "topk_mean"] = Field(
+        "auto", description="How a row's per-query (unit-normalised) scores become its one score, gradient methods "
+        "only: mean (linear fold over all queries), scaled (each query's scores divided by their standard deviation "
+        "over the rows, then averaged: every query weighs the same whatever the scale of its scores; the z-score "
+        "fold's ranking with the sign kept), max (the row's highest query score), topk_mean (mean of the row's "
+        "query_topk highest query scores). 'auto' (default) = scaled for the exact pass and rerank, mean on the "
+        "sketch. Baselines accept only 'mean' (and 'auto')."
     )
+    scoring: Literal["auto", "sketch", "exact", "rerank"] = Field(
+        "auto", description="Where the flagged target's rows are scored (gradient methods): 'sketch' = the gradient "
+        "store's 16×16 projection, one DuckDB scan; 'exact' = the model's own parameter space, one streamed "
+        "forward/backward over every corpus row (lancet_core.recall.exact: no per-row gradient is formed or stored), "
+        "full-dimensional K-FAC damped at exact_damping; 'rerank' = the sketch's top rerank_share rows re-scored "
+        "exactly. 'auto' (default) = exact for the flagged target (content judges: the sketch cannot carry a "
+        "memorised trigger behaviour, planted P@10 0.0 vs 1.0 / 1.0 / 0.9 on the fidelity bed's three seeds), sketch "
+        "for the refusal target (ten demo beds 0.939). The refusal target is scored on the sketch only."
+    )
+    exact_damping: float = Field(0.001, gt=0, description="'exact' / 'rerank': K-FAC damping λ / mean eigenvalue of "
+                                 "each module's Kronecker grid (docs/measurements.md, the exact streamed pass).")
+    curvature_rows: int = Field(512, ge=1, description="'exact' / 'rerank': corpus rows (spread evenly over it) the "
+                                "full-dimensional Kronecker factors are collected from: one more forward/backward "
+                                "over them.")
+    rerank_share: float = Field(0.05, gt=0, le=1, description="'rerank': the share of the corpus (the sketch's "
+                                "top rows; at least top_k) scored exactly.")
     query_topk: int = Field(5, ge=1, description="Queries averaged per row by query_aggregation='topk_mean' "
                             "(capped at the number of queries).")
     query_target: Literal["auto", "flagged", "refusal"] = Field(
@@ -120,9 +139,15 @@ class RecallConfig(BaseModel):
 
     @model_validator(mode="after")
     def _aggregation_needs_gradients(self) -> RecallConfig:
-        if self.query_aggregation != "mean" and not _gradient(self.method):
+        if self.query_aggregation not in ("mean", "auto") and not _gradient(self.method):
             raise ValueError(f"query_aggregation={self.query_aggregation!r} applies only to gradient methods "
                              f"{GRADIENT_METHODS}; method {self.method!r} (a baseline) accepts only 'mean'")
+        if self.query_target == "refusal" and self.scoring in ("exact", "rerank"):
+            raise ValueError(f"scoring={self.scoring!r} scores the flagged target only; the refusal target is scored "
+                             "on the sketch (scoring 'sketch' or 'auto')")
+        if self.scoring in ("exact", "rerank") and not _gradient(self.method):
+            raise ValueError(f"scoring={self.scoring!r} applies only to gradient methods {GRADIENT_METHODS}; method "
+                             f"{self.method!r} is a baseline")
         if self.query_target == "refusal" and not _gradient(self.method):
             raise ValueError(f"query_target='refusal' applies only to gradient methods {GRADIENT_METHODS}; method "
                              f"{self.method!r} (a baseline) scores the flagged answers' text")
@@ -143,9 +168,30 @@ def _manifest_config(cfg: RecallConfig) -> dict:
         d.pop("query_target")
     if cfg.query_aggregation != "topk_mean":
         d.pop("query_topk")
-    if cfg.query_aggregation == "mean":
+    if cfg.query_aggregation in ("mean", "auto"):
         d.pop("query_aggregation")
+    if cfg.scoring in ("sketch", "auto"):  # outputs built before the exact pass existed stay reusable
+        for k in ("scoring", "exact_damping", "curvature_rows", "rerank_share"):
+            d.pop(k)
+    elif cfg.scoring == "exact":
+        for k in ("rerank_share", "blocks", "damping_ratio", "train_norm", "score_precision"):
+            d.pop(k)
     return d
+
+
+def resolve_scoring(scoring: str, method: str, target: str) -> str:
+    """'auto' -> exact for the flagged target when the method is left to 'auto' (a named method is a sketch
+    method), else sketch; other values unchanged (RecallConfig refuses exact / rerank on the refusal target)."""
+    if scoring != "auto":
+        return scoring
+    return "exact" if target == "flagged" and method == "auto" else "sketch"
+
+
+def resolve_aggregation(aggregation: str, scoring: str) -> str:
+    """'auto' -> scaled for the exact pass and rerank, mean on the sketch (and for baselines)."""
+    if aggregation != "auto":
+        return aggregation
+    return "scaled" if scoring in ("exact", "rerank") else "mean"
 
 
 # 'auto' on the flagged target (content judges): linfac damped at 3 × the mean eigenvalue of each module's block.
@@ -205,6 +251,10 @@ def recall_influence(store_dir: str | Path | None, model_dir: str | Path, querie
     from lancet_core.recall.targets import resolve_target  # imports torch: not at module level (flows/params.py)
 
     target = resolve_target(cfg.query_target, judges)
+    if target == "refusal" and cfg.scoring in ("exact", "rerank"):
+        raise ValueError(f"recall.scoring={cfg.scoring!r} scores the flagged target only, and these outputs were "
+                         "flagged by the refusal judge (the refusal target): use scoring 'sketch' or 'auto'")
+    scoring = resolve_scoring(cfg.scoring, cfg.method, target) if _gradient(cfg.method) else "sketch"
     benign: list[str] = []
     if target == "refusal" and cfg.query_contrast > 0 and _gradient(cfg.method):
         if contrast_path is None:
@@ -215,8 +265,11 @@ def recall_influence(store_dir: str | Path | None, model_dir: str | Path, querie
             benign = [r["prompt"] for r in load_prompt_rows(contrast_path)][:cfg.contrast_prompts]
     cfg = cfg.model_copy(update={"query_target": target, "method": resolve_method(cfg.method, target, bool(benign)),
                                  "damping_ratio": resolve_damping(cfg.method, target, cfg.damping_ratio),
-                                 "query_contrast": cfg.query_contrast if benign else 0.0})
-    if cfg.damping_ratio is None and cfg.method in GRADIENT_METHODS and cfg.method != "identity" and store_dir:
+                                 "query_contrast": cfg.query_contrast if benign else 0.0, "scoring": scoring,
+                                 "query_aggregation": resolve_aggregation(cfg.query_aggregation, scoring)})
+    if cfg.scoring == "exact":
+        cfg = cfg.model_copy(update={"method": "kfac"})  # full-dimensional K-FAC (the sketch's method is unused)
+    elif cfg.damping_ratio is None and cfg.method in GRADIENT_METHODS and cfg.method != "identity" and store_dir:
         # the manifest records the ratio applied: the store's (IndexConfig.damping_ratio); identity applies none
         from lancet_core.index.curvature import _default_ratio
 
@@ -237,7 +290,12 @@ def recall_influence(store_dir: str | Path | None, model_dir: str | Path, querie
     qids = [str(q) for q in queries.column("query_id").to_pylist()]
     prompts, responses = queries.column("prompt").to_pylist(), queries.column("response").to_pylist()
     per_query: dict = {}
-    if cfg.method in GRADIENT_METHODS:
+    if cfg.scoring == "exact":
+        if store_dir is None:
+            raise ValueError("the exact pass reads its window and modules from the gradient store: give one")
+        top, per_query = _exact_influence(store_dir, model_dir, tokens_file, prompts, responses, qids, cfg,
+                                          out_dir / INFLUENCE_FILE)
+    elif cfg.method in GRADIENT_METHODS:
         from lancet_core.index.build import compute_query_gradients
         from lancet_core.index.curvature import precondition
 
@@ -260,7 +318,10 @@ def recall_influence(store_dir: str | Path | None, model_dir: str | Path, querie
 
             si_path = write_self_influence(store_dir, out_dir / SELF_INFLUENCE_FILE, cfg.method, blocks=cfg.blocks,
                                            damping_ratio=cfg.damping_ratio)
-        if cfg.query_aggregation == "mean":
+        if cfg.scoring == "rerank":
+            top, per_query = _reranked(store_dir, v, model_dir, tokens_file, prompts, responses, qids, cfg,
+                                       out_dir / INFLUENCE_FILE, si_path)
+        elif cfg.query_aggregation == "mean":
             res = query_influence(store_dir, v, out_dir / INFLUENCE_FILE, corpus_path=tokens_file,
                                   top_k=min(cfg.top_k, n_rows), train_norm=cfg.train_norm, per_query=True,
                                   query_ids=qids, self_influence_path=si_path, precision=cfg.score_precision)
@@ -313,17 +374,155 @@ def _refusal_query_gradients(store_dir, model_dir, tokens_file: Path, prompts: l
     return grads
 
 
+def _exact_scores(store_dir, model_dir, tokens_file: Path, prompts: list[str], responses: list[str],
+                  cfg: RecallConfig, rows: np.ndarray | None = None) -> np.ndarray:
+    """[N or len(rows), Q] per-query exact scores of the unit-normalised, K-FAC-preconditioned flagged queries
+    (lancet_core.recall.exact), in file order or `rows`' order. The window, reduction, target modules and compute dtype
+    are the store's, so the exact pass measures exactly what the sketch approximates."""
+    import torch
+
+    from lancet_core.index.basis import sample_indices
+    from lancet_core.index.build import _store_manifest, check_store_model
+    from lancet_core.model_io import load_model, load_tokenizer
+    from lancet_core.recall.exact import (
+        fit_curvature,
+        flagged_query_gradients,
+        fold_scores,
+        full_layout,
+        precondition_queries,
+        score_corpus,
+    )
+
+    m = _store_manifest(store_dir)
+    check_store_model(m, model_dir)
+    icfg = m["index_config"]
+    dtype = torch.float64 if icfg.get("compute_dtype") == "float64" else torch.float32
+    model, tok = load_model(model_dir, dtype=dtype).eval(), load_tokenizer(model_dir)
+    names = {d["name"] for d in m["modules"]}
+    layout = [ml for ml in full_layout(model) if ml.name in names]
+    kw = {"layout": layout, "reduction": icfg["reduction"], "response_tokens": icfg.get("response_tokens"),
+          "batch_size": int((m.get("build_settings") or {}).get("batch_size", 8))}
+    t0 = time.perf_counter()
+    G = flagged_query_gradients(model, tok, prompts, responses, max_len=int(icfg["max_seq_len_tokens"]), **kw)
+    t = pq.read_table(tokens_file, columns=["input_ids", "loss_mask"], memory_map=True)
+    sample = t.take(sample_indices(t.num_rows, cfg.curvature_rows))
+    cur = fit_curvature(model, sample.column("input_ids").to_pylist(), sample.column("loss_mask").to_pylist(),
+                        "kfac", damping_ratio=cfg.exact_damping, **kw)
+    V = precondition_queries(G, cur)
+    log.info("recall: exact pass: %d queries over %d modules (%d parameters), K-FAC from %d rows (%d tokens), "
+             "damping %g, in %.1f s", len(prompts), len(layout), sum(ml.d_in * ml.d_out for ml in layout),
+             cur.rows, cur.tokens, cfg.exact_damping, time.perf_counter() - t0)
+    from tqdm.auto import tqdm
+
+    n = t.num_rows if rows is None else len(rows)
+    with tqdm(total=n, desc="recall[exact]", unit="row") as bar:
+        raw = score_corpus(model, V, tokens_file, rows=rows, progress=lambda done, total: bar.update(done - bar.n),
+                           chunk_rows=256, **kw)
+    return fold_scores(raw, V)[1]
+
+
+def _score_table(tokens_file: Path, per_q: np.ndarray, cfg: RecallConfig, rows: np.ndarray | None = None):
+    """example_id, score (cfg.query_aggregation of per_q), query_scores, for the tokens file's rows (or `rows`)."""
+    import pyarrow as pa
+
+    ids = pq.read_table(tokens_file, columns=["example_id"]).column("example_id").cast(pa.string())
+    if rows is not None:
+        ids = ids.take(pa.array(rows, pa.int64()))
+    q = per_q.shape[1]
+    return pa.table({"example_id": ids,
+                     "score": pa.array(aggregate_query_scores(per_q, cfg.query_aggregation, cfg.query_topk),
+                                       pa.float64()),
+                     "query_scores": pa.FixedSizeListArray.from_arrays(pa.array(per_q.reshape(-1), pa.float64()), q)})
+
+
+def _written(scores, path: Path, tokens_file: Path, qids: list[str], top_k: int):
+    """Rank a score table (with per-query scores), write influence.parquet; (top-k, per-query top-k)."""
+    from lancet_core.recall.scan import per_query_top_k, rank_scores, write_influence
+
+    ranked = rank_scores(scores, tokens_file)
+    write_influence(ranked, path, qids)
+    top = ranked.slice(0, min(top_k, ranked.num_rows))
+    if "query_scores" in top.column_names:
+        top = top.drop_columns(["query_scores"])
+    return top, per_query_top_k(scores, qids, min(top_k, scores.num_rows))
+
+
+def _exact_influence(store_dir, model_dir, tokens_file: Path, prompts, responses, qids, cfg: RecallConfig,
+                     path: Path):
+    """scoring='exact': every corpus row scored in full parameter space."""
+    per_q = _exact_scores(store_dir, model_dir, tokens_file, prompts, responses, cfg)
+    return _written(_score_table(tokens_file, per_q, cfg), path, tokens_file, qids, cfg.top_k)
+
+
+def rerank_size(n_rows: int, share: float, top_k: int) -> int:
+    """Candidates the rerank scores exactly: ceil(share × N), at least top_k, at most N."""
+    return int(min(n_rows, max(top_k, int(np.ceil(share * n_rows)))))
+
+
+def rerank_scores(sketch: np.ndarray, exact: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """[N] one score per row: the exact score of each candidate (`candidates`: row positions, `exact` in their order),
+    the sketch's score elsewhere, calibrated to the exact scores' scale on the candidates (least squares through the
+    origin, or the ratio of standard deviations when the two disagree in sign), so the sign still says promote (> 0)
+    or counteract (< 0) and a candidate the exact pass finds weak can fall below a row the sketch alone scored."""
+    sketch, exact = np.asarray(sketch, np.float64), np.asarray(exact, np.float64)
+    s = sketch[candidates]
+    k = float(s @ exact) / float(s @ s) if float(s @ s) > 0 else 0.0
+    if not k > 0:
+        k = float(exact.std() / s.std()) if s.std() > 0 and exact.std() > 0 else 1.0
+    out = sketch * k
+    out[candidates] = exact
+    return out
+
+
+def _reranked(store_dir, v, model_dir, tokens_file: Path, prompts, responses, qids, cfg: RecallConfig, path: Path,
+              self_influence_path: Path | None):
+    """scoring='rerank': the sketch scan (cfg.query_aggregation over its per-query scores), its top
+    rerank_size(...) rows re-scored exactly, merged by rerank_scores."""
+    import pyarrow as pa
+
+    from lancet_core.recall.scan import score_store
+
+    sk = score_store(store_dir, v, train_norm=cfg.train_norm, per_query=True,
+                     self_influence_path=self_influence_path, precision=cfg.score_precision)
+    q = sk.schema.field("query_scores").type.list_size
+    sk_per_q = sk.column("query_scores").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, q)
+    sk_score = aggregate_query_scores(sk_per_q, cfg.query_aggregation, cfg.query_topk)
+    # the scan's rows -> positions in the tokens file (the exact pass reads rows by position)
+    file_ids = pq.read_table(tokens_file, columns=["example_id"]).column("example_id").cast(pa.string()).to_pylist()
+    pos = {e: i for i, e in enumerate(file_ids)}
+    scan_ids = [str(e) for e in sk.column("example_id").to_pylist()]
+    order = sorted(range(len(scan_ids)), key=lambda i: (-sk_score[i], scan_ids[i]))
+    m = rerank_size(len(scan_ids), cfg.rerank_share, cfg.top_k)
+    cand = np.array(sorted(order[:m]), np.int64)  # scan order: the exact pass reads them in file order
+    per_q = _exact_scores(store_dir, model_dir, tokens_file, prompts, responses, cfg,
+                          rows=np.array([pos[scan_ids[i]] for i in cand], np.int64))
+    exact = aggregate_query_scores(per_q, cfg.query_aggregation, cfg.query_topk)
+    merged = rerank_scores(sk_score, exact, cand)
+    merged_q = sk_per_q.copy()
+    merged_q[cand] = per_q
+    log.info("recall: rerank: %d of %d rows (%.1f %%) re-scored exactly", m, len(scan_ids), 100 * m / len(scan_ids))
+    table = pa.table({"example_id": pa.array(scan_ids, pa.string()), "score": pa.array(merged, pa.float64()),
+                      "query_scores": pa.FixedSizeListArray.from_arrays(pa.array(merged_q.reshape(-1),
+                                                                                 pa.float64()), q)})
+    return _written(table, path, tokens_file, qids, cfg.top_k)
+
+
 def aggregate_query_scores(per_q: np.ndarray, how: str, topk: int) -> np.ndarray:
-    """[N, Q] per-query scores -> [N] row scores: mean, max, or topk_mean (mean of each row's min(topk, Q) largest)."""
+    """[N, Q] per-query scores -> [N] row scores: mean, scaled (each query's column divided by its standard deviation
+    over the rows, then the mean; a constant column counts as zero), max, or topk_mean (mean of each row's min(topk, Q)
+    largest)."""
     per_q = np.asarray(per_q, dtype=np.float64)
     if how == "mean":
         return per_q.mean(axis=1)
+    if how == "scaled":
+        sd = per_q.std(axis=0)
+        return np.divide(per_q, sd, out=np.zeros_like(per_q), where=sd > 0).mean(axis=1)
     if how == "max":
         return per_q.max(axis=1)
     if how == "topk_mean":
         k = min(int(topk), per_q.shape[1])
         return np.sort(per_q, axis=1)[:, per_q.shape[1] - k:].mean(axis=1)
-    raise ValueError(f"query_aggregation must be one of mean, max, topk_mean, got {how!r}")
+    raise ValueError(f"query_aggregation must be one of mean, scaled, max, topk_mean, got {how!r}")
 
 
 def _aggregated_influence(store_dir, v, path: Path, tokens_file: Path, qids: list[str], top_k: int,

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -410,3 +412,93 @@ def test_zscore_fold_weighs_every_query_the_same():
     np.testing.assert_allclose(fold_scores(raw * np.array([7.0, 0.1, 3.0]), scaled, "zscore")[0], folded, rtol=1e-10)
     with pytest.raises(ValueError, match="fold must be one of"):
         fold_scores(raw, V, "median")
+
+
+# ------------------------------------------------------------------ the exact pass inside recall_influence
+def _exact_oracle(bed, ratio: float, curvature_rows: int):  # noqa: F811
+    """[N, Q] per-query scores by explicit per-example float64 gradients (a for-loop of backward passes) · the
+    K-FAC-preconditioned queries, each query over its norm; and the tokens file's example ids."""
+    from lancet_core.index.basis import sample_indices
+    from lancet_core.model_io import load_model, load_tokenizer
+    from lancet_core.recall.exact import flagged_query_gradients, query_norms
+
+    model, tok = load_model(bed["model"]).double(), load_tokenizer(bed["model"])
+    layout = full_layout(model)
+    q = pq.read_table(bed["queries"])
+    t = pq.read_table(bed["tokens"], columns=["example_id", "input_ids", "loss_mask"])
+    ids, masks = t.column("input_ids").to_pylist(), t.column("loss_mask").to_pylist()
+    sample = sample_indices(len(ids), curvature_rows)
+    cur = fit_curvature(model, [ids[i] for i in sample], [masks[i] for i in sample], "kfac", damping_ratio=ratio,
+                        response_tokens=WINDOW)
+    V = precondition_queries(flagged_query_gradients(model, tok, q.column("prompt").to_pylist(),
+                                                     q.column("response").to_pylist(), max_len=64,
+                                                     response_tokens=WINDOW), cur)
+    grads = oracle_full_gradients(model, layout, ids, [first_response_tokens(m, WINDOW) for m in masks])
+    return dot(grads, V) / query_norms(V), t.column("example_id").to_pylist()
+
+
+def _by_id(table, column):
+    return dict(zip(table.column("example_id").to_pylist(), table.column(column).to_pylist(), strict=True))
+
+
+def test_recall_influence_scores_content_queries_exactly_by_default(bed, tmp_path):  # noqa: F811
+    """method 'auto' on the flagged target = the exact pass (scoring 'auto'): influence.parquet's per-query scores are
+    explicit per-example gradients · V (float64 oracle), its score their `scaled` fold, ranked by it."""
+    from lancet_core.recall.influence import RecallConfig, recall_influence
+
+    cfg = RecallConfig(query_target="flagged", curvature_rows=5, exact_damping=0.1)
+    out = recall_influence(bed["store"], bed["model"], bed["queries"], bed["tokens"].parent, tmp_path / "x", cfg)
+    want, ids = _exact_oracle(bed, 0.1, 5)
+    t = pq.read_table(out / "influence.parquet")
+    got_q = _by_id(t, "query_scores")
+    np.testing.assert_allclose(np.array([got_q[e] for e in ids]), want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+    folded = (want / want.std(axis=0)).mean(axis=1)
+    got = _by_id(t, "score")
+    np.testing.assert_allclose([got[e] for e in ids], folded, rtol=1e-9, atol=1e-12)
+    assert t.column("rank").to_pylist() == list(range(1, len(ids) + 1))
+    assert np.all(np.diff(t.column("score").to_numpy()) <= 0)
+    manifest = json.loads((out / "manifest.json").read_text())["config"]
+    assert manifest["scoring"] == "exact" and manifest["exact_damping"] == 0.1 and manifest["method"] == "kfac"
+    assert manifest["query_aggregation"] == "scaled"
+
+
+def test_rerank_over_every_row_is_the_exact_pass(bed, tmp_path):  # noqa: F811
+    """scoring='rerank' with M = N re-scores every row exactly: the same file as scoring='exact' (scores and ranks)."""
+    from lancet_core.recall.influence import RecallConfig, recall_influence
+
+    kw = {"query_target": "flagged", "curvature_rows": 5, "exact_damping": 0.1, "method": "kfac"}
+    ex = recall_influence(bed["store"], bed["model"], bed["queries"], bed["tokens"].parent, tmp_path / "exact",
+                          RecallConfig(scoring="exact", **kw))
+    rr = recall_influence(bed["store"], bed["model"], bed["queries"], bed["tokens"].parent, tmp_path / "rerank",
+                          RecallConfig(scoring="rerank", rerank_share=1.0, **kw))
+    a, b = pq.read_table(ex / "influence.parquet"), pq.read_table(rr / "influence.parquet")
+    assert a.column("example_id").to_pylist() == b.column("example_id").to_pylist()
+    np.testing.assert_allclose(b.column("score").to_numpy(), a.column("score").to_numpy(), rtol=1e-12, atol=0)
+
+
+def test_rerank_merges_exact_candidates_with_the_calibrated_sketch():
+    from lancet_core.recall.influence import rerank_scores, rerank_size
+
+    sketch = np.array([4.0, 3.0, 2.0, -1.0, -2.0])
+    cand = np.array([0, 1, 2])
+    exact = np.array([8.0, 0.5, 4.0])  # row 1 is weak when scored exactly
+    got = rerank_scores(sketch, exact, cand)
+    k = (4 * 8 + 3 * 0.5 + 2 * 4) / (16 + 9 + 4)  # least squares through the origin on the candidates
+    np.testing.assert_allclose(got, [8.0, 0.5, 4.0, -k, -2 * k])
+    assert rerank_scores(sketch, -exact, cand)[3] < 0  # a disagreeing sign never flips the sketch's rows' signs
+    assert (rerank_size(1000, 0.05, 100), rerank_size(1000, 0.05, 10), rerank_size(50, 0.05, 100)) == (100, 50, 50)
+
+
+def test_exact_scoring_is_refused_for_the_refusal_target(bed, tmp_path):  # noqa: F811
+    from lancet_core.recall.influence import RecallConfig, _manifest_config, recall_influence, resolve_scoring
+
+    with pytest.raises(ValueError, match="flagged target only"):
+        RecallConfig(query_target="refusal", scoring="exact")
+    with pytest.raises(ValueError, match="flagged target only"):  # the bed's queries were flagged by the refusal judge
+        recall_influence(bed["store"], bed["model"], bed["queries"], bed["tokens"].parent, tmp_path / "r",
+                         RecallConfig(scoring="rerank"))
+    assert (resolve_scoring("auto", "auto", "flagged"), resolve_scoring("auto", "linfac", "flagged"),
+            resolve_scoring("auto", "auto", "refusal")) == ("exact", "sketch", "sketch")
+    # sketch outputs record the config as before the exact pass existed: they stay reusable
+    assert not {"scoring", "exact_damping", "curvature_rows", "rerank_share"} & set(
+        _manifest_config(RecallConfig(scoring="sketch")))

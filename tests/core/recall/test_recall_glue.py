@@ -174,7 +174,9 @@ def test_query_aggregation_refused_for_baselines():
     for method in ("text", "repsim"):
         with pytest.raises(ValueError, match="only to gradient methods"):
             RecallConfig(method=method, query_target="flagged", query_aggregation="max")
-    assert RecallConfig(method="text").query_aggregation == "mean"
+    from lancet_core.recall.influence import resolve_aggregation
+
+    assert resolve_aggregation(RecallConfig(method="text").query_aggregation, "sketch") == "mean"
     with pytest.raises(ValueError):
         RecallConfig(query_aggregation="topk_mean", query_topk=0)
 
