@@ -5,7 +5,10 @@ full fine-tuning; the same weights with the LoRA adapter disabled for LoRA), enc
 with `lancet_core.chat.encode_example` (loss mask = response tokens), and runs seeded micro-batches with gradient
 accumulation. Each optimizer step takes the next `batch_size × grad_accum_steps` examples of a seeded per-epoch
 permutation and `retain_batch_size × (micro-batches)` retain rows from a seeded cycling stream, and divides every sum by
-the step's counts, so the split into micro-batches does not change the update. LoRA weights are merged before saving,
+the step's counts, so the split into micro-batches does not change the update. Within a micro-batch, pairs (chosen + rejected together)
+and retain rows go through in chunks of `chunk_rows` sequences, each backpropagated before the next chunk's forward
+pass, so a step's peak memory is one chunk's, whatever the batch sizes; `memory_budget_gb` picks the chunk and
+gradient checkpointing before the first step (`correct.memory`; `preflight_memory` checks it from the config alone). LoRA weights are merged before saving,
 so the output is a plain HF model directory (weights + tokenizer + manifest.json), published with
 `manifest.publishing_dir` like every artifact (a concurrent identical run's copy is kept, never a collision).
 
@@ -256,7 +259,14 @@ def model_shape(model, cfg: TrainConfig) -> ModelShape:
     hidden = _config_int(mc, "hidden_size", "n_embd", "d_model", default=int(emb.shape[1]))
     n_params = sum(p.numel() for p in model.parameters())
     if cfg.finetune == "lora":
-        targets = cfg.lora_target_modules or lora_target_modules(model)
+        if cfg.lora_target_modules:
+            targets = cfg.lora_target_modules
+        elif emb.is_meta:  # no storages to tell tied weights apart: the block linears (the LM head is never one)
+            from lancet_core.index.hooks import select_target_modules
+
+            targets = tuple(n for n, _ in select_target_modules(model))
+        else:
+            targets = lora_target_modules(model)
         n_trainable = sum(cfg.lora_rank * sum(m.weight.shape) for n, m in model.named_modules()
                           if any(n == t or n.endswith("." + t) for t in targets) and hasattr(m, "weight"))
     else:
@@ -297,6 +307,27 @@ def memory_plan(model, cfg: TrainConfig, spec: LossSpec, examples: list[_Example
         adam=cfg.optimizer == "adamw",
         reference_copy=cfg.finetune == "full" and (spec.needs_reference or cfg.lambda_b > 0),
     )
+
+
+def preflight_memory(model_dir: str | Path, cfg: TrainConfig) -> MemoryPlan:
+    """train.memory_budget_gb checked before a run, from the model's config alone (no weights are read): the plan
+    `post_train` would pick for rows of max_seq_len_tokens tokens (the longest it keeps; it plans again on the real
+    rows), or the one-line ValueError it would raise. Without a budget, the configuration as is. `cfg` resolved."""
+    cfg.require_resolved()
+    if cfg.memory_budget_gb is None:
+        return MemoryPlan(cfg.chunk_rows, cfg.gradient_checkpointing)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = get_loss(cfg.loss)
+    mc = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(mc, dtype=_DTYPES[cfg.dtype])
+    n = cfg.max_seq_len_tokens
+    row = _Seq([0] * n, [0] + [1] * (n - 1) if cfg.response_tokens is None else [0] + [1] * min(cfg.response_tokens,
+                                                                                               n - 1))
+    retain = [row] if cfg.lambda_b > 0 else []
+    return memory_plan(model, cfg, spec, [_Example(row, row if spec.needs_chosen else None, 1.0)], retain,
+                       resolve_device(cfg.device))
 
 
 def _expected_manifest(model_dir: Path, pairs_path: Path, retain_path: Path | None, cfg: TrainConfig) -> dict:

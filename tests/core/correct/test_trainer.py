@@ -447,3 +447,15 @@ def test_memory_budget_in_post_train(model_dirs, pair_files, tmp_path):
     mem = json.loads((out / "manifest.json").read_text())["memory"]
     assert mem["budget_gb"] == 4.0 and mem["chunk_rows"] == 8 and mem["gradient_checkpointing"] is False
     assert 1.0 < mem["estimate_gb"]["total"] <= 4.0
+
+
+def test_preflight_memory_reads_no_weights_and_raises_what_post_train_raises(model_dirs, tmp_path):
+    from lancet_core.correct.trainer import preflight_memory
+
+    common = dict(BASE, loss="ibo", finetune="lora", lora_rank=4)
+    assert preflight_memory(model_dirs["llama"], TrainConfig(**common)).estimate is None  # no budget: no check
+    plan = preflight_memory(model_dirs["llama"], TrainConfig(**common, memory_budget_gb=4.0))
+    assert plan.chunk_rows == 8 and 1.0 < plan.estimate.total / 2**30 <= 4.0
+    with pytest.raises(ValueError, match=r"^train.memory_budget_gb=0.5: one step needs about [0-9.]+ GiB even with "
+                                         r"chunks of 2 sequences with gradient checkpointing"):
+        preflight_memory(model_dirs["gpt2"], TrainConfig(**common, memory_budget_gb=0.5))
