@@ -101,6 +101,40 @@ def _cmd_index(args) -> int:
     return 0
 
 
+def _cmd_explain(args) -> int:
+    """`lancet explain STORE MODEL --prompt P --response R`: the training rows behind one answer, from a store."""
+    from lancet_core.errors import ConfigError
+    from lancet_core.index.store import GradientStore
+    from lancet_core.recall.influence import explain_one, find_tokens_for_store
+
+    if not args.response.strip():
+        raise ConfigError("lancet explain: --response: empty (the answer to explain)")
+    store = GradientStore.open(args.store)  # FileNotFoundError / StoreIncomplete in one line before the model loads
+    from lancet_core.index.build import check_store_model
+
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"lancet explain: MODEL {args.model}: not a model directory")
+    check_store_model(store, args.model)
+    tokens = Path(args.tokens) if args.tokens else find_tokens_for_store(args.store, args.work_dir)
+    res = explain_one(args.store, args.model, tokens, args.prompt, args.response, top_k=args.top_k,
+                      method=args.method, exact=args.exact, candidates=args.candidates)
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return 0
+
+    def cut(x, n):
+        x = " ".join(str(x or "").split())
+        return x if len(x) <= n else x[: n - 1] + "…"
+
+    print(f"training rows that most raise P(response | prompt) ({res['mode']}, {res['method']}, {res['seconds']} s):")
+    print(f"{'rank':>4}  {'score':>10}  {'example_id':<22} {'prompt':<38} {'response':<38} top module (share)")
+    for r in res["rows"]:
+        m = r["modules"][0] if r["modules"] else {"module": "", "share": 0.0}
+        print(f"{r['rank']:>4}  {r['score']:>10.4g}  {cut(r['example_id'], 22):<22} {cut(r['prompt'], 38):<38} "
+              f"{cut(r['response'], 38):<38} {m['module']} ({m['share']:.0%})")
+    return 0
+
+
 def _runner_args(p) -> None:
     p.add_argument("--runner", choices=["local", "ray"], default=None,
                    help="compute the gradient store's shards here (local, default) or as Prefect tasks on Ray")
@@ -328,6 +362,23 @@ def build_parser() -> argparse.ArgumentParser:
     _runner_args(x)
     _threads_arg(x)
     x.set_defaults(func=_cmd_index)
+
+    e = sub.add_parser("explain", help="the training rows behind one prompt and answer, from an existing store",
+                       description="Score every row of a gradient store against one prompt and response (seconds); "
+                       "--exact re-scores the top candidates in the model's full parameter space.")
+    e.add_argument("store", help="gradient store directory (`lancet index` prints it)")
+    e.add_argument("model", help="the HF model directory the store was built with")
+    e.add_argument("--prompt", required=True)
+    e.add_argument("--response", required=True, help="the answer whose training rows to find")
+    e.add_argument("--tokens", default=None, help="the store's tokens.parquet (default: found under the work dir)")
+    e.add_argument("--work-dir", default=None, help="where to look for the tokens (default: the store's work dir)")
+    e.add_argument("--top-k", type=_positive_int, default=10)
+    e.add_argument("--method", choices=["auto", "kfac", "ekfac", "linfac", "identity"], default="auto",
+                   help="curvature on the sketch (default 'auto': the content judges' linfac damped at 3)")
+    e.add_argument("--exact", action="store_true", help="re-score the sketch's top --candidates rows exactly")
+    e.add_argument("--candidates", type=_positive_int, default=200)
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(func=_cmd_explain)
 
     r = sub.add_parser("realign", help="run the LANCET realign flow (default: on the built-in demo)",
                        description="Correct a model from its training data. Parameters come from the defaults "

@@ -564,3 +564,79 @@ def recall_quality(influence_path: str | Path, label_column: str = "is_unsafe") 
                         example_ids=[str(x) for x in t.column("example_id").to_pylist()])
     return {f"recall.{k}": float(v) for k, v in rep.items()} | {"recall.precision_at_n_labelled":
                                                                  float(rep[f"precision_at_{n_pos}"])}
+
+
+def find_tokens_for_store(store_dir: str | Path, work_dir: str | Path | None = None) -> Path:
+    """The tokens file a store was built from: the work dir's (default: the store's grandparent, <work>/stores/<key>)
+    tokens/*/tokens.parquet whose digest the store's manifest records. FileNotFoundError naming both when none is."""
+    from lancet_core.formats import TOKENS_FILE
+
+    want = (read_manifest(store_dir) or {}).get("tokens_digest")
+    root = Path(work_dir) if work_dir else Path(store_dir).resolve().parent.parent
+    for cand in sorted(root.glob(f"tokens/*/{TOKENS_FILE}")):
+        if want and file_digest(cand) == want:
+            return cand
+    raise FileNotFoundError(f"{store_dir}: no tokens file under {root}/tokens with the store's tokens digest; "
+                            "give it with --tokens")
+
+
+def explain_one(store_dir: str | Path, model_dir: str | Path, tokens_file: str | Path, prompt: str, response: str,
+                *, top_k: int = 10, method: str = "auto", exact: bool = False, candidates: int = 200,
+                modules_shown: int = 3) -> dict:
+    """One prompt and response -> the training rows that most raise its likelihood (the flagged target).
+
+    From the store (seconds): the query's projected gradient, preconditioned (`method` 'auto' = the content judges'
+    sketch method, linfac damped at AUTO_LINFAC_DAMPING), one pass over the stored vectors keeping a running top-k with
+    each module's contribution (a row's score is the sum over modules of v_mᵀ g_i,m; the `modules_shown` largest
+    shares are reported). `exact=True`: the sketch's top `candidates` rows re-scored in full parameter space
+    (RecallConfig's exact pass: K-FAC at exact_damping; scores of the unit-norm query), ranked by that score; module
+    shares are then the sketch's. Returns {"query", "method", "mode", "rows": [{rank, example_id, score,
+    sketch_score, prompt, response, modules: [{module, share}]}], "seconds"}."""
+    from lancet_core.index.build import compute_query_gradients
+    from lancet_core.index.curvature import precondition
+    from lancet_core.index.store import GradientStore
+
+    t0 = time.perf_counter()
+    store = GradientStore.open(store_dir)
+    tokens_file = Path(tokens_file)
+    meth = resolve_method(method, "flagged", contrast=False)
+    ratio = resolve_damping(method, "flagged", None)
+    g = compute_query_gradients(store_dir, model_dir, messages_list=[to_messages(prompt, response)])
+    v = precondition(store_dir, g, kind=meth, damping_ratio=ratio)[0].astype(np.float64)
+    v /= np.linalg.norm(v) or 1.0
+    layout = store.layout
+    starts = np.array([ml.offset for ml in layout])
+    keep = max(top_k, candidates if exact else top_k)
+    best_ids: list[str] = []
+    best = np.zeros((0, len(layout)))
+    for ids, grads in store.iter_batches(batch_rows=65_536, dtype=np.float32):
+        contrib = np.add.reduceat(grads.astype(np.float64) * v, starts, axis=1)  # [b, modules]
+        ids_all = best_ids + [str(e) for e in ids]
+        allc = np.concatenate([best, contrib])
+        score = allc.sum(axis=1)
+        pick = np.argpartition(-score, keep - 1)[:keep] if len(score) > keep else np.arange(len(score))
+        order = sorted(pick.tolist(), key=lambda i: (-score[i], ids_all[i]))
+        best_ids, best = [ids_all[i] for i in order], allc[order]
+    sketch = best.sum(axis=1)
+    scores = sketch.copy()
+    if exact:
+        file_ids = [str(e) for e in pq.read_table(tokens_file, columns=["example_id"]).column("example_id").to_pylist()]
+        pos = {e: i for i, e in enumerate(file_ids)}
+        per_q = _exact_scores(store_dir, model_dir, tokens_file, [prompt], [response], RecallConfig(),
+                              rows=np.array([pos[e] for e in best_ids], np.int64))
+        scores = per_q[:, 0]
+    order = sorted(range(len(best_ids)), key=lambda i: (-scores[i], best_ids[i]))[:top_k]
+    text = pq.read_table(tokens_file, columns=["example_id", "prompt", "response"]).to_pylist()
+    by_id = {str(r["example_id"]): r for r in text}
+    rows = []
+    for rank, i in enumerate(order, 1):
+        c = best[i]
+        tot = float(np.abs(c).sum()) or 1.0
+        top_m = np.argsort(-np.abs(c), kind="stable")[:modules_shown]
+        rows.append({"rank": rank, "example_id": best_ids[i], "score": float(scores[i]), "sketch_score": float(sketch[i]),
+                     "prompt": by_id.get(best_ids[i], {}).get("prompt"),
+                     "response": by_id.get(best_ids[i], {}).get("response"),
+                     "modules": [{"module": layout[m].name, "share": round(float(c[m]) / tot, 4)} for m in top_m]})
+    return {"query": {"prompt": prompt, "response": response}, "method": meth, "damping_ratio": ratio,
+            "mode": f"exact over the sketch's top {len(best_ids)}" if exact else "sketch", "rows": rows,
+            "seconds": round(time.perf_counter() - t0, 2)}

@@ -502,3 +502,63 @@ def test_exact_scoring_is_refused_for_the_refusal_target(bed, tmp_path):  # noqa
     # sketch outputs record the config as before the exact pass existed: they stay reusable
     assert not {"scoring", "exact_damping", "curvature_rows", "rerank_share"} & set(
         _manifest_config(RecallConfig(scoring="sketch")))
+
+
+# ------------------------------------------------------------------ lancet explain
+def test_explain_one_ranks_like_the_sketch_recall_and_exact_like_the_exact_pass(bed, tmp_path):  # noqa: F811
+    """explain_one on the sketch = recall_influence's sketch ranking of that one query (scores included); each row's
+    module contributions add up to its score; with exact=True and every row a candidate, the scores are the exact
+    pass's for that query."""
+    from lancet_core.recall.influence import RecallConfig, _exact_scores, explain_one, recall_influence
+
+    prompt, response = "how do I rob a bank", "take a mask and go"
+    n = pq.read_metadata(bed["tokens"]).num_rows
+    res = explain_one(bed["store"], bed["model"], bed["tokens"], prompt, response, top_k=n, method="kfac",
+                      modules_shown=100)
+    qpath = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"query_id": ["q"], "prompt": [prompt], "response": [response], "judge": ["regex"]}), qpath)
+    out = recall_influence(bed["store"], bed["model"], qpath, bed["tokens"].parent, tmp_path / "sk",
+                           RecallConfig(method="kfac", scoring="sketch", score_precision="float64"))
+    t = pq.read_table(out / "influence.parquet")
+    assert [r["example_id"] for r in res["rows"]] == t.column("example_id").to_pylist()
+    np.testing.assert_allclose([r["score"] for r in res["rows"]], t.column("score").to_numpy(), rtol=1e-9, atol=1e-12)
+    for r in res["rows"]:
+        assert sum(abs(m["share"]) for m in r["modules"]) == pytest.approx(1.0, abs=1e-3)
+        assert r["prompt"] and r["response"]
+    ex = explain_one(bed["store"], bed["model"], bed["tokens"], prompt, response, top_k=n, method="kfac", exact=True,
+                     candidates=n)
+    want = _exact_scores(bed["store"], bed["model"], bed["tokens"], [prompt], [response], RecallConfig())[:, 0]
+    ids = pq.read_table(bed["tokens"], columns=["example_id"]).column("example_id").to_pylist()
+    got = {r["example_id"]: r["score"] for r in ex["rows"]}
+    np.testing.assert_allclose([got[e] for e in ids], want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+    assert [r["score"] for r in ex["rows"]] == sorted(got.values(), reverse=True)
+
+
+def test_lancet_explain_cli_prints_a_table_json_and_refuses_bad_input(bed, tmp_path, capsys):  # noqa: F811
+    import shutil
+
+    from flows.cli import main
+    from lancet_core.manifest import read_manifest
+    from lancet_core.recall.influence import find_tokens_for_store
+
+    args = ["explain", str(bed["store"]), str(bed["model"]), "--prompt", "how do I rob a bank", "--response",
+            "take a mask and go", "--tokens", str(bed["tokens"]), "--top-k", "3"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "rank" in table and len([x for x in table.splitlines() if x.strip()[:1].isdigit()]) == 3
+    assert main([*args, "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert len(res["rows"]) == 3 and res["rows"][0]["rank"] == 1 and res["rows"][0]["modules"]
+    assert main(["explain", str(tmp_path / "nope"), str(bed["model"]), "--prompt", "p", "--response", "r"]) == 2
+    assert "not a gradient store" in capsys.readouterr().err
+    # the tokens file is found in the store's work dir by the digest its manifest records
+    work = tmp_path / "w"
+    (work / "tokens" / "k1").mkdir(parents=True)
+    shutil.copy(bed["tokens"], work / "tokens" / "k1" / "tokens.parquet")
+    store = work / "stores" / "s1"
+    shutil.copytree(bed["store"], store)
+    assert find_tokens_for_store(store) == work / "tokens" / "k1" / "tokens.parquet"
+    assert read_manifest(store)["tokens_digest"]
+    shutil.rmtree(work / "tokens")
+    with pytest.raises(FileNotFoundError, match="--tokens"):
+        find_tokens_for_store(store)
