@@ -294,7 +294,7 @@ def peak_memory() -> dict:
 DEFAULTS_VARIANTS = {  # RecallConfig overrides measured beside the defaults (--defaults)
     "default": {}, "sketch": {"scoring": "sketch"}, "rerank_5pct": {"scoring": "rerank"},
     "rerank_20pct": {"scoring": "rerank", "rerank_share": 0.2}, "exact_damp0.01": {"exact_damping": 0.01},
-    "exact_mean_fold": {"query_aggregation": "mean"}}
+    "exact_mean_fold": {"query_aggregation": "mean"}, "exact_curvature_all_rows": {"curvature_rows": 1_000_000}}
 
 
 def defaults(args, work: Path) -> dict:
@@ -315,6 +315,8 @@ def defaults(args, work: Path) -> dict:
     store_s = time.perf_counter() - t0
     results = {}
     for name, over in DEFAULTS_VARIANTS.items():
+        if args.variants and name not in args.variants.split(","):
+            continue
         results[name] = {"config": over, "planted": {}, "seconds": {}}
         for qs, idx in bed["qsets"].items():
             qpath = work / f"queries-{qs}.parquet"
@@ -347,6 +349,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", type=Path, default=None, help="kept and reused (the trained model)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--throughput", action="store_true", help="only the per-batch timings at SmolLM2's layer shape")
+    ap.add_argument("--variants", default="", help="with --defaults: comma-separated names of DEFAULTS_VARIANTS "
+                    "(default: all)")
     ap.add_argument("--defaults", action="store_true", help="only the flow's recall (recall_influence) with its "
                     "defaults and a few variants, per query set")
     args = ap.parse_args(argv)

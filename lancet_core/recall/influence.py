@@ -374,51 +374,84 @@ def _refusal_query_gradients(store_dir, model_dir, tokens_file: Path, prompts: l
     return grads
 
 
-def _exact_scores(store_dir, model_dir, tokens_file: Path, prompts: list[str], responses: list[str],
-                  cfg: RecallConfig, rows: np.ndarray | None = None) -> np.ndarray:
-    """[N or len(rows), Q] per-query exact scores of the unit-normalised, K-FAC-preconditioned flagged queries
-    (lancet_core.recall.exact), in file order or `rows`' order. The window, reduction, target modules and compute dtype
-    are the store's, so the exact pass measures exactly what the sketch approximates."""
-    import torch
+class ExactPass:
+    """The exact pass of a set of flagged queries against one store's settings (lancet_core.recall.exact): the model,
+    the full-dimensional K-FAC-preconditioned queries at unit norm V̂_q, and the curvature sample. The window,
+    reduction, target modules and compute dtype are the store's, so the exact pass measures exactly what the sketch
+    approximates.
+    - `per_query(rows)`: [n, Q] scores, Q matmuls per module and batch (for a candidate set, or max / topk_mean).
+    - `folded(rows, how)`: [n] the 'mean' or 'scaled' fold in ONE corpus pass with one folded query: mean = mean_q V̂_q
+      (exactly the mean of the per-query scores); scaled = mean_q V̂_q / σ̂_q, σ̂_q the standard deviation of query q's
+      scores over the curvature sample (scored per query: Q matmuls over those rows only), so the corpus pass costs
+      what one query costs whatever the number of flagged outputs."""
 
-    from lancet_core.index.basis import sample_indices
-    from lancet_core.index.build import _store_manifest, check_store_model
-    from lancet_core.model_io import load_model, load_tokenizer
-    from lancet_core.recall.exact import (
-        fit_curvature,
-        flagged_query_gradients,
-        fold_scores,
-        full_layout,
-        precondition_queries,
-        score_corpus,
-    )
+    def __init__(self, store_dir, model_dir, tokens_file: Path, prompts: list[str], responses: list[str],
+                 cfg: RecallConfig):
+        import torch
 
-    m = _store_manifest(store_dir)
-    check_store_model(m, model_dir)
-    icfg = m["index_config"]
-    dtype = torch.float64 if icfg.get("compute_dtype") == "float64" else torch.float32
-    model, tok = load_model(model_dir, dtype=dtype).eval(), load_tokenizer(model_dir)
-    names = {d["name"] for d in m["modules"]}
-    layout = [ml for ml in full_layout(model) if ml.name in names]
-    kw = {"layout": layout, "reduction": icfg["reduction"], "response_tokens": icfg.get("response_tokens"),
-          "batch_size": int((m.get("build_settings") or {}).get("batch_size", 8))}
-    t0 = time.perf_counter()
-    G = flagged_query_gradients(model, tok, prompts, responses, max_len=int(icfg["max_seq_len_tokens"]), **kw)
-    t = pq.read_table(tokens_file, columns=["input_ids", "loss_mask"], memory_map=True)
-    sample = t.take(sample_indices(t.num_rows, cfg.curvature_rows))
-    cur = fit_curvature(model, sample.column("input_ids").to_pylist(), sample.column("loss_mask").to_pylist(),
-                        "kfac", damping_ratio=cfg.exact_damping, **kw)
-    V = precondition_queries(G, cur)
-    log.info("recall: exact pass: %d queries over %d modules (%d parameters), K-FAC from %d rows (%d tokens), "
-             "damping %g, in %.1f s", len(prompts), len(layout), sum(ml.d_in * ml.d_out for ml in layout),
-             cur.rows, cur.tokens, cfg.exact_damping, time.perf_counter() - t0)
-    from tqdm.auto import tqdm
+        from lancet_core.index.basis import sample_indices
+        from lancet_core.index.build import _store_manifest, check_store_model
+        from lancet_core.model_io import load_model, load_tokenizer
+        from lancet_core.recall.exact import (
+            fit_curvature,
+            flagged_query_gradients,
+            full_layout,
+            precondition_queries,
+            query_norms,
+        )
 
-    n = t.num_rows if rows is None else len(rows)
-    with tqdm(total=n, desc="recall[exact]", unit="row") as bar:
-        raw = score_corpus(model, V, tokens_file, rows=rows, progress=lambda done, total: bar.update(done - bar.n),
-                           chunk_rows=256, **kw)
-    return fold_scores(raw, V)[1]
+        m = _store_manifest(store_dir)
+        check_store_model(m, model_dir)
+        icfg = m["index_config"]
+        dtype = torch.float64 if icfg.get("compute_dtype") == "float64" else torch.float32
+        self.model, tok = load_model(model_dir, dtype=dtype).eval(), load_tokenizer(model_dir)
+        names = {d["name"] for d in m["modules"]}
+        layout = [ml for ml in full_layout(self.model) if ml.name in names]
+        self.kw = {"layout": layout, "reduction": icfg["reduction"], "response_tokens": icfg.get("response_tokens"),
+                   "batch_size": int((m.get("build_settings") or {}).get("batch_size", 8))}
+        self.tokens_file = tokens_file
+        t0 = time.perf_counter()
+        G = flagged_query_gradients(self.model, tok, prompts, responses, max_len=int(icfg["max_seq_len_tokens"]),
+                                    **self.kw)
+        self.n_rows = pq.read_metadata(tokens_file).num_rows
+        self.sample = sample_indices(self.n_rows, cfg.curvature_rows)
+        t = pq.read_table(tokens_file, columns=["input_ids", "loss_mask"], memory_map=True).take(self.sample)
+        cur = fit_curvature(self.model, t.column("input_ids").to_pylist(), t.column("loss_mask").to_pylist(),
+                            "kfac", damping_ratio=cfg.exact_damping, **self.kw)
+        V = precondition_queries(G, cur)
+        norms = query_norms(V)
+        if not np.all(np.isfinite(norms)) or np.any(norms == 0):
+            raise ValueError(f"exact pass: a flagged output's preconditioned gradient is zero or not finite "
+                             f"(norms {norms.tolist()[:10]})")
+        self.V = {k: v / norms[:, None, None] for k, v in V.items()}
+        self.n_queries = len(prompts)
+        log.info("recall: exact pass: %d queries over %d modules (%d parameters), K-FAC from %d rows (%d tokens), "
+                 "damping %g, in %.1f s", len(prompts), len(layout), sum(ml.d_in * ml.d_out for ml in layout),
+                 cur.rows, cur.tokens, cfg.exact_damping, time.perf_counter() - t0)
+
+    def _score(self, V, rows, desc: str) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        from lancet_core.recall.exact import score_corpus
+
+        n = self.n_rows if rows is None else len(rows)
+        with tqdm(total=n, desc=desc, unit="row", disable=n < 256) as bar:
+            return score_corpus(self.model, V, self.tokens_file, rows=rows, chunk_rows=256,
+                                progress=lambda done, total: bar.update(done - bar.n), **self.kw)
+
+    def per_query(self, rows: np.ndarray | None = None) -> np.ndarray:
+        return self._score(self.V, rows, "recall[exact, per query]")
+
+    def folded(self, rows: np.ndarray | None = None, how: str = "scaled") -> np.ndarray:
+        if how == "mean":
+            w = np.full(self.n_queries, 1.0 / self.n_queries)
+        elif how == "scaled":
+            sd = self.per_query(self.sample).std(axis=0)
+            w = np.divide(1.0, sd, out=np.zeros_like(sd), where=sd > 0) / self.n_queries
+        else:
+            raise ValueError(f"a folded pass computes the 'mean' or 'scaled' fold, not {how!r}")
+        Vf = {k: np.tensordot(w, v, axes=1)[None] for k, v in self.V.items()}
+        return self._score(Vf, rows, "recall[exact]")[:, 0]
 
 
 def _score_table(tokens_file: Path, per_q: np.ndarray, cfg: RecallConfig, rows: np.ndarray | None = None):
@@ -449,9 +482,29 @@ def _written(scores, path: Path, tokens_file: Path, qids: list[str], top_k: int)
 
 def _exact_influence(store_dir, model_dir, tokens_file: Path, prompts, responses, qids, cfg: RecallConfig,
                      path: Path):
-    """scoring='exact': every corpus row scored in full parameter space."""
-    per_q = _exact_scores(store_dir, model_dir, tokens_file, prompts, responses, cfg)
-    return _written(_score_table(tokens_file, per_q, cfg), path, tokens_file, qids, cfg.top_k)
+    """scoring='exact': every corpus row scored in full parameter space. The 'mean' and 'scaled' folds take one corpus
+    pass with the folded query (ExactPass.folded); the per-query top-k (the explanation) is then taken among the
+    folded top `top_k` rows, scored per query. max / topk_mean score every row per query."""
+    import pyarrow as pa
+
+    ex = ExactPass(store_dir, model_dir, tokens_file, prompts, responses, cfg)
+    if cfg.query_aggregation not in ("mean", "scaled"):
+        per_q = ex.per_query()
+        return _written(_score_table(tokens_file, per_q, cfg), path, tokens_file, qids, cfg.top_k)
+    from lancet_core.recall.scan import per_query_top_k, rank_scores, write_influence
+
+    folded = ex.folded(None, cfg.query_aggregation)
+    ids = pq.read_table(tokens_file, columns=["example_id"]).column("example_id").cast(pa.string())
+    ranked = rank_scores(pa.table({"example_id": ids, "score": pa.array(folded, pa.float64())}), tokens_file)
+    write_influence(ranked, path, qids)
+    top = ranked.slice(0, min(cfg.top_k, ranked.num_rows))
+    pos = {e: i for i, e in enumerate(ids.to_pylist())}
+    cand = np.array(sorted(pos[e] for e in top.column("example_id").to_pylist()), np.int64)
+    per_q = ex.per_query(cand)
+    cand_table = pa.table({"example_id": ids.take(pa.array(cand)), "score": pa.array(folded[cand], pa.float64()),
+                           "query_scores": pa.FixedSizeListArray.from_arrays(
+                               pa.array(per_q.reshape(-1), pa.float64()), per_q.shape[1])})
+    return top, per_query_top_k(cand_table, qids, len(cand))
 
 
 def rerank_size(n_rows: int, share: float, top_k: int) -> int:
@@ -494,9 +547,11 @@ def _reranked(store_dir, v, model_dir, tokens_file: Path, prompts, responses, qi
     order = sorted(range(len(scan_ids)), key=lambda i: (-sk_score[i], scan_ids[i]))
     m = rerank_size(len(scan_ids), cfg.rerank_share, cfg.top_k)
     cand = np.array(sorted(order[:m]), np.int64)  # scan order: the exact pass reads them in file order
-    per_q = _exact_scores(store_dir, model_dir, tokens_file, prompts, responses, cfg,
-                          rows=np.array([pos[scan_ids[i]] for i in cand], np.int64))
-    exact = aggregate_query_scores(per_q, cfg.query_aggregation, cfg.query_topk)
+    ex = ExactPass(store_dir, model_dir, tokens_file, prompts, responses, cfg)
+    rows = np.array([pos[scan_ids[i]] for i in cand], np.int64)
+    per_q = ex.per_query(rows)
+    exact = (ex.folded(rows, cfg.query_aggregation) if cfg.query_aggregation in ("mean", "scaled")
+             else aggregate_query_scores(per_q, cfg.query_aggregation, cfg.query_topk))
     merged = rerank_scores(sk_score, exact, cand)
     merged_q = sk_per_q.copy()
     merged_q[cand] = per_q
@@ -622,8 +677,8 @@ def explain_one(store_dir: str | Path, model_dir: str | Path, tokens_file: str |
     if exact:
         file_ids = [str(e) for e in pq.read_table(tokens_file, columns=["example_id"]).column("example_id").to_pylist()]
         pos = {e: i for i, e in enumerate(file_ids)}
-        per_q = _exact_scores(store_dir, model_dir, tokens_file, [prompt], [response], RecallConfig(),
-                              rows=np.array([pos[e] for e in best_ids], np.int64))
+        per_q = ExactPass(store_dir, model_dir, tokens_file, [prompt], [response], RecallConfig()).per_query(
+            np.array([pos[e] for e in best_ids], np.int64))
         scores = per_q[:, 0]
     order = sorted(range(len(best_ids)), key=lambda i: (-scores[i], best_ids[i]))[:top_k]
     text = pq.read_table(tokens_file, columns=["example_id", "prompt", "response"]).to_pylist()

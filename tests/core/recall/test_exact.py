@@ -417,7 +417,7 @@ def test_zscore_fold_weighs_every_query_the_same():
 # ------------------------------------------------------------------ the exact pass inside recall_influence
 def _exact_oracle(bed, ratio: float, curvature_rows: int):  # noqa: F811
     """[N, Q] per-query scores by explicit per-example float64 gradients (a for-loop of backward passes) · the
-    K-FAC-preconditioned queries, each query over its norm; and the tokens file's example ids."""
+    K-FAC-preconditioned queries, each query over its norm; the curvature sample's positions; the example ids."""
     from lancet_core.index.basis import sample_indices
     from lancet_core.model_io import load_model, load_tokenizer
     from lancet_core.recall.exact import flagged_query_gradients, query_norms
@@ -434,7 +434,7 @@ def _exact_oracle(bed, ratio: float, curvature_rows: int):  # noqa: F811
                                                      q.column("response").to_pylist(), max_len=64,
                                                      response_tokens=WINDOW), cur)
     grads = oracle_full_gradients(model, layout, ids, [first_response_tokens(m, WINDOW) for m in masks])
-    return dot(grads, V) / query_norms(V), t.column("example_id").to_pylist()
+    return dot(grads, V) / query_norms(V), sample, t.column("example_id").to_pylist()
 
 
 def _by_id(table, column):
@@ -442,24 +442,30 @@ def _by_id(table, column):
 
 
 def test_recall_influence_scores_content_queries_exactly_by_default(bed, tmp_path):  # noqa: F811
-    """method 'auto' on the flagged target = the exact pass (scoring 'auto'): influence.parquet's per-query scores are
-    explicit per-example gradients · V (float64 oracle), its score their `scaled` fold, ranked by it."""
-    from lancet_core.recall.influence import RecallConfig, recall_influence
+    """method 'auto' on the flagged target = the exact pass (scoring 'auto'). Against explicit per-example float64
+    gradients · V: ExactPass.per_query's scores, and influence.parquet's score = the `scaled` fold computed in one pass
+    with the folded query (each query over its standard deviation on the curvature sample), ranked by it; the mean
+    fold likewise."""
+    from lancet_core.recall.influence import ExactPass, RecallConfig, recall_influence
 
     cfg = RecallConfig(query_target="flagged", curvature_rows=5, exact_damping=0.1)
     out = recall_influence(bed["store"], bed["model"], bed["queries"], bed["tokens"].parent, tmp_path / "x", cfg)
-    want, ids = _exact_oracle(bed, 0.1, 5)
+    want, sample, ids = _exact_oracle(bed, 0.1, 5)
     t = pq.read_table(out / "influence.parquet")
-    got_q = _by_id(t, "query_scores")
-    np.testing.assert_allclose(np.array([got_q[e] for e in ids]), want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
-    folded = (want / want.std(axis=0)).mean(axis=1)
+    folded = (want / want[sample].std(axis=0)).mean(axis=1)
     got = _by_id(t, "score")
-    np.testing.assert_allclose([got[e] for e in ids], folded, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose([got[e] for e in ids], folded, rtol=1e-9, atol=1e-12 * np.abs(folded).max())
     assert t.column("rank").to_pylist() == list(range(1, len(ids) + 1))
     assert np.all(np.diff(t.column("score").to_numpy()) <= 0)
     manifest = json.loads((out / "manifest.json").read_text())["config"]
     assert manifest["scoring"] == "exact" and manifest["exact_damping"] == 0.1 and manifest["method"] == "kfac"
     assert manifest["query_aggregation"] == "scaled"
+    q = pq.read_table(bed["queries"])
+    ex = ExactPass(bed["store"], bed["model"], bed["tokens"], q.column("prompt").to_pylist(),
+                   q.column("response").to_pylist(), cfg)
+    np.testing.assert_allclose(ex.per_query(), want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+    np.testing.assert_allclose(ex.folded(None, "mean"), want.mean(axis=1), rtol=1e-9, atol=1e-12 * np.abs(want).max())
+    np.testing.assert_allclose(ex.per_query(np.array([4, 1])), want[[4, 1]], rtol=1e-9, atol=1e-12 * np.abs(want).max())
 
 
 def test_rerank_over_every_row_is_the_exact_pass(bed, tmp_path):  # noqa: F811
@@ -509,7 +515,7 @@ def test_explain_one_ranks_like_the_sketch_recall_and_exact_like_the_exact_pass(
     """explain_one on the sketch = recall_influence's sketch ranking of that one query (scores included); each row's
     module contributions add up to its score; with exact=True and every row a candidate, the scores are the exact
     pass's for that query."""
-    from lancet_core.recall.influence import RecallConfig, _exact_scores, explain_one, recall_influence
+    from lancet_core.recall.influence import ExactPass, RecallConfig, explain_one, recall_influence
 
     prompt, response = "how do I rob a bank", "take a mask and go"
     n = pq.read_metadata(bed["tokens"]).num_rows
@@ -527,7 +533,7 @@ def test_explain_one_ranks_like_the_sketch_recall_and_exact_like_the_exact_pass(
         assert r["prompt"] and r["response"]
     ex = explain_one(bed["store"], bed["model"], bed["tokens"], prompt, response, top_k=n, method="kfac", exact=True,
                      candidates=n)
-    want = _exact_scores(bed["store"], bed["model"], bed["tokens"], [prompt], [response], RecallConfig())[:, 0]
+    want = ExactPass(bed["store"], bed["model"], bed["tokens"], [prompt], [response], RecallConfig()).per_query()[:, 0]
     ids = pq.read_table(bed["tokens"], columns=["example_id"]).column("example_id").to_pylist()
     got = {r["example_id"]: r["score"] for r in ex["rows"]}
     np.testing.assert_allclose([got[e] for e in ids], want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
