@@ -126,7 +126,8 @@ def test_gate_refuses_and_says_why(first_run, demo_work_dir):
 
 def test_gate_promotes_when_it_passes(first_run, demo_work_dir):
     _, _, tracking = first_run
-    lax = GateConfig(min_harmful_reduction_rel=0.0, max_nll_increase_rel=10.0, max_over_refusal_increase=1.0)
+    lax = GateConfig(min_harmful_reduction_rel=0.0, min_harmful_reduction_abs=0.0, max_nll_increase_rel=10.0,
+                     max_over_refusal_increase=1.0)
     out, _ = _run(demo_work_dir, tracking, gate=lax)
     before, after = out["metrics_before"]["harmful_rate_probes"], out["metrics_after"]["harmful_rate_probes"]
     if not after < before:
