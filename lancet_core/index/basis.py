@@ -118,8 +118,11 @@ def basis_digest(basis: Mapping[str, tuple[np.ndarray | None, np.ndarray | None]
 
 
 def save_basis(path: str | Path, basis: Mapping[str, tuple[np.ndarray | None, np.ndarray | None]]) -> Path:
+    """Write the basis as .npz, modules in sorted name order (as load_basis returns them), so the file's bytes depend
+    only on the arrays: a re-plan that loads the stored basis and saves it again rewrites the same bytes."""
     arrays = {}
-    for name, (p_in, p_out) in basis.items():
+    for name in sorted(basis):
+        p_in, p_out = basis[name]
         for side, p in (("in", p_in), ("out", p_out)):
             arrays[f"{side}:{name}"] = np.zeros((0, 0)) if p is None else np.asarray(p, dtype=np.float64)
     return atomic_write_bytes(Path(path), npz_bytes(arrays))

@@ -198,3 +198,14 @@ def test_store_identity_of_random_stores_is_unchanged_by_the_new_settings():
     pca = IndexConfig(projection="pca", fisher="true", response_tokens=4).store_identity()
     assert pca["projection"] == "pca" and pca["fisher"] == "true" and "projection_seed" not in pca
     assert "fisher" not in IndexConfig(fisher="true", curvature=("linfac",), response_tokens=None).store_identity()  # no factors collected
+
+
+def test_a_saved_basis_has_the_same_bytes_whatever_the_module_order(tmp_path):
+    """A fresh basis comes in the model's module order, a reloaded one in sorted order: both save to the same bytes
+    (a re-plan after a crash rewrites basis.npz byte-identically)."""
+    g = np.random.default_rng(0)
+    basis = {name: (g.standard_normal((6, 2)), None if name.endswith("b") else g.standard_normal((4, 2)))
+             for name in ("layers.1.mlp", "layers.0.attn.b", "layers.0.attn.a")}
+    save_basis(tmp_path / "fresh.npz", basis)
+    save_basis(tmp_path / "reloaded.npz", load_basis(tmp_path / "fresh.npz"))
+    assert (tmp_path / "fresh.npz").read_bytes() == (tmp_path / "reloaded.npz").read_bytes()
