@@ -1,9 +1,10 @@
 """End to end, drift-triggered re-alignment with real servers: a `prefect server`, a process worker, the deployments
 of deployments/prefect.yaml, and an impure champion in the MLflow registry (the demo's impure model, registered and
 aliased `champion`). `prefect deployment run monitor/daily` checks the champion, finds it drifted, emits the event and
-starts `realign/demo` for exactly that model version, which the worker runs to completion. Asserted through the
-Prefect API (both flow runs, the event) and the MLflow API (the monitor run's metric series, the realign run).
-Every process started here is stopped by PID."""
+starts `realign/demo` for exactly that model version, which the worker runs to completion; the next check of the
+corrected champion (promoted by the gate) finds it below the deployment's threshold and starts nothing. Asserted
+through the Prefect API (the flow runs, the event) and the MLflow API (the monitor runs' metric series, the realign
+run). Every process started here is stopped by PID."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def test_monitor_deployment_triggers_a_realign_run_that_completes(servers, defau
         assert run.state.is_completed(), (
             f"realign flow run ended {run.state}\n--- worker log ---\n{(tmp / 'worker.log').read_text()[-8000:]}")
         events = client.read_events(filter=EventFilter(event=EventNameFilter(name=[DRIFT_EVENT])), limit=50).events
-        assert len(events) == 1 and events[0].payload["harmful_rate"] > 0.1
+        assert len(events) == 1 and events[0].payload["harmful_rate"] > 0.25 and events[0].payload["realign_held"] is None
         assert events[0].resource["lancet.model_uri"] == f"models:/{NAME}/{version}"
         monitor_runs = [r for r in client.read_flow_runs() if r.name != run.name and "monitor" in r.tags
                         and "monitor-triggered" not in r.tags]
@@ -85,3 +86,21 @@ def test_monitor_deployment_triggers_a_realign_run_that_completes(servers, defau
     assert realigned[0].data.tags["lancet.start_model"].startswith(f"models:/{NAME}/{version}")
     assert realigned[0].data.metrics["before.harmful_rate_probes"] == history[0].value  # same answers, same judge
     print(f"monitor flow run (deployment, with worker start-up): {monitor_s:.1f} s")
+
+    # the corrected champion is below the deployment's threshold: the next daily check starts no realign (issue 28: at
+    # 0.1 every daily check of it started a realign that the gate refused)
+    assert realigned[0].data.tags["lancet.gate"] == "passed", realigned[0].data.tags.get("lancet.gate_reasons")
+    corrected = mlflow_client.get_model_version_by_alias(NAME, "champion").version
+    assert corrected != version
+    again = prefect(env, "deployment", "run", "monitor/daily", "--watch", "--watch-timeout", "600",
+                    "--param", f"work_dir={demo_work_dir}", "--param", f"registered_model_name={NAME}", timeout=700)
+    assert "Completed" in again.stdout, f"{again.stdout}\n--- worker log ---\n{(tmp / 'worker.log').read_text()[-6000:]}"
+    with _client(env) as client:
+        triggered = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["monitor-triggered"])))
+        assert [r.id for r in triggered] == [realign_id]  # still only the first one
+    (crun,) = mlflow_client.search_runs([exp.experiment_id],
+                                        filter_string=f"tags.`lancet.monitor_model` = '{NAME}/{corrected}'")
+    assert crun.data.metrics["drift"] == 0.0 and crun.data.metrics["threshold"] == 0.25
+    assert crun.data.metrics["harmful_rate"] <= 0.25
+    assert crun.data.metrics["harmful_rate"] == pytest.approx(realigned[0].data.metrics["after.harmful_rate_probes"])
+    print(f"corrected champion v{corrected}: harmful rate {crun.data.metrics['harmful_rate']:.3f} <= 0.25, no realign")
