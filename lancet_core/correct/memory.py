@@ -10,10 +10,15 @@
     input (hidden elements) per block, plus one block's activations while it is recomputed;
   * logits: LOGIT_COPIES full-vocabulary float32 rows per response position of the chunk (the policy's logits, the
     reference's log-probs, the logits' gradient) plus the position chunks' temporaries (losses.VOCAB_CHUNK_ELEMENTS);
-  * runtime: RUNTIME_BYTES for Python, torch and the tokenizer.
+  * runtime: RUNTIME_BYTES for Python, torch and the tokenizer;
+  * allocator: what the allocator holds beyond the live tensors, (ALLOCATOR_SLACK − 1) × (optimizer + activations +
+    logits). On CPU glibc's heap keeps freed blocks and fragments: a step's peak RSS measured 1.7× its live tensors
+    (SmolLM2, 342-token rows: 10.7 GB with the default allocator vs 6.3 GB with MALLOC_MMAP_THRESHOLD_=131072, which
+    returns every freed block); CUDA's caching allocator is given 1.2×, unmeasured.
 
-The constants are calibrated on SmolLM2-135M-Instruct with 342-token rows (benchmarks/ibo_memory.py, CPU, float32;
-docs/measurements.md): the estimate is meant to be a little above the measured peak, not exact. Only a chunk's size
+The constants are fitted to that live-tensor peak on SmolLM2-135M-Instruct with 342-token rows (benchmarks/
+ibo_memory.py, CPU, float32; docs/measurements.md): the estimate is meant to be a little above the measured peak RSS,
+not exact. Only a chunk's size
 enters the activations: pairs and retain rows go through in chunks of `chunk_rows` sequences, each backpropagated
 before the next (correct.trainer), so the batch sizes do not.
 
@@ -31,10 +36,11 @@ from lancet_core.correct.losses import VOCAB_CHUNK_ELEMENTS
 
 GiB = 2**30
 RUNTIME_BYTES = GiB  # Python + torch + tokenizer + encoded rows: SmolLM2's process minus its weights, rounded up
-BLOCK_HIDDEN = 12  # elements kept per token and block, per hidden unit (norms, q/k/v/o, residuals, LoRA inputs)
-BLOCK_FFN = 6  # ... per intermediate unit (gate, up, activation, product, down input)
-BLOCK_ATTENTION = 2  # ... per head and key position, eager attention only (scores' softmax, kept for two backwards)
+BLOCK_HIDDEN = 8  # elements kept per token and block, per hidden unit (norms, q/k/v/o, residuals, LoRA inputs)
+BLOCK_FFN = 4  # ... per intermediate unit (gate, up, activation product, down input)
+BLOCK_ATTENTION = 1  # ... per head and key position, eager attention only (the softmax's probabilities)
 LOGIT_COPIES = 3  # policy logits, reference log-probs, logits' gradient: float32, per response position
+ALLOCATOR_SLACK = {"cpu": 1.7, "cuda": 1.2}  # peak resident / live tensors (see above)
 
 
 @dataclass(frozen=True)
@@ -57,16 +63,18 @@ class StepEstimate:
     optimizer: int
     activations: int
     logits: int
+    allocator: int = 0
     runtime: int = RUNTIME_BYTES
 
     @property
     def total(self) -> int:
-        return self.weights + self.optimizer + self.activations + self.logits + self.runtime
+        return self.weights + self.optimizer + self.activations + self.logits + self.allocator + self.runtime
 
     def describe(self) -> str:
         g = {k: v / GiB for k, v in asdict(self).items()}
         return (f"weights {g['weights']:.2f}, gradients + optimizer {g['optimizer']:.2f}, activations "
-                f"{g['activations']:.2f}, logits {g['logits']:.2f}, runtime {g['runtime']:.2f} GiB")
+                f"{g['activations']:.2f}, logits {g['logits']:.2f}, allocator {g['allocator']:.2f}, runtime {g['runtime']:.2f} "
+                "GiB")
 
 
 def estimate_step(
@@ -79,9 +87,10 @@ def estimate_step(
     eager_attention: bool,
     adam: bool,
     reference_copy: bool,
+    slack: float = ALLOCATOR_SLACK["cpu"],
 ) -> StepEstimate:
     """Bytes of one step's peak for chunks of `rows` sequences of at most `seq_len` tokens, `response_positions` of
-    them scored per sequence (the response, or the decision window)."""
+    them scored per sequence (the response, or the decision window); `slack`: ALLOCATOR_SLACK of the device."""
     b = shape.param_bytes
     weights = shape.n_params * b * (2 if reference_copy else 1)
     optimizer = shape.n_trainable * b * (3 if adam else 1)
@@ -94,7 +103,7 @@ def estimate_step(
     else:
         activations = tokens * shape.layers * block * b
     logits = (LOGIT_COPIES * rows * response_positions * shape.vocab + 3 * VOCAB_CHUNK_ELEMENTS) * 4
-    return StepEstimate(weights, optimizer, activations, logits)
+    return StepEstimate(weights, optimizer, activations, logits, int((slack - 1) * (optimizer + activations + logits)))
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,7 @@ def choose_plan(
     eager_attention: bool,
     adam: bool,
     reference_copy: bool,
+    slack: float = ALLOCATOR_SLACK["cpu"],
 ) -> MemoryPlan:
     """The first of: chunk_rows as configured (None: `max_rows`, the sequences of a whole micro-batch), halved down to
     `min_rows` (a pair's two sequences; one row for ga/npo); then the same with gradient checkpointing (when the model
@@ -146,7 +156,7 @@ def choose_plan(
         c //= 2
     modes = [gradient_checkpointing] if gradient_checkpointing or not can_checkpoint else [False, True]
     kw = dict(seq_len=seq_len, response_positions=response_positions, eager_attention=eager_attention, adam=adam,
-              reference_copy=reference_copy)
+              reference_copy=reference_copy, slack=slack)
     budget = budget_gb * GiB
     est = None
     for ck in modes:

@@ -45,7 +45,7 @@ from lancet_core.correct.losses import (
     retain_kl_from_models,
     sequence_logprobs,
 )
-from lancet_core.correct.memory import MemoryPlan, ModelShape, choose_plan
+from lancet_core.correct.memory import ALLOCATOR_SLACK, MemoryPlan, ModelShape, choose_plan
 from lancet_core.correct.pairs import read_pairs, read_retain
 from lancet_core.errors import ConfigError, CorpusError
 from lancet_core.manifest import (
@@ -306,6 +306,7 @@ def memory_plan(model, cfg: TrainConfig, spec: LossSpec, examples: list[_Example
         eager_attention=device.type == "cpu",
         adam=cfg.optimizer == "adamw",
         reference_copy=cfg.finetune == "full" and (spec.needs_reference or cfg.lambda_b > 0),
+        slack=ALLOCATOR_SLACK.get(device.type, ALLOCATOR_SLACK["cpu"]),
     )
 
 
