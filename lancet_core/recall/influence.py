@@ -374,6 +374,10 @@ def _refusal_query_gradients(store_dir, model_dir, tokens_file: Path, prompts: l
     return grads
 
 
+SIGMA_ROWS = 128  # rows (at most) each query's score spread is measured on for the 'scaled' fold: ~6 % standard error
+EXPLAIN_CANDIDATES = 32  # the exact pass's per-query top-k (the explanation) is taken among the folded top rows
+
+
 class ExactPass:
     """The exact pass of a set of flagged queries against one store's settings (lancet_core.recall.exact): the model,
     the full-dimensional K-FAC-preconditioned queries at unit norm V̂_q, and the curvature sample. The window,
@@ -382,8 +386,8 @@ class ExactPass:
     - `per_query(rows)`: [n, Q] scores, Q matmuls per module and batch (for a candidate set, or max / topk_mean).
     - `folded(rows, how)`: [n] the 'mean' or 'scaled' fold in ONE corpus pass with one folded query: mean = mean_q V̂_q
       (exactly the mean of the per-query scores); scaled = mean_q V̂_q / σ̂_q, σ̂_q the standard deviation of query q's
-      scores over the curvature sample (scored per query: Q matmuls over those rows only), so the corpus pass costs
-      what one query costs whatever the number of flagged outputs."""
+      scores over SIGMA_ROWS rows of the curvature sample (scored per query: Q matmuls over those rows only), so the
+      corpus pass costs what one query costs whatever the number of flagged outputs."""
 
     def __init__(self, store_dir, model_dir, tokens_file: Path, prompts: list[str], responses: list[str],
                  cfg: RecallConfig):
@@ -415,6 +419,8 @@ class ExactPass:
                                     **self.kw)
         self.n_rows = pq.read_metadata(tokens_file).num_rows
         self.sample = sample_indices(self.n_rows, cfg.curvature_rows)
+        # the rows each query's standard deviation is measured on (scored per query: Q matmuls each), spread evenly
+        self.sigma_rows = sample_indices(self.n_rows, min(cfg.curvature_rows, SIGMA_ROWS))
         t = pq.read_table(tokens_file, columns=["input_ids", "loss_mask"], memory_map=True).take(self.sample)
         cur = fit_curvature(self.model, t.column("input_ids").to_pylist(), t.column("loss_mask").to_pylist(),
                             "kfac", damping_ratio=cfg.exact_damping, **self.kw)
@@ -446,7 +452,7 @@ class ExactPass:
         if how == "mean":
             w = np.full(self.n_queries, 1.0 / self.n_queries)
         elif how == "scaled":
-            sd = self.per_query(self.sample).std(axis=0)
+            sd = self.per_query(self.sigma_rows).std(axis=0)
             w = np.divide(1.0, sd, out=np.zeros_like(sd), where=sd > 0) / self.n_queries
         else:
             raise ValueError(f"a folded pass computes the 'mean' or 'scaled' fold, not {how!r}")
@@ -484,7 +490,8 @@ def _exact_influence(store_dir, model_dir, tokens_file: Path, prompts, responses
                      path: Path):
     """scoring='exact': every corpus row scored in full parameter space. The 'mean' and 'scaled' folds take one corpus
     pass with the folded query (ExactPass.folded); the per-query top-k (the explanation) is then taken among the
-    folded top `top_k` rows, scored per query. max / topk_mean score every row per query."""
+    folded top rows (EXPLAIN_CANDIDATES, or explain_top_k if larger), scored per query. max / topk_mean score every row
+    per query."""
     import pyarrow as pa
 
     ex = ExactPass(store_dir, model_dir, tokens_file, prompts, responses, cfg)
@@ -499,7 +506,8 @@ def _exact_influence(store_dir, model_dir, tokens_file: Path, prompts, responses
     write_influence(ranked, path, qids)
     top = ranked.slice(0, min(cfg.top_k, ranked.num_rows))
     pos = {e: i for i, e in enumerate(ids.to_pylist())}
-    cand = np.array(sorted(pos[e] for e in top.column("example_id").to_pylist()), np.int64)
+    shown = top.slice(0, max(EXPLAIN_CANDIDATES, cfg.explain_top_k))
+    cand = np.array(sorted(pos[e] for e in shown.column("example_id").to_pylist()), np.int64)
     per_q = ex.per_query(cand)
     cand_table = pa.table({"example_id": ids.take(pa.array(cand)), "score": pa.array(folded[cand], pa.float64()),
                            "query_scores": pa.FixedSizeListArray.from_arrays(
