@@ -163,6 +163,50 @@ def start_run(experiment: str, flow_run_id: str | None, params: Mapping[str, Any
     return run.info.run_id
 
 
+def process_identity(pid: int | None = None) -> str | None:
+    """'<boot id>:<pid>:<start time in clock ticks>' of a process (default: this one), or None where /proc is not
+    there. Unique per process across pid reuse and reboots: what a run records so a later lancet can tell whether the
+    process that opened it is still alive."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{boot}:{pid}:{stat.rsplit(')', 1)[1].split()[19]}"
+
+
+def reap_abandoned_runs(experiment: str) -> list[str]:
+    """Mark KILLED every RUNNING run of `experiment` opened on this host by a process that is gone (its recorded
+    `lancet.process` identity no longer exists: killed with -9, OOM, power loss), with tag `lancet.error` saying so.
+    Runs of live processes and of other hosts are left alone. Returns the run ids marked."""
+    import socket
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    host = socket.gethostname()
+    runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    reaped = []
+    for run in runs:
+        tags = run.data.tags
+        ident = tags.get("lancet.process")
+        if tags.get("lancet.host") != host or not ident:
+            continue
+        pid = int(ident.split(":")[1])
+        if process_identity(pid) == ident:
+            continue  # still running
+        client.set_tag(run.info.run_id, "lancet.error", f"the process that ran it (pid {pid} on {host}) ended without "
+                       "closing the run (killed?); marked KILLED by the next lancet run on this tracking store")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        reaped.append(run.info.run_id)
+    if reaped:
+        log.warning("tracking: %d run(s) left RUNNING by a killed lancet process marked KILLED: %s", len(reaped),
+                    ", ".join(reaped))
+    return reaped
+
+
 def fail_run(run_id: str, error: str) -> None:
     """Mark a run FAILED with the error that stopped the flow (tag `lancet.error`)."""
     client = MlflowClient()
@@ -423,9 +467,15 @@ def resolve_start_model(model: str, registered_name: str, start_from_champion: b
 
 @task(name="open_mlflow_run", cache_policy=NO_CACHE)
 def open_realign_run(*, flow_run_id: str | None, params: dict, tracking_uri: str | None, experiment: str) -> str:
-    """Open the MLflow run of a realign flow run at its start (RUNNING, every parameter logged); returns the run id."""
+    """Open the MLflow run of a realign flow run at its start (RUNNING, every parameter logged, tagged with this host
+    and process); returns the run id. Runs a killed lancet process left RUNNING are marked KILLED first."""
+    import socket
+
     configure(tracking_uri, experiment)
-    return start_run(experiment, flow_run_id, params, {})
+    reap_abandoned_runs(experiment)
+    ident = process_identity()
+    return start_run(experiment, flow_run_id, params, {"lancet.host": socket.gethostname(),
+                                                        **({"lancet.process": ident} if ident else {})})
 
 
 @task(name="mark_mlflow_run_failed", cache_policy=NO_CACHE)
