@@ -5,11 +5,11 @@ full fine-tuning; the same weights with the LoRA adapter disabled for LoRA), enc
 with `lancet_core.chat.encode_example` (loss mask = response tokens), and runs seeded micro-batches with gradient
 accumulation. Each optimizer step takes the next `batch_size × grad_accum_steps` examples of a seeded per-epoch
 permutation and `retain_batch_size × (micro-batches)` retain rows from a seeded cycling stream, and divides every sum by
-the step's counts, so the split into micro-batches does not change the update. Within a micro-batch, pairs (chosen + rejected together)
-and retain rows go through in chunks of `chunk_rows` sequences, each backpropagated before the next chunk's forward
-pass, so a step's peak memory is one chunk's, whatever the batch sizes; `memory_budget_gb` picks the chunk and
-gradient checkpointing before the first step (`correct.memory`; `preflight_memory` checks it from the config alone). LoRA weights are merged before saving,
-so the output is a plain HF model directory (weights + tokenizer + manifest.json), published with
+the step's counts, so the split into micro-batches does not change the update. Within a micro-batch, pairs (chosen +
+rejected together) and retain rows go through in chunks of `chunk_rows` sequences, each backpropagated before the next
+chunk's forward pass, so a step's peak memory is one chunk's, whatever the batch sizes; `memory_budget_gb` picks the
+chunk and gradient checkpointing before the first step (`correct.memory`; `preflight_memory` checks it from the config
+alone). LoRA weights are merged before saving, so the output is a plain HF model directory (weights + tokenizer + manifest.json), published with
 `manifest.publishing_dir` like every artifact (a concurrent identical run's copy is kept, never a collision).
 
 What each loss trains on: ibo/dpo — every pair (chosen = w, rejected = l, each on its own prompt) with its weight;
