@@ -572,6 +572,16 @@ def check_inputs(params: RealignParams, names: dict[str, str] = CLI_NAMES) -> Ch
             if sub.max_seq_len_tokens < new:
                 updates[key] = sub.model_copy(update={"max_seq_len_tokens": new})
         out.params = p.model_copy(update=updates)
+    if p.train.memory_budget_gb is not None:  # before any stage: a run that cannot fit is refused now, not after recall
+        from lancet_core.correct.config import resolve_train
+        from lancet_core.correct.trainer import preflight_memory
+
+        train = (out.params or p).train
+        train = train.model_copy(update={"max_seq_len_tokens": min(longest, train.max_seq_len_tokens)})
+        try:
+            preflight_memory(p.model, resolve_train(train, p.judge.kind))
+        except ValueError as e:
+            raise InputError(str(e)) from None
     return out
 
 

@@ -179,6 +179,15 @@ def test_row_longer_than_the_model_context_with_refuse(model_dir, files, tmp_pat
              "--corpus", "row 1", "context (512)")
 
 
+def test_a_memory_budget_no_step_fits_is_refused_before_any_stage(model_dir, files, tmp_path, capsys, monkeypatch):
+    """train.memory_budget_gb is checked with the inputs (from the model's config alone): a budget that not even the
+    smallest chunk with gradient checkpointing fits is one line, exit 2, in seconds (issue 28 item 7)."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("train:\n  memory_budget_gb: 0.01\n")
+    _refused(capsys, monkeypatch, tmp_path, _args(model_dir, files) + ["--config", str(cfg)],
+             "train.memory_budget_gb", "gradient checkpointing")
+
+
 # ------------------------------------------------------------------------------------------ where a run writes and talks
 # Each kind below failed only minutes into a run before (issue 28: 23 s to 270 s, with tracebacks, files written).
 def _free_port() -> int:

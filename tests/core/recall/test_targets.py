@@ -229,15 +229,16 @@ def test_auto_method_follows_the_target_and_the_contrast():
     assert "query_contrast" not in _manifest_config(RecallConfig(query_target="flagged"))
 
 
-def test_content_judged_queries_default_to_strongly_damped_linfac(bed, tmp_path):
-    """recall_influence with the defaults on queries a content judge flagged (regex) scores the flagged answers with
-    linfac damped at 3 × each block's mean eigenvalue: the oracle solves (F_b + λ_b I) v = g_b with the explicit
+def test_content_judged_queries_on_the_sketch_use_strongly_damped_linfac(bed, tmp_path):
+    """recall_influence on the sketch (scoring='sketch'; the default for content judges is the exact pass,
+    tests/core/recall/test_exact.py) with method 'auto', on queries a content judge flagged (regex), scores the
+    flagged answers with linfac damped at 3 × each block's mean eigenvalue: the oracle solves (F_b + λ_b I) v = g_b with the explicit
     per-module empirical Fisher F_b = G_bᵀG_b / N of the stored rows, λ_b = 3 · trace(F_b) / D_b (float64)."""
     q = pq.read_table(bed["queries"])
     regex = tmp_path / "regex.parquet"
     pq.write_table(q.set_column(q.column_names.index("judge"), "judge", pa.array(["regex"] * q.num_rows)), regex)
     out = recall_influence(bed["store"], bed["model"], regex, bed["tokens"].parent, tmp_path / "auto",
-                           RecallConfig(score_precision="float64"))
+                           RecallConfig(score_precision="float64", scoring="sketch"))
     cfg = json.loads((out / "manifest.json").read_text())["config"]
     assert (cfg["method"], cfg["damping_ratio"], cfg["query_target"]) == ("linfac", 3.0, "flagged")
     st = GradientStore.open(bed["store"])
