@@ -127,7 +127,8 @@ def _cmd_explain(args) -> int:
         return x if len(x) <= n else x[: n - 1] + "…"
 
     print(f"training rows that most raise P(response | prompt) ({res['mode']}, {res['method']}, {res['seconds']} s):")
-    print(f"{'rank':>4}  {'score':>10}  {'example_id':<22} {'prompt':<38} {'response':<38} top module (share)")
+    share = "top module (sketch share)" if args.exact else "top module (share)"
+    print(f"{'rank':>4}  {'score':>10}  {'example_id':<22} {'prompt':<38} {'response':<38} {share}")
     for r in res["rows"]:
         m = r["modules"][0] if r["modules"] else {"module": "", "share": 0.0}
         print(f"{r['rank']:>4}  {r['score']:>10.4g}  {cut(r['example_id'], 22):<22} {cut(r['prompt'], 38):<38} "
