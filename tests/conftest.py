@@ -54,6 +54,19 @@ def home_snapshot(home: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The CLI's main() configures root logging onto a test's captured stderr; put the previous handlers back after,
+    in every test directory (a handler left on a closed capture stream makes every later log record fail, and
+    Prefect's handler then recurses: the whole flows suite failed with RecursionError after one core test ran main())."""
+    import logging
+
+    handlers, level = logging.root.handlers[:], logging.root.level
+    yield
+    logging.root.handlers[:] = handlers
+    logging.root.setLevel(level)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _home_untouched():
     """No test creates, changes or removes anything under the user's ~/.prefect, ~/.ray, ~/.config/mlflow or HF /

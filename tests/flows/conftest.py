@@ -5,17 +5,6 @@ from __future__ import annotations
 import pytest
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI's main() configures root logging onto a test's captured stderr; put the previous handlers back after."""
-    import logging
-
-    handlers, level = logging.root.handlers[:], logging.root.level
-    yield
-    logging.root.handlers[:] = handlers
-    logging.root.setLevel(level)
-
-
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
     import os
