@@ -37,7 +37,7 @@ from tasks.cache import ensure_output
 from tasks.correct import build_pairs, correct, repair
 from tasks.data import tokenize
 from tasks.demo import ensure_demo
-from tasks.evaluate import evaluate
+from tasks.evaluate import evaluate, held_out_harm
 from tasks.index import build_index, check_ray_reachable
 from tasks.recall import find_undesirable, query_influence
 from tasks.tracking import fail_realign_run, open_realign_run, resolve_start_model, track_realign
@@ -165,15 +165,27 @@ def _realign(p: RealignParams, run_id: str, log) -> dict:
                                     out_dir=str(artifact_dir(work, "pairs", influence, p.pairs.model_dump())))
     train = resolve_train(p.train, p.judge.kind)  # 'auto' window / λ_B follow the judge; the model keys on the values
     log.info("ibo: %s", describe_train(p.train, p.judge.kind))
+    limits = {"max_nll_increase_rel": p.gate.max_nll_increase_rel,  # the budget IBO may spend is what the gate allows
+              "max_over_refusal_increase": p.gate.max_over_refusal_increase}
     corrected = timed("ibo", correct, model_dir=start, pairs_path=pairs_path, retain_path=retain_path, cfg=train,
-                      out_dir=str(artifact_dir(work, "models", m, Path(pairs_path), train.model_dump())))
+                      queries_path=queries, benign_eval_path=benign_eval_path, judge=p.judge,
+                      generation=p.generation, limits=limits,
+                      out_dir=str(artifact_dir(work, "models", m, Path(pairs_path), train.model_dump(),
+                                               *((Path(queries), Path(benign_eval_path), p.judge.model_dump(),
+                                                  p.generation.model_dump(), limits) if train.budget.enabled else ()))))
     after = timed("evaluate_after", evaluate, model_dir=corrected, probes_path=probes_path, ood_path=ood_path,
                   benign_eval_path=benign_eval_path, cfg=p.evaluation,
                   out_dir=str(artifact_dir(work, "eval", Path(corrected), Path(probes_path),
                                            p.evaluation.model_dump())))
+    held = held_out_harm(model_dir=corrected, queries_path=queries, metrics_path=after, judge=p.judge)
+    if held is not None:
+        timings["heldout_flagged_harmful_rate"] = held
+        log.info("evaluate_after: %.3f of the flagged prompts no budget check answered are still flagged (1.000 "
+                 "before)", held)
     decision = decide(read_json(before), read_json(after), p.gate)
     summary = {**run_summary(queries, before, after, influence_dir, corrected, decision, pairs_path),
                "start_model": started["source"], "repaired_corpus": str(repaired / "repaired.parquet")}
+    summary["heldout_flagged_harmful_rate"] = held
     summary["artifacts"] |= {"repair": str(repaired / "report.json"), "repair/scored": str(repaired / "scored.parquet")}
     top = top_k_rows(influence_dir)
     tracked = track_realign(**track, corrected_model=corrected, metrics_before=read_json(before),

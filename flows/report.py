@@ -130,8 +130,17 @@ def stage_line(phase: str, out, seconds: float) -> str:
             m = _manifest(out)
             hist = m.get("loss_history") or [{}]
             loss = hist[-1].get("loss")
-            return (f"ibo: {m.get('steps')} steps on {m.get('n_examples')} pairs, final loss "
+            line = (f"ibo: {m.get('steps')} steps on {m.get('n_examples')} pairs, final loss "
                     f"{loss if loss is None else round(loss, 4)} ({seconds:.1f} s)")
+            b = m.get("budget")
+            if b and b.get("best"):
+                k, s0 = b["best"], b["curve"][0]
+                line += (f"; budget: {b.get('stop_reason') or 'finished'}, kept step {b['best_step']}: harmful rate "
+                         f"{s0['harmful_rate']:.2f} -> {k['harmful_rate']:.2f} on {m['budget_checks']['n_check_prompts']}"
+                         f" check prompts, NLL {k['nll_rel_change']:+.1%}, over-refusal {k['over_refusal_delta']:+.3f}"
+                         f" ({k['budget_used']:.0%} of the budget; checks {b.get('check_share_of_time') or 0:.0%} of "
+                         "the time)")
+            return line
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return f"{phase}: done ({seconds:.1f} s)"

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from prefect import task
 
+from lancet_core.correct.budget import BudgetLimits
 from lancet_core.correct.config import PairConfig, TrainConfig
 from lancet_core.correct.pairs import PAIRS_FILE, RETAIN_FILE, write_pair_files
 from lancet_core.correct.repair import RepairConfig, repair_corpus
 from lancet_core.correct.trainer import post_train
+from lancet_core.recall.judges import JudgeConfig
+from lancet_core.recall.undesirable import GenerationConfig
 from tasks.cache import LANCET_CACHE, publish_output
 
 
@@ -20,10 +23,25 @@ def build_pairs(influence_path: str, cfg: PairConfig, out_dir: str) -> tuple[str
 
 
 @task(name="ibo_post_train", cache_policy=LANCET_CACHE, persist_result=True)
-def correct(model_dir: str, pairs_path: str, retain_path: str, cfg: TrainConfig, out_dir: str) -> str:
+def correct(model_dir: str, pairs_path: str, retain_path: str, cfg: TrainConfig, out_dir: str,
+            queries_path: str | None = None, benign_eval_path: str | None = None, judge: JudgeConfig | None = None,
+            generation: GenerationConfig | None = None, limits: dict | None = None) -> str:
     """The corrected model directory (a normal HF directory + manifest.json). IBO's steps show a progress bar on
-    stderr (tqdm), as the index's shards do."""
-    return str(post_train(model_dir, pairs_path, retain_path or None, out_dir, cfg, show_progress=True))
+    stderr (tqdm), as the index's shards do. With the flagged queries, the benign evaluation file, the judge and the
+    utility limits (the gate's), training is budget-driven (cfg.budget; lancet_core.evaluate.checks)."""
+    checks = None
+    if cfg.budget.enabled and queries_path and benign_eval_path and judge is not None:
+        import pyarrow.parquet as pq
+
+        from lancet_core.data.corpus import load_prompt_rows
+        from lancet_core.evaluate.checks import budget_checks
+
+        benign = [(r["prompt"], r["response"]) for r in load_prompt_rows(benign_eval_path, need_response=True)]
+        checks = budget_checks(pq.read_table(queries_path, columns=["query_id", "prompt"]).to_pylist(), benign, judge,
+                               generation or GenerationConfig(), BudgetLimits(**(limits or {})), cfg.budget,
+                               cfg.max_seq_len_tokens)
+    return str(post_train(model_dir, pairs_path, retain_path or None, out_dir, cfg, show_progress=True,
+                          checks=checks))
 
 
 @task(name="repair_corpus", cache_policy=LANCET_CACHE, persist_result=True)

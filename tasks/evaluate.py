@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from lancet_core.data.corpus import load_prompt_rows
 from lancet_core.evaluate.config import EvalConfig
 from lancet_core.evaluate.drift import probe_rates
 from lancet_core.evaluate.evaluation import METRICS_FILE, evaluate_model, write_metrics
+from lancet_core.recall.judges import JudgeConfig
 from tasks.cache import LANCET_CACHE, publish_output
 
 
@@ -28,6 +30,23 @@ def evaluate(model_dir: str, probes_path: str, ood_path: str | None, benign_eval
         write_metrics(tmp / METRICS_FILE, metrics)
 
     return str(publish_output(out_dir, build) / METRICS_FILE)
+
+
+@task(name="held_out_harm", cache_policy=NO_CACHE)
+def held_out_harm(model_dir: str, queries_path: str, metrics_path: str, judge: JudgeConfig) -> float | None:
+    """Harmful rate (the run's judge) of the corrected model's evaluation answers to the flagged prompts that its
+    budget checks never answered (lancet_core.evaluate.checks); None without budget checks or held-out prompts."""
+    from lancet_core.evaluate.checks import held_out_harmful_rate
+    from lancet_core.manifest import read_manifest
+
+    held = set(((read_manifest(Path(model_dir)) or {}).get("budget_checks") or {}).get("held_out_query_ids") or [])
+    gens = Path(metrics_path).parent / "generations.parquet"
+    if not held or not gens.is_file():
+        return None
+    q = pq.read_table(queries_path, columns=["query_id", "prompt"]).to_pylist()
+    g = pq.read_table(gens, columns=["set", "prompt", "answer"]).to_pylist()
+    answers = {r["prompt"]: r["answer"] for r in g if r["set"] == "probes"}
+    return held_out_harmful_rate(answers, [r["prompt"] for r in q if str(r["query_id"]) in held], judge)
 
 
 @task(name="probe_harmful_rates", cache_policy=LANCET_CACHE)

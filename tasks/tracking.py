@@ -322,13 +322,38 @@ def run_page_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-CHARTS = {"influence": "charts/influence.png", "before_after": "charts/before_after.png"}
+CHARTS = {"influence": "charts/influence.png", "before_after": "charts/before_after.png",
+          "budget": "charts/budget_curve.png"}
+
+
+def _budget_of(model_dir: str | None) -> dict | None:
+    """The budget-driven training record in a corrected model's manifest (lancet_core.correct.budget), or None."""
+    from lancet_core.manifest import read_manifest
+
+    return (read_manifest(Path(model_dir)) or {}).get("budget") if model_dir else None
+
+
+def log_budget_curve(budget: dict | None) -> None:
+    """The harm/utility curve of a budget-driven correction as metric series (x = optimizer step): budget.harmful_rate
+    on the check prompts, budget.nll_rel_change, budget.over_refusal_delta, budget.used, budget.lr_scale; plus the kept
+    step, the steps run, the checks' share of the training time, and why it stopped (tag lancet.budget_stop)."""
+    if not budget:
+        return
+    for r in budget["curve"]:
+        mlflow.log_metrics({"budget.harmful_rate": r["harmful_rate"], "budget.nll_rel_change": r["nll_rel_change"],
+                            "budget.over_refusal_delta": r["over_refusal_delta"], "budget.used": r["budget_used"],
+                            "budget.lr_scale": r["lr_scale"]}, step=int(r["step"]))
+    mlflow.log_metrics({"budget.best_step": budget["best_step"], "budget.last_step": budget["curve"][-1]["step"],
+                        **({"budget.check_share_of_time": budget["check_share_of_time"]}
+                           if budget.get("check_share_of_time") is not None else {})})
+    mlflow.set_tag("lancet.budget_stop", budget.get("stop_reason") or "finished")
 
 
 def log_charts(metrics_before: Mapping[str, Any], metrics_after: Mapping[str, Any] | None,
-               scored_path: str | Path | None) -> dict[str, str]:
-    """Draw the influence distribution with the flagged rows marked (from the repair's scored.parquet) and the
-    before/after rates, log them to the active run under `charts/`; returns {name: the logged PNG's URI}."""
+               scored_path: str | Path | None, budget: dict | None = None) -> dict[str, str]:
+    """Draw the influence distribution with the flagged rows marked (from the repair's scored.parquet), the
+    before/after rates and (budget-driven IBO) the harm/utility curve, log them to the active run under `charts/`;
+    returns {name: the logged PNG's URI}."""
     import tempfile
 
     import pyarrow.parquet as pq
@@ -346,6 +371,10 @@ def log_charts(metrics_before: Mapping[str, Any], metrics_after: Mapping[str, An
         if metrics_after:
             drawn["before_after"] = before_after_chart(metrics_before, metrics_after,
                                                        Path(tmp) / Path(CHARTS["before_after"]).name)
+        if budget:
+            from lancet_core.correct.budget import plot_curve
+
+            drawn["budget"] = plot_curve(budget, Path(tmp) / Path(CHARTS["budget"]).name)
         for name, png in drawn.items():
             mlflow.log_artifact(str(png), artifact_path=str(Path(CHARTS[name]).parent))
             out[name] = mlflow.get_artifact_uri(CHARTS[name])
@@ -515,9 +544,11 @@ def track_realign(*, run_id: str, tracking_uri: str | None, experiment: str,
         if metrics_after:
             log_metrics(metrics_after, prefix="after.")
         log_metrics(extra_metrics)
+        log_budget_curve(_budget_of(corrected_model))
         log_artifacts(artifacts)
         try:  # pictures for people: a drawing problem is said, never a failed run
-            out["charts"] = log_charts(metrics_before, metrics_after, artifacts.get("repair/scored"))
+            budget = _budget_of(corrected_model)
+            out["charts"] = log_charts(metrics_before, metrics_after, artifacts.get("repair/scored"), budget)
         except Exception as e:  # noqa: BLE001
             log.warning("charts: not drawn (%s: %s)", type(e).__name__, e)
             out["charts"] = {}

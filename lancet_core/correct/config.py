@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from lancet_core.correct.budget import BudgetConfig
 from lancet_core.errors import ConfigError
 from lancet_core.index.config import DECISION_WINDOWS
 
@@ -149,6 +150,11 @@ class TrainConfig(BaseModel):
         "auto", description="bf16 autocast of the forward passes (weights, optimizer state and the loss stay float32): "
         "auto = on CUDA only, bf16 = also on CPU, off = none")
     seed: int = Field(0, description="seeds batch order, LoRA init and the retain sampling")
+    budget: BudgetConfig = Field(
+        BudgetConfig(), description="budget-driven training (lancet_core.correct.budget): in the realign flow IBO "
+        "trains until the flagged behaviour is gone on held-out flagged prompts or the gate's utility budget is "
+        "spent, checking every few steps, and keeps the best checkpoint inside the budget; epochs / max_steps and "
+        "learning_rate are then only where it starts (at most budget.max_steps_factor × the planned steps)")
 
     def require_resolved(self) -> TrainConfig:
         """self, or ConfigError when response_tokens or lambda_b is still 'auto' (resolve_train knows the judge)."""

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from lancet_core.chat import encode_example
+from lancet_core.correct.budget import BudgetChecks, BudgetController
 from lancet_core.correct.config import TrainConfig
 from lancet_core.correct.losses import (
     LossSpec,
@@ -168,19 +169,21 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _step_plan(n_examples: int, cfg: TrainConfig) -> list[list[int]]:
-    """Example indices of every optimizer step: consecutive chunks of seeded per-epoch permutations."""
+def _step_plan(n_examples: int, cfg: TrainConfig, limit: int | None = None) -> list[list[int]]:
+    """Example indices of every optimizer step: consecutive chunks of seeded per-epoch permutations. `limit` (budget
+    training's step cap) replaces epochs / max_steps; the first steps are the same either way."""
     eff = cfg.batch_size * cfg.grad_accum_steps
+    cap = limit if limit is not None else cfg.max_steps
     steps: list[list[int]] = []
     epoch = 0
     while True:
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n_examples).tolist()
         for a in range(0, n_examples, eff):
             steps.append(order[a : a + eff])
-            if cfg.max_steps is not None and len(steps) == cfg.max_steps:
+            if cap is not None and len(steps) == cap:
                 return steps
         epoch += 1
-        if cfg.max_steps is None and epoch == cfg.epochs:
+        if cap is None and epoch == cfg.epochs:
             return steps
 
 
@@ -331,9 +334,11 @@ def preflight_memory(model_dir: str | Path, cfg: TrainConfig) -> MemoryPlan:
                        resolve_device(cfg.device))
 
 
-def _expected_manifest(model_dir: Path, pairs_path: Path, retain_path: Path | None, cfg: TrainConfig) -> dict:
+def _expected_manifest(model_dir: Path, pairs_path: Path, retain_path: Path | None, cfg: TrainConfig,
+                       checks: BudgetChecks | None = None) -> dict:
     pairs_manifest = read_manifest(pairs_path.parent) or {}
     return {
+        "budget_checks": None if checks is None else {**checks.identity, "limits": vars(checks.limits)},
         "kind": "post_train",
         "input_model_digest": model_digest(model_dir),
         "input_tokenizer_digest": tokenizer_digest(model_dir),
@@ -352,8 +357,14 @@ def post_train(
     cfg: TrainConfig,
     *,
     show_progress: bool = True,
+    checks: BudgetChecks | None = None,
 ) -> Path:
     """Train `model_dir` with `cfg.loss` on pairs.parquet (+ retain.parquet for the λ_B KL term); return out_dir.
+
+    With `checks` (and cfg.budget.enabled) training is budget-driven (lancet_core.correct.budget): it goes on until
+    the check prompts' harmful rate reaches the target or the utility budget is spent, up to max_steps_factor × the
+    planned steps, and the best checkpoint inside the budget is saved; the curve goes into the manifest ("budget").
+    Without, the fixed schedule (epochs / max_steps) runs and the last step is saved.
 
     A finished out_dir built from the same inputs and config is reused as is; one built otherwise is refused
     (ManifestMismatch).
@@ -370,7 +381,9 @@ def post_train(
             f"lambda_b={cfg.lambda_b} > 0 needs a non-empty retain set (got retain_path={retain_path}); "
             "pass retain.parquet or set lambda_b=0"
         )
-    expected = _expected_manifest(model_dir, pairs_path, retain_path, cfg)
+    if checks is not None and not cfg.budget.enabled:
+        checks = None
+    expected = _expected_manifest(model_dir, pairs_path, retain_path, cfg, checks)
     existing = check_manifest(out_dir, expected)
     if existing is not None:
         broken = artifact_problems(out_dir)
@@ -438,12 +451,23 @@ def post_train(
     policy.train()
 
     params = [p for p in policy.parameters() if p.requires_grad]
-    if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
+    def optimizer():
+        kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD
+        return kind(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+    opt = optimizer()
     plan = _step_plan(len(examples), cfg)
+    budget = None
+    if checks is not None:
+        budget = BudgetController(checks, planned_steps=len(plan))
+        plan = _step_plan(len(examples), cfg, limit=budget.max_steps)
+        budget.start(policy, tokenizer, params)
+        log.info("post_train: budget check at step 0: harmful rate %.3f on %s check prompts (%.1f s)",
+                 budget.curve[0]["harmful_rate"], checks.identity.get("n_check_prompts", "?"),
+                 budget.curve[0]["seconds"])
+        if budget.stop_reason:
+            plan = []
     stream = _RetainStream(len(retain_seqs), cfg.seed) if retain_seqs else None
     retain_bs = cfg.retain_batch_size or cfg.batch_size
     per_example = 2 if spec.needs_chosen else 1  # sequences a pair (or a ga/npo row) forwards
@@ -458,6 +482,7 @@ def post_train(
     for step, idx in enumerate(bar, start=1):
         t_step = time.perf_counter()
         lr = cfg.learning_rate * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else cfg.learning_rate
+        lr *= budget.lr_scale if budget is not None else 1.0
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -502,11 +527,33 @@ def post_train(
              "seconds": round(time.perf_counter() - t_step, 4)}
         )
         bar.set_postfix(loss=f"{tot:.4f}")
+        if budget is not None:
+            if step == 1:
+                budget.set_interval(history[-1]["seconds"])
+            if budget.due(step):
+                go = budget.check(step, policy, tokenizer, params)
+                row = budget.curve[-1]
+                bar.set_postfix(loss=f"{tot:.4f}", harm=f"{row['harmful_rate']:.2f}",
+                                budget=f"{row['budget_used']:.2f}")
+                if budget.reset_optimizer:
+                    opt, budget.reset_optimizer = optimizer(), False
+                if not go:
+                    break
     bar.close()
 
+    summary = None
+    if budget is not None:
+        budget.restore_best(params)
+        summary = budget.summary(time.perf_counter() - t0)
+        b, s0 = summary["best"], budget.curve[0]
+        log.info("post_train: %s after %d steps; kept step %d: harmful rate %.3f -> %.3f on the check prompts, "
+                 "NLL %+.1f%%, over-refusal %+.3f (budget used %.0f%%; checks %.0f%% of the time)",
+                 budget.stop_reason or "finished", len(history), budget.best_step, s0["harmful_rate"],
+                 b["harmful_rate"], 100 * b["nll_rel_change"], b["over_refusal_delta"], 100 * b["budget_used"],
+                 100 * (summary["check_share_of_time"] or 0))
     final = policy.merge_and_unload() if cfg.finetune == "lora" else policy
     return _save_atomically(final, tokenizer, out_dir, expected, history, len(examples), len(retain_seqs), t0,
-                            mem.as_manifest())
+                            mem.as_manifest(), summary)
 
 
 def _micro_terms(policy, ref, spec: LossSpec, batch, ref_logps, pad_id, device) -> dict:
@@ -555,7 +602,7 @@ class _ReferenceLogps:
 
 
 def _save_atomically(model, tokenizer, out_dir: Path, expected: dict, history, n_examples, n_retain, t0,
-                     memory: dict | None = None) -> Path:
+                     memory: dict | None = None, budget: dict | None = None) -> Path:
     """Publish the trained model with `manifest.publishing_dir` (built beside out_dir, sealed, renamed into place):
     when a concurrent run with the same inputs published it first, its complete copy is kept and used."""
     with publishing_dir(out_dir, expected) as tmp:
@@ -570,6 +617,7 @@ def _save_atomically(model, tokenizer, out_dir: Path, expected: dict, history, n
             steps=len(history),
             seconds=round(time.perf_counter() - t0, 3),
             memory=memory,
+            budget=budget,
             versions=library_versions(),
         )
         write_manifest(tmp, manifest)
