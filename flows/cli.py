@@ -55,11 +55,19 @@ def _cmd_demo_real(args) -> int:
     return 0
 
 
+def start_temporary_server() -> None:
+    """Prefect's temporary server (without PREFECT_API_URL), stopped by a watchdog if this process is killed."""
+    from flows.server import start_temporary_server as start
+
+    start()
+
+
 def _cmd_tokenize(args) -> int:
     from flows.data import tokenize_flow
     from lancet_core.data.tokenize import TokenizeConfig
 
     cfg = TokenizeConfig(max_seq_len_tokens=args.max_seq_len_tokens, overlong=args.overlong)
+    start_temporary_server()
     out = tokenize_flow(args.corpus, args.model, args.work_dir, cfg)
     print(out)
     return 0
@@ -90,6 +98,7 @@ def _cmd_index(args) -> int:
                         curvature=tuple(args.curvature))
     cfg = resolve_window(given, args.judge)  # the store (and its key) holds the concrete window, never 'auto'
     logging.getLogger("lancet").info("index: %s", describe_window(given, args.judge))
+    start_temporary_server()
     tokens = tokenize_flow(args.corpus, args.model, args.work_dir,
                            TokenizeConfig(max_seq_len_tokens=args.max_seq_len_tokens))
     out = Path(args.out) if args.out else artifact_dir(args.work_dir or default_work_dir(), "stores",
@@ -206,6 +215,7 @@ def _cmd_realign(args) -> int:
     from flows.realign import realign
     from flows.report import closing_summary, summary_json
 
+    start_temporary_server()
     summary = realign(**checked.params.flow_kwargs())
     human = sys.stderr if args.json else sys.stdout  # with --json, stdout carries the JSON alone (`| jq .`)
     print(file=human)
@@ -245,6 +255,7 @@ def _cmd_monitor(args) -> int:
         raise InputError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
     from flows.monitor import monitor
 
+    start_temporary_server()
     out = monitor(model=args.model, probes_path=args.probes, registered_model_name=args.registered_model_name,
                   use_champion=not args.no_champion, work_dir=args.work_dir or ".lancet",
                   tracking_uri=args.tracking_uri, experiment=args.experiment, drift=drift,

@@ -115,6 +115,57 @@ def test_output_is_quiet_by_default_and_verbose_brings_it_back(tmp_path):
     assert "HTTP Request" in run("-vv")
 
 
+def test_kill_9_of_the_cli_takes_its_temporary_prefect_server_with_it(tmp_path):
+    """issue 28 item 5: a `lancet index` run without PREFECT_API_URL starts a temporary Prefect server; after kill -9
+    of the CLI (no atexit) the server's port stops answering within seconds (flows/server.py's watchdog)."""
+    import os
+    import re
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    def answers(port: int) -> bool:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    model = make_model_dir(tmp_path / "model")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"prompt": " ".join(WORDS[i:i + 3]), "response": " ".join(WORDS[i + 3:i + 6])})
+                              + "\n" for i in range(10)))
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results")}
+    env.pop("PREFECT_API_URL", None)
+    cli = subprocess.Popen([str(Path(sys.executable).parent / "lancet"), "index", str(corpus), str(model),
+                            "--work-dir", str(tmp_path / "w"), "--proj-dim", "4"], env=env, cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    port, seen = None, []
+    try:
+        for line in cli.stderr:
+            seen.append(line)
+            m = re.search(r"Starting temporary server on http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                port = int(m.group(1))
+                break
+        assert port is not None, "".join(seen)[-3000:]
+        deadline = time.monotonic() + 90  # the server's own start-up limit (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT)
+        while not answers(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert answers(port)  # the server is up while the CLI runs
+        os.kill(cli.pid, signal.SIGKILL)
+        cli.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while answers(port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not answers(port), f"the temporary server on port {port} outlived the killed CLI"
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+
+
 def test_repair_writes_the_scored_and_repaired_corpus(tmp_path, capsys):
     from tests.core.correct.test_repair import _write
 
