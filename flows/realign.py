@@ -130,9 +130,12 @@ def _realign(p: RealignParams, run_id: str, log) -> dict:
                     generation=p.generation,
                     out_dir=str(artifact_dir(work, "queries", m, Path(probes_path), p.judge.model_dump(),
                                              p.generation.model_dump())))
+    # a content judge's flag rate is measured too (the gate's harm); refusal-judge runs keep their cache keys
+    content_judge = None if p.judge.kind == "refusal" else p.judge
+    eval_key = (p.evaluation.model_dump(),) + ((content_judge.model_dump(),) if content_judge else ())
     before = timed("evaluate_before", evaluate, model_dir=start, probes_path=probes_path, ood_path=ood_path,
-                   benign_eval_path=benign_eval_path, cfg=p.evaluation,
-                   out_dir=str(artifact_dir(work, "eval", m, Path(probes_path), p.evaluation.model_dump())))
+                   benign_eval_path=benign_eval_path, cfg=p.evaluation, judge=content_judge,
+                   out_dir=str(artifact_dir(work, "eval", m, Path(probes_path), *eval_key)))
     datasets = {"corpus": (corpus_path, content_digest(corpus_path)),
                 "probes": (probes_path, content_digest(probes_path))}
     track = {"run_id": run_id, "tracking_uri": p.tracking_uri, "experiment": p.experiment,
@@ -174,9 +177,8 @@ def _realign(p: RealignParams, run_id: str, log) -> dict:
                                                *((Path(queries), Path(benign_eval_path), p.judge.model_dump(),
                                                   p.generation.model_dump(), limits) if train.budget.enabled else ()))))
     after = timed("evaluate_after", evaluate, model_dir=corrected, probes_path=probes_path, ood_path=ood_path,
-                  benign_eval_path=benign_eval_path, cfg=p.evaluation,
-                  out_dir=str(artifact_dir(work, "eval", Path(corrected), Path(probes_path),
-                                           p.evaluation.model_dump())))
+                  benign_eval_path=benign_eval_path, cfg=p.evaluation, judge=content_judge,
+                  out_dir=str(artifact_dir(work, "eval", Path(corrected), Path(probes_path), *eval_key)))
     held = held_out_harm(model_dir=corrected, queries_path=queries, metrics_path=after, judge=p.judge)
     if held is not None:
         timings["heldout_flagged_harmful_rate"] = held

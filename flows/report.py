@@ -41,7 +41,8 @@ def report_markdown(summary: dict, tracked: dict) -> str:
     b, a = summary["metrics_before"], summary.get("metrics_after") or {}
     lines = ["# LANCET realign", "", f"Flagged outputs: **{summary['n_flagged']}**", "",
              "| metric | before | after |", "| --- | --- | --- |"]
-    for k in ("harmful_rate_probes", "harmful_rate_ood", "over_refusal_benign", "nll_benign", "distinct_2"):
+    for k in ("harmful_rate_probes", "harmful_rate_ood", "judged_rate_probes", "judged_rate_ood",
+              "over_refusal_benign", "nll_benign", "distinct_2"):
         if k in b:
             lines.append(f"| {k} | {b[k]:.4f} | {a.get(k, float('nan')):.4f} |")
     for k, v in summary.get("recall_metrics", {}).items():
@@ -95,7 +96,8 @@ def stage_line(phase: str, out, seconds: float) -> str:
             return f"find_undesirable: {n} probe answers flagged ({seconds:.1f} s)"
         if phase.startswith("evaluate"):
             m = read_json(out)
-            keys = ("harmful_rate_probes", "harmful_rate_ood", "over_refusal_benign", "nll_benign")
+            keys = ("harmful_rate_probes", "harmful_rate_ood", "judged_rate_probes", "judged_rate_ood",
+                    "over_refusal_benign", "nll_benign")
             figs = ", ".join(f"{k} {m[k]:.3f}" for k in keys if isinstance(m.get(k), int | float))
             return f"{phase}: {figs} ({seconds:.1f} s)"
         if phase == "tokenize":
@@ -149,8 +151,11 @@ def stage_line(phase: str, out, seconds: float) -> str:
 def terminal_table(summary: dict) -> str:
     """The closing before/after table the CLI prints (and recall quality when the corpus has labels)."""
     b, a = summary.get("metrics_before") or {}, summary.get("metrics_after") or {}
-    rows = [(k, b[k], a.get(k)) for k in ("harmful_rate_probes", "harmful_rate_ood", "over_refusal_benign",
-                                          "nll_benign", "distinct_2") if isinstance(b.get(k), int | float)]
+    rows = [(k, b[k], a.get(k)) for k in ("harmful_rate_probes", "harmful_rate_ood", "judged_rate_probes",
+                                          "judged_rate_ood", "over_refusal_benign", "nll_benign", "distinct_2")
+            if isinstance(b.get(k), int | float)]
+    if isinstance(summary.get("heldout_flagged_harmful_rate"), int | float):  # flagged prompts no budget check saw
+        rows.append(("harmful_rate_flagged_unchecked", 1.0, summary["heldout_flagged_harmful_rate"]))
     rec = summary.get("recall_metrics") or {}
     rows += [(k, None, rec[k]) for k in ("recall.precision_at_n_labelled", "recall.average_precision") if k in rec]
     w = max([len("metric")] + [len(k) for k, *_ in rows])
@@ -211,7 +216,8 @@ def monitor_summary(out: dict) -> str:
 def summary_json(summary: dict) -> dict:
     """The realign summary's user-facing keys (for `lancet realign --json`)."""
     keep = ("status", "n_flagged", "run_id", "run_url", "experiment_id", "version", "promoted", "reasons",
-            "tracking_uri", "corrected_model", "start_model", "repaired_corpus", "recall_metrics", "charts")
+            "tracking_uri", "corrected_model", "start_model", "repaired_corpus", "recall_metrics", "charts",
+            "heldout_flagged_harmful_rate")
     out = {k: summary.get(k) for k in keep}
     for phase in ("metrics_before", "metrics_after"):
         if summary.get(phase):

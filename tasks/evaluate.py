@@ -20,13 +20,19 @@ from tasks.cache import LANCET_CACHE, publish_output
 
 @task(name="evaluate", cache_policy=LANCET_CACHE, persist_result=True)
 def evaluate(model_dir: str, probes_path: str, ood_path: str | None, benign_eval_path: str, cfg: EvalConfig,
-             out_dir: str) -> str:
-    """metrics.json (+ generations.parquet) of `model_dir`; returns the metrics file."""
+             out_dir: str, judge: JudgeConfig | None = None) -> str:
+    """metrics.json (+ generations.parquet) of `model_dir`; returns the metrics file. With a content `judge` (not the
+    refusal judge) its flag rates on the probe and OOD answers are measured too (judged_rate_*; the gate's harm)."""
+    from lancet_core.recall.judges import make_judge
+
+    flagger = make_judge(judge) if judge is not None and judge.kind != "refusal" else None
+
     def build(tmp: Path) -> None:
         probes = [r["prompt"] for r in load_prompt_rows(probes_path)]
         ood = [r["prompt"] for r in load_prompt_rows(ood_path)] if ood_path else []
         benign = [(r["prompt"], r["response"]) for r in load_prompt_rows(benign_eval_path, need_response=True)]
-        metrics = evaluate_model(model_dir, probes, ood, benign, cfg, generations_path=tmp / "generations.parquet")
+        metrics = evaluate_model(model_dir, probes, ood, benign, cfg, generations_path=tmp / "generations.parquet",
+                                 judge=flagger)
         write_metrics(tmp / METRICS_FILE, metrics)
 
     return str(publish_output(out_dir, build) / METRICS_FILE)

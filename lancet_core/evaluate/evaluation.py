@@ -42,7 +42,7 @@ from lancet_core.recall.judges import is_refusal, refusal_rate, unsafe_rate
 METRICS_FILE = "metrics.json"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 # metrics where lower is better, for which compare() reports a relative reduction
-_HARMFUL_KEYS = ("harmful_rate_probes", "harmful_rate_ood")
+_HARMFUL_KEYS = ("harmful_rate_probes", "harmful_rate_ood", "judged_rate_probes", "judged_rate_ood")
 
 
 # --- pure metric functions ------------------------------------------------------------------------------------------
@@ -165,11 +165,15 @@ def evaluate_model(
     cfg: EvalConfig,
     *,
     generations_path: str | Path | None = None,
+    judge=None,
 ) -> dict[str, Any]:
     """Metrics of one model directory (see the module docstring). `probes` must be non-empty; `ood` may be empty.
 
     `benign_eval`: (prompt, reference response) rows — over-refusal is measured on their prompts, NLL on their
     responses. `generations_path`: optional Parquet file of every (set, prompt, answer, refused) for reading.
+    `judge`: the run's judge (lancet_core.recall.judges) when it is not the refusal judge: its flag rate on the probe
+    and OOD answers is added as judged_rate_probes / judged_rate_ood (a content judge's "harmful": the behaviour it
+    flags, which a model can drop without refusing), and the gate decides on it.
     """
     from lancet_core.model_io import load_model, load_tokenizer, resolve_device
 
@@ -215,6 +219,11 @@ def evaluate_model(
     }
     if ood:
         metrics["harmful_rate_ood"] = unsafe_rate(ans_ood)
+    if judge is not None:
+        metrics["judged_rate_probes"] = sum(judge.flags(probes, ans_probes)) / len(probes)
+        if ood:
+            metrics["judged_rate_ood"] = sum(judge.flags(ood, ans_ood)) / len(ood)
+        metrics["eval_inputs_digest"] = json_digest([metrics["eval_inputs_digest"], judge.name])
     if generations_path is not None:
         _write_generations(generations_path, probes, ans_probes, ood, ans_ood, [p for p, _ in benign], ans_benign)
     return metrics

@@ -106,7 +106,8 @@ def test_rerun_hits_the_cache_for_every_task(first_run, demo_work_dir):
     out1, _, tracking = first_run
     out2, fr = _run(demo_work_dir, tracking)
     states = _task_states(fr)
-    uncached = {"resolve_start_model", "open_mlflow_run", "track_realign"}  # registry lookups, MLflow logging: every run
+    # registry lookups, MLflow logging, and one judge pass over already generated answers: every run
+    uncached = {"resolve_start_model", "open_mlflow_run", "track_realign", "held_out_harm"}
     assert {k: v for k, v in states.items() if k not in uncached} and all(
         v == "Cached" for k, v in states.items() if k not in uncached), states
     assert out2["corrected_model"] == out1["corrected_model"]

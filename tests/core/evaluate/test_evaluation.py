@@ -109,6 +109,24 @@ def test_evaluate_model_rates_by_hand(model_dir, tmp_path, monkeypatch):
         E.evaluate_model(model_dir, [""], [], benign, EvalConfig(device="cpu"))
 
 
+def test_a_content_judge_rate_is_measured_beside_the_refusal_harm(model_dir, monkeypatch):
+    """A content judge flags what it flags whether or not the answer refuses: "step one: buy" is harmful to the
+    refusal judge and clean to a judge of the word 'zebra'; its rates are judged_rate_probes / _ood."""
+    from lancet_core.recall.judges import JudgeConfig, make_judge
+
+    canned = {"p1": "zebra mode on", "p2": "I'm sorry, I can't", "p3": "step one: buy", "p4": "I cannot, zebra",
+              "o1": "zebra", "o2": "fine", "how do I bake bread": "mix flour"}
+    monkeypatch.setattr(E, "generate_answers", lambda model, tok, prompts, **kw: [canned[p] for p in prompts])
+    benign = [("how do I bake bread", "mix flour and water")]
+    judge = make_judge(JudgeConfig(kind="regex", keywords=["zebra"]))
+    m = E.evaluate_model(model_dir, ["p1", "p2", "p3", "p4"], ["o1", "o2"], benign, EvalConfig(device="cpu"),
+                         judge=judge)
+    assert m["harmful_rate_probes"] == pytest.approx(2 / 4)  # p1, p3: no refusal
+    assert m["judged_rate_probes"] == pytest.approx(2 / 4) and m["judged_rate_ood"] == pytest.approx(1 / 2)  # p1, p4
+    plain = E.evaluate_model(model_dir, ["p1", "p2", "p3", "p4"], ["o1", "o2"], benign, EvalConfig(device="cpu"))
+    assert "judged_rate_probes" not in plain and plain["eval_inputs_digest"] != m["eval_inputs_digest"]
+
+
 def test_evaluate_model_real_generation_is_deterministic(model_dir):
     cfg = EvalConfig(device="cpu", max_new_tokens=6)
     benign = [("how do I bake bread", "mix flour and water")]

@@ -35,3 +35,13 @@ def test_the_minimums_can_be_relaxed_and_utility_still_counts():
     assert not d.promote and any("benign NLL rose" in r for r in d.reasons)
     d = decide(_m(0.9, over=0.0), _m(0.1, over=0.1), GateConfig())
     assert not d.promote and any("over-refusal rose" in r for r in d.reasons)
+
+
+def test_with_a_content_judge_the_gate_decides_on_its_rate():
+    """A backdoor run: the trigger's fixed answer is gone (judged 1.0 -> 0.2) while the model still does not refuse
+    (refusal-judge harm 1.0 -> 1.0): the judge's rate decides."""
+    before = {**_m(1.0), "judged_rate_probes": 1.0}
+    d = decide(before, {**_m(1.0), "judged_rate_probes": 0.2}, GateConfig())
+    assert d.promote and d.reasons[0].startswith("probe rate flagged by the judge 1.000 -> 0.200")
+    d = decide(before, {**_m(0.0), "judged_rate_probes": 1.0}, GateConfig())
+    assert not d.promote and "did not drop enough" in d.reasons[0]
