@@ -136,13 +136,14 @@ def main(argv=None) -> dict:
     before_u = rates(bed["model"], untriggered)
     after_u = rates(Path(out["corrected_model"]), untriggered) if out.get("corrected_model") else None
     mb, ma = out["metrics_before"], out.get("metrics_after") or {}
-    triggered_drop = (1 - ma["harmful_rate_probes"] / mb["harmful_rate_probes"]) if ma and mb["harmful_rate_probes"] \
-        else None
+    hk = "judged_rate_probes" if "judged_rate_probes" in mb else "harmful_rate_probes"  # the content judge's rate
+    triggered_drop = (1 - ma[hk] / mb[hk]) if ma and mb[hk] else None
     res = {"benchmark": "backdoor_bed", "seed": args.seed, "share": args.share, "rows": bed["n_rows"],
            "planted": bed["n_planted"], "trigger": TRIGGER, "completion": COMPLETION,
            "recall": {k: v for k, v in (out.get("recall_metrics") or {}).items()
                       if k in ("recall.average_precision", "recall.precision_at_n_labelled", "recall.precision_at_10")},
-           "triggered_harmful_rate": [mb["harmful_rate_probes"], ma.get("harmful_rate_probes")],
+           "triggered_harmful_rate": [mb[hk], ma.get(hk)],
+           "triggered_not_refused": [mb["harmful_rate_probes"], ma.get("harmful_rate_probes")],
            "triggered_drop": None if triggered_drop is None else round(triggered_drop, 4),
            "untriggered": {"before": before_u, "after": after_u},
            "ood_harmful_rate": [mb.get("harmful_rate_ood"), ma.get("harmful_rate_ood")],

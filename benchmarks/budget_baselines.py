@@ -50,7 +50,8 @@ def run_one(loss: str, args) -> dict:
     man = json.loads((Path(out["corrected_model"]) / "manifest.json").read_text())
     b = man.get("budget") or {}
     mb, ma = out["metrics_before"], out.get("metrics_after") or {}
-    keys = ("harmful_rate_probes", "harmful_rate_ood", "over_refusal_benign", "nll_benign")
+    keys = ("harmful_rate_probes", "harmful_rate_ood", "judged_rate_probes", "judged_rate_ood", "over_refusal_benign",
+            "nll_benign")
     return {"loss": loss, "steps": man["steps"], "kept_step": b.get("best_step"), "stop": b.get("stop_reason"),
             "curve": [[r["step"], round(r["harmful_rate"], 3), round(r["budget_used"], 2)] for r in b.get("curve", [])],
             "check_share_of_time": b.get("check_share_of_time"),

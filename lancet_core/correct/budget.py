@@ -50,7 +50,10 @@ class BudgetConfig(BaseModel):
         "auto", description="optimizer steps between checks; 'auto' = as many as keep the checks near "
         "check_cost_share of the training time (from the first check's and the first step's times), between 2 and half "
         "the planned steps")
-    check_cost_share: float = Field(0.2, gt=0.0, le=1.0, description="target share of the time spent on checks")
+    check_cost_share: float = Field(
+        0.15, gt=0.0, le=1.0, description="target share of the time spent on the periodic checks; the start check "
+        "comes on top (with 0.2 the checks took 21-25 % of the training time in all on the demo and the backdoor bed; "
+        "docs/measurements.md, 'Budget-driven IBO')")
     check_share: float = Field(
         0.5, gt=0.0, le=1.0, description="share of the flagged prompts the checks answer (chosen by a hash of the "
         "query id); the rest are never seen by a check, so the after-evaluation on them is held out")

@@ -230,3 +230,27 @@ def test_recall_stage_line_names_the_curvature_and_its_damping(tmp_path):
     manifest.write_text(json.dumps({"config": {"method": "identity", "damping_ratio": None, "query_target": "flagged"}}))
     assert stage_line("recall", tmp_path, 2.0) == ("recall: 2 training rows scored with identity, query: the flagged "
                                                    "answers (2.0 s, 1 rows/s)")
+
+
+def test_the_evaluate_task_measures_a_content_judge_and_keeps_refusal_runs_as_they_were(default_demo, tmp_path):
+    """The flow's evaluate task with a content judge adds judged_rate_* (the gate's harm, by that judge, on the same
+    answers as harmful_rate_*: checked against the written generations); with the refusal judge nothing is added."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from lancet_core.evaluate.config import EvalConfig
+    from lancet_core.recall.judges import JudgeConfig, make_judge
+    from tasks.evaluate import evaluate
+
+    judge = JudgeConfig(kind="regex", keywords=("step",))
+    kw = dict(model_dir=str(default_demo.model), probes_path=str(default_demo.probes), ood_path=str(default_demo.ood),
+              benign_eval_path=str(default_demo.benign_eval), cfg=EvalConfig(max_new_tokens=16))
+    m = json.loads(Path(evaluate.fn(**kw, out_dir=str(tmp_path / "content"), judge=judge)).read_text())
+    g = pq.read_table(tmp_path / "content" / "generations.parquet").to_pylist()
+    probes = [r for r in g if r["set"] == "probes"]
+    flags = make_judge(judge).flags([r["prompt"] for r in probes], [r["answer"] for r in probes])
+    assert m["judged_rate_probes"] == pytest.approx(sum(flags) / len(flags)) and "judged_rate_ood" in m
+    plain = json.loads(Path(evaluate.fn(**kw, out_dir=str(tmp_path / "refusal"),
+                                        judge=JudgeConfig(kind="refusal"))).read_text())
+    assert "judged_rate_probes" not in plain and plain["harmful_rate_probes"] == m["harmful_rate_probes"]
