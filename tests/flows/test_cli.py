@@ -83,13 +83,10 @@ def test_bad_corpus_is_one_clear_error(prefect_harness, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_output_is_quiet_by_default_and_verbose_brings_it_back(tmp_path):
-    """A real `lancet index` run (ephemeral Prefect API, weight loading): no HTTP-call lines, no weight-loading bars,
-    no third-party warnings by default; `-v` shows the HTTP calls again."""
+def _cli_inputs(tmp_path):
+    """A tiny model, a 10-row corpus, and an environment for a `lancet` subprocess: its own Prefect home and results
+    folder, no PREFECT_API_URL (so the CLI runs its temporary Prefect server)."""
     import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     model = make_model_dir(tmp_path / "model")
     corpus = tmp_path / "c.jsonl"
@@ -98,6 +95,17 @@ def test_output_is_quiet_by_default_and_verbose_brings_it_back(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results")}
     env.pop("PREFECT_API_URL", None)
+    return model, corpus, env
+
+
+def test_output_is_quiet_by_default_and_verbose_brings_it_back(tmp_path):
+    """A real `lancet index` run (ephemeral Prefect API, weight loading): no HTTP-call lines, no weight-loading bars,
+    no third-party warnings by default; `-v` shows the HTTP calls again."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model, corpus, env = _cli_inputs(tmp_path)
     lancet = str(Path(sys.executable).parent / "lancet")
 
     def run(*extra):
@@ -132,13 +140,7 @@ def test_kill_9_of_the_cli_takes_its_temporary_prefect_server_with_it(tmp_path):
             s.settimeout(0.5)
             return s.connect_ex(("127.0.0.1", port)) == 0
 
-    model = make_model_dir(tmp_path / "model")
-    corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps({"prompt": " ".join(WORDS[i:i + 3]), "response": " ".join(WORDS[i + 3:i + 6])})
-                              + "\n" for i in range(10)))
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
-           "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results")}
-    env.pop("PREFECT_API_URL", None)
+    model, corpus, env = _cli_inputs(tmp_path)
     cli = subprocess.Popen([str(Path(sys.executable).parent / "lancet"), "index", str(corpus), str(model),
                             "--work-dir", str(tmp_path / "w"), "--proj-dim", "4"], env=env, cwd=tmp_path,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
