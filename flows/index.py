@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.runs import claim_flow_run
 from lancet_core.index.config import IndexConfig
 from tasks.cache import ensure_output
 from tasks.index import build_index
@@ -18,5 +19,6 @@ from tasks.index import build_index
 @flow(name="index", log_prints=True)
 def index_flow(model_dir: str, tokens_path: str, out_store_dir: str, cfg: IndexConfig = IndexConfig(),
                runner: str = "local", ray_address: str | None = None) -> str:
+    claim_flow_run()  # this run names its process; runs a killed lancet left RUNNING are marked Crashed
     return ensure_output(build_index, model_dir=model_dir, tokens_path=tokens_path, out_store_dir=out_store_dir,
                          cfg=cfg, runner=runner, ray_address=ray_address)

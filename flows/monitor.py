@@ -33,13 +33,14 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from prefect import flow, get_client, get_run_logger
+from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
 from flows.inputs import check_monitor_inputs
 from flows.paths import artifact_dir
+from flows.runs import claim_flow_run, deployment_parameters, flow_run_state_type
 from lancet_core.demo.config import DemoConfig
 from lancet_core.evaluate.drift import (
     MonitorConfig,
@@ -91,6 +92,7 @@ def monitor(
     log = get_run_logger()
     t0 = time.perf_counter()
     apply_thread_policy()  # deployments run flows without the CLI: the same thread policy ($LANCET_THREADS)
+    claim_flow_run()  # this run names its process; runs a killed lancet left RUNNING are marked Crashed
     # a deployment's parameters get the CLI's checks, before any model loads: files, the work dir, the tracking store,
     # the deployment it would start (a misnamed one fails here in seconds, not after the check)
     check_monitor_inputs(model, probes_path, work_dir=work_dir, tracking_uri=tracking_uri,
@@ -119,7 +121,7 @@ def monitor(
                   **({"probes_path": given_probes} if given_probes else {}),
                   **({"demo": demo.model_dump(mode="json")} if demo != DemoConfig() else {}),
                   **(realign_parameters or {})}
-        effective = {**_deployment_parameters(realign_deployment), **params}  # what the realign run will see
+        effective = {**deployment_parameters(realign_deployment), **params}  # what the realign run will see
         corpus = effective.get("corpus_path")
         inputs_key = realign_inputs_key(
             model_key=checked["key"], probes_digest=content_digest(probes_path),
@@ -177,28 +179,13 @@ def _label(checked: dict) -> str:
     return uri
 
 
-def _deployment_parameters(name: str) -> dict:
-    """The realign deployment's own parameters (a run gets them under the monitor's): part of the inputs key."""
-    with get_client(sync_client=True) as c:
-        return dict(c.read_deployment_by_name(name).parameters or {})
-
-
 def _attempt(recorded: dict) -> RealignAttempt:
     """A recorded attempt with its outcome: its flow run's state from Prefect, its gate from its MLflow run."""
-    from uuid import UUID
-
-    from prefect.exceptions import ObjectNotFound
-
-    try:
-        with get_client(sync_client=True) as c:
-            state = c.read_flow_run(UUID(recorded["flow_run_id"])).state
-        state_type = state.type.value if state else None
-    except ObjectNotFound:  # deleted from the API: only MLflow's record is left
-        state_type = None
     rec = recorded.get("mlflow") or {}
     end = rec.get("end_time")
     return RealignAttempt(flow_run_id=recorded["flow_run_id"], inputs_key=recorded["inputs_key"],
                           started_at=datetime.fromisoformat(recorded["started_at"]),
-                          outcome=attempt_outcome(state_type, rec.get("status"), rec.get("gate")),
+                          outcome=attempt_outcome(flow_run_state_type(recorded["flow_run_id"]), rec.get("status"),
+                                                  rec.get("gate")),
                           ended_at=datetime.fromtimestamp(end / 1000, UTC) if end else None,
                           mlflow_run_id=rec.get("run_id"))

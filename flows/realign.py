@@ -21,6 +21,7 @@ from flows.inputs import PARAM_NAMES, check_inputs, write_mapped_inputs
 from flows.params import DEFAULT_TOKENIZE, RealignParams
 from flows.paths import artifact_dir
 from flows.report import explanation_rows, read_json, report_markdown, run_summary, stage_line, top_k_rows
+from flows.runs import claim_flow_run
 from lancet_core.correct.config import PairConfig, TrainConfig, describe_train, resolve_train
 from lancet_core.correct.repair import RepairConfig
 from lancet_core.data.tokenize import TokenizeConfig
@@ -80,6 +81,7 @@ def realign(
     given = RealignParams(**{k: v for k, v in locals().items() if k in RealignParams.model_fields})
     log = get_run_logger()
     apply_thread_policy()  # deployments run flows without the CLI: the same thread policy (lancet_core/threads.py)
+    claim_flow_run()  # this run names its process; runs a killed lancet left RUNNING are marked Crashed (flows/runs.py)
     t_start = time.perf_counter()
     checked = check_inputs(given, PARAM_NAMES)
     for note in checked.notes:

@@ -201,15 +201,24 @@ def build_pairs(influence: pa.Table, cfg: PairConfig, source: str = INFLUENCE_FI
         },
         schema=PAIRS_SCHEMA,
     )
-    return pairs, _retain(ids, scores, prompts, responses, set(pos) | set(neg), cfg)
+    paired = {j for _, j, _, _ in rows}
+    spare = [j for j in neg if j not in paired]
+    return pairs, _retain(ids, scores, prompts, responses, set(pos) | set(neg), spare, cfg)
 
 
-def _retain(ids, scores, prompts, responses, used: set[int], cfg: PairConfig) -> pa.Table:
+def _retain(ids, scores, prompts, responses, used: set[int], spare: list[int], cfg: PairConfig) -> pa.Table:
+    """Retain rows from the low-|score| rows outside R⁺ ∪ R⁻; when those are fewer than asked (a small corpus, where
+    R⁻ takes most rows), topped up with the R⁻ rows no pair uses, lowest |score| first."""
     rest = sorted((i for i in range(len(ids)) if i not in used), key=lambda i: (abs(scores[i]), ids[i]))
     pool = rest[: math.ceil(cfg.retain_pool_fraction * len(rest))]
+    if len(pool) < cfg.n_retain and spare:
+        top_up = sorted(spare, key=lambda i: (abs(scores[i]), ids[i]))[: cfg.n_retain - len(pool)]
+        log.warning("retain set: the low-|score| pool holds %d of %d rows; %d unpaired R⁻ rows added", len(pool),
+                    cfg.n_retain, len(top_up))
+        pool = pool + top_up
     k = min(cfg.n_retain, len(pool))
     if k < cfg.n_retain:
-        log.warning("retain set: asked for %d rows, the low-|score| pool holds %d", cfg.n_retain, len(pool))
+        log.warning("retain set: asked for %d rows, %d are available", cfg.n_retain, len(pool))
     rng = np.random.default_rng(cfg.seed)
     pick = [pool[t] for t in rng.choice(len(pool), size=k, replace=False)] if k else []
     return pa.table(

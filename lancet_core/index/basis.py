@@ -119,13 +119,17 @@ def basis_digest(basis: Mapping[str, tuple[np.ndarray | None, np.ndarray | None]
 
 def save_basis(path: str | Path, basis: Mapping[str, tuple[np.ndarray | None, np.ndarray | None]]) -> Path:
     """Write the basis as .npz, modules in sorted name order (as load_basis returns them), so the file's bytes depend
-    only on the arrays: a re-plan that loads the stored basis and saves it again rewrites the same bytes."""
+    only on the arrays: a re-plan that loads the stored basis and saves it again finds the same bytes there and leaves
+    the file as it is."""
     arrays = {}
     for name in sorted(basis):
         p_in, p_out = basis[name]
         for side, p in (("in", p_in), ("out", p_out)):
             arrays[f"{side}:{name}"] = np.zeros((0, 0)) if p is None else np.asarray(p, dtype=np.float64)
-    return atomic_write_bytes(Path(path), npz_bytes(arrays))
+    data, path = npz_bytes(arrays), Path(path)
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return path
+    return atomic_write_bytes(path, data)
 
 
 def load_basis(path: str | Path) -> Basis:

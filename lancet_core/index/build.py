@@ -7,9 +7,10 @@ and which to compute, writes the manifest), `compute_shard` (any process: runs t
 lancet_core.index.store) atomically and RETURNS its manifest entry) and `finalize_build` (coordinator: the exact
 reduction of the factor sums across shards, then the configured curvatures, lancet_core.index.curvature).
 `build_gradient_store` composes them serially. Only the coordinator writes the manifest, listing each finished
-shard with a digest of the token rows it was computed from; a re-run recomputes only the shards the manifest does not list, whose
-file is missing or altered, or whose rows changed — so a corpus that grew at the end recomputes only its new (and last
-partial) shards. A store built from another model, tokenizer or config is refused (ManifestMismatch, both versions
+shard with a digest of the token rows it was computed from; a finished shard also leaves its entry in
+`.shard-records/` (so a shard that finished while its coordinator was killed, before recording it, is not lost; the
+folder goes once the store is complete). A re-run recomputes only the shards neither lists, whose file is missing or
+altered, or whose rows changed — so a corpus that grew at the end recomputes only its new (and last partial) shards. A store built from another model, tokenizer or config is refused (ManifestMismatch, both versions
 shown). Builds of one store are serialised by a lock file, so overlapping runs never write the same store at once.
 
 Knows about token rows, HF models (through the hooks) and the store format; knows nothing about queries' provenance,
@@ -19,7 +20,10 @@ influence scoring or orchestration.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
@@ -54,6 +58,7 @@ from lancet_core.index.store import (
 )
 from lancet_core.manifest import (
     atomic_write_bytes,
+    atomic_write_json,
     check_manifest,
     file_digest,
     library_versions,
@@ -65,6 +70,26 @@ from lancet_core.model_io import load_model, load_tokenizer, model_digest, resol
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
+RECORDS_DIR = ".shard-records"  # <shard file>.json per finished shard: {"plan": plan key, "entry": manifest entry}
+
+
+def _plan_key(manifest: Mapping) -> str:
+    """What a shard's bytes depend on besides its rows: the store's identity, projection basis included."""
+    ident = {k: manifest.get(k) for k in IDENTITY_KEYS}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _recorded_shards(root: Path, plan_key: str) -> list[dict]:
+    """Entries of shards a computation finished for this identity (whether or not a coordinator recorded them)."""
+    out = []
+    for f in sorted((root / RECORDS_DIR).glob("*.json")):
+        try:
+            rec = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if rec.get("plan") == plan_key and isinstance(rec.get("entry"), dict):
+            out.append(rec["entry"])
+    return out
 
 
 # tokens ----------------------------------------------------------------------------------------------------------
@@ -263,12 +288,20 @@ def plan_build(
     bounds = [(s * cfg.rows_per_shard, min(n, (s + 1) * cfg.rows_per_shard)) for s in range(n_shards)]
     digests = [rows_digest(table.slice(lo, hi - lo)) for lo, hi in bounds]
     done = {}
-    for e in (existing or {}).get("shards", []):
+    listed = (existing or {}).get("shards", [])
+    listed_at = {e["index"] for e in listed}
+    # shards the manifest lists, then shards that finished after the last record (their coordinator was killed)
+    unlisted = [e for e in _recorded_shards(root, _plan_key(manifest)) if e.get("index") not in listed_at]
+    for e in [*listed, *unlisted]:
         if e["index"] < n_shards and _shard_ok(root, e, digests[e["index"]]):
             done[e["index"]] = e
-        else:
+        elif e in listed:
             log.info("shard %s is missing, altered or its rows changed; recomputing it", e["file"])
             (root / e["file"]).unlink(missing_ok=True)
+    if unlisted:
+        kept = sorted(e["file"] for e in unlisted if done.get(e["index"]) is e)
+        log.info("gradient store %s: %d finished shard(s) found unrecorded and kept: %s", root, len(kept),
+                 ", ".join(kept[:5]))
     manifest.update(n_rows=n, rows_per_shard=cfg.rows_per_shard, n_shards=n_shards, complete=False)
     todo = tuple(ShardJob(s, lo, hi, digests[s]) for s, (lo, hi) in enumerate(bounds) if s not in done)
     # curvature built from exactly these shards stays valid; any recomputed shard invalidates it
@@ -353,6 +386,7 @@ def compute_shard(plan: BuildPlan, job: ShardJob, progress: Callable[[int], None
         ffile = f"{FACTORS_DIR}/{job.file.replace('.parquet', '.npz')}"
         atomic_write_bytes(root / ffile, npz_bytes(factors))
         entry.update(factors_file=ffile, factors_digest=file_digest(root / ffile))
+    atomic_write_json(root / RECORDS_DIR / f"{job.file}.json", {"plan": _plan_key(plan.manifest), "entry": entry})
     dt = time.perf_counter() - t0
     log.info("shard %s: %d rows in %.1f s (%.1f rows/s)", job.file, n, dt, n / dt)
     return entry
@@ -374,6 +408,7 @@ def finalize_build(plan: BuildPlan, entries) -> Path:
     m["shards"] = [by_index[i] for i in sorted(by_index)]
     m["complete"] = True
     write_manifest(root, m)
+    shutil.rmtree(root / RECORDS_DIR, ignore_errors=True)  # the manifest lists every shard now
     for kind in plan.cfg.curvature:
         build_curvature(root, kind, damping_ratio=plan.cfg.damping_ratio)
     return root

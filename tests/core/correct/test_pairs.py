@@ -124,6 +124,18 @@ def test_retain_from_low_abs_score_rows_seeded():
     assert build_pairs(_table(), CFG.model_copy(update={"n_retain": 0}))[1].num_rows == 0
 
 
+def test_a_small_corpus_tops_the_retain_set_up_with_unpaired_r_minus_rows():
+    """A small corpus where R⁻ takes every row outside R⁺ (n_negative above the corpus size) still gets retain rows:
+    the R⁻ rows no pair uses, lowest |score| first (it used to get none, and IBO failed late with λ_B > 0)."""
+    rows = [r for r in ROWS if r[0] in ("a1", "b1", "b2", "b3", "b4", "c2", "c6")]
+    cfg = CFG.model_copy(update={"n_positive": 1, "n_negative": 50, "n_retain": 3})
+    pairs, retain = build_pairs(_table(rows), cfg)
+    paired = set(pairs.column("chosen_id").to_pylist()) | set(pairs.column("rejected_id").to_pylist())
+    ids = retain.column("example_id").to_pylist()
+    # R⁺ = a1, R⁻ = b1 b2 b3 b4 c2 c6 (all negative), paired: a1 + b1 (same prompt, most negative); spare by |score|: c2 c6 b4 b3 b2
+    assert paired == {"a1", "b1"} and sorted(ids) == ["b4", "c2", "c6"]
+
+
 def test_labels_are_never_used():
     t = _table()
     flipped = t.set_column(t.column_names.index("is_unsafe"), "is_unsafe",

@@ -88,6 +88,34 @@ def test_a_lost_shard_is_refused_at_finalise_and_the_replan_keeps_the_others(set
     assert [j.index for j in again.todo] == [2] and [e["index"] for e in again.done] == [0, 1, 3]
 
 
+def test_shards_finished_but_never_recorded_are_kept_by_the_replan(setup, tmp_path):
+    """A coordinator killed after shards finished but before it recorded them (kill -9 between a shard's result and
+    record_shards): the re-plan finds their entries in .shard-records/, checks their files and keeps them (not
+    rewritten); a record of another identity is ignored; the records folder goes when the store is complete, and the
+    store is byte-identical to a serial build."""
+    import shutil
+
+    from lancet_core.index.build import RECORDS_DIR
+
+    model_dir, tokens, _ = setup
+    root = tmp_path / "s"
+    plan = plan_build(model_dir, tokens, root, CFG)
+    finished = [compute_shard(plan, j) for j in plan.todo if j.index in (0, 2)]  # never recorded
+    mtimes = {e["file"]: (root / e["file"]).stat().st_mtime_ns for e in finished}
+    stale = root / RECORDS_DIR / "shard-00001.parquet.json"  # a record of another identity: ignored
+    stale.write_text(json.dumps({"plan": "another store", "entry": {**finished[0], "index": 1}}))
+    again = plan_build(model_dir, tokens, root, CFG)
+    assert [e["index"] for e in again.done] == [0, 2] and [j.index for j in again.todo] == [1, 3]
+    entries = [*again.done, *(compute_shard(again, j) for j in again.todo)]
+    assert {f: (root / f).stat().st_mtime_ns for f in mtimes} == mtimes
+    finalize_build(again, entries)
+    assert not (root / RECORDS_DIR).exists()
+    serial = tmp_path / "serial"
+    build_gradient_store(model_dir, tokens, serial, CFG)
+    shutil.rmtree(serial / RECORDS_DIR, ignore_errors=True)
+    assert _bytes(root) == _bytes(serial)
+
+
 def test_changed_rows_after_planning_are_refused(setup, tmp_path):
     model_dir, tokens, _ = setup
     t = pq.read_table(tokens)
