@@ -70,8 +70,11 @@ demo-real: $(STAMP)
 	$(VENV)/bin/lancet realign --model $(REAL)/model --corpus $(REAL)/corpus.jsonl --probes $(REAL)/probes.jsonl \
 		--ood $(REAL)/ood.jsonl --benign-eval $(REAL)/benign_eval.jsonl --registered-model-name lancet-real-demo
 
+# one pytest worker per CPU (at most 4; pytest-xdist): most tests use one torch thread, so a 2-core machine runs two at
+# once; work-stealing keeps both busy to the end. Each worker builds its own session fixtures (the demo).
+XDIST ?= -n auto --maxprocesses 4 --dist worksteal
 test: $(STAMP)
-	$(VENV)/bin/pytest -q --durations=25$(if $(FRESH),; rc=$$?; rm -rf $(FRESH); exit $$rc)
+	$(VENV)/bin/pytest -q $(XDIST) --durations=25$(if $(FRESH),; rc=$$?; rm -rf $(FRESH); exit $$rc)
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow and not e2e"
