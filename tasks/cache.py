@@ -18,12 +18,14 @@ size, digests re-read where cheap) and every returned path must exist inside one
 
 `publish_output` is the body of a task that writes a directory artifact: an intact output (an earlier or concurrent
 run's) is used as is, else the artifact is built in a temporary directory and published by `manifest.publishing_dir`.
+Builds of one output are serialised (`one_build`): of several runs at once, one computes and the others wait for it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.utilities.hashing import hash_objects
 from pydantic import BaseModel
 
-from lancet_core.manifest import ArtifactBroken, artifact_problems, content_digest, publishing_dir
+from lancet_core.manifest import ArtifactBroken, artifact_problems, content_digest, file_lock, publishing_dir
 
 log = logging.getLogger(__name__)
 RESULTS_DIR = ".prefect-results"
@@ -117,14 +119,25 @@ def ensure_output(task, **kwargs):
     return result
 
 
+@contextmanager
+def one_build(out_dir: str | Path) -> Iterator[bool]:
+    """Hold `out_dir`'s build lock (`.<name>.build.lock` beside it) and yield whether an intact artifact is there
+    now: concurrent runs that would build the same output (flows name output folders by their inputs' digests) build
+    it once; the others wait, then use it. A killed holder's lock goes with its process."""
+    out = Path(out_dir)
+    with file_lock(out.parent / f".{out.name}.build.lock"):
+        yield not artifact_problems(out)
+
+
 def publish_output(out_dir: str | Path, build: Callable[[Path], Any]) -> Path:
     """A task's directory artifact at `out_dir`: when out_dir already holds a complete, intact one (an earlier or a
-    concurrent run's: flows name output folders by their inputs' digests) it is used as is; else `build(tmp)` writes
-    the artifact into a fresh temporary directory, which is sealed and published (manifest.publishing_dir: of
-    concurrent identical builds, the first published is kept)."""
+    concurrent run's) it is used as is; else, under `one_build`, `build(tmp)` writes the artifact into a fresh
+    temporary directory, which is sealed and published (manifest.publishing_dir)."""
     out = Path(out_dir)
     if not artifact_problems(out):
         return out
-    with publishing_dir(out) as tmp:
-        build(tmp)
+    with one_build(out) as there:
+        if not there:
+            with publishing_dir(out) as tmp:
+                build(tmp)
     return out

@@ -12,7 +12,7 @@ from lancet_core.correct.repair import RepairConfig, repair_corpus
 from lancet_core.correct.trainer import post_train
 from lancet_core.recall.judges import JudgeConfig
 from lancet_core.recall.undesirable import GenerationConfig
-from tasks.cache import LANCET_CACHE, publish_output
+from tasks.cache import LANCET_CACHE, one_build, publish_output
 
 
 @task(name="build_pairs", cache_policy=LANCET_CACHE, persist_result=True)
@@ -40,8 +40,9 @@ def correct(model_dir: str, pairs_path: str, retain_path: str, cfg: TrainConfig,
         checks = budget_checks(pq.read_table(queries_path, columns=["query_id", "prompt"]).to_pylist(), benign, judge,
                                generation or GenerationConfig(), BudgetLimits(**(limits or {})), cfg.budget,
                                cfg.max_seq_len_tokens)
-    return str(post_train(model_dir, pairs_path, retain_path or None, out_dir, cfg, show_progress=True,
-                          checks=checks))
+    with one_build(out_dir):  # identical concurrent runs train once; post_train reuses what the first published
+        return str(post_train(model_dir, pairs_path, retain_path or None, out_dir, cfg, show_progress=True,
+                              checks=checks))
 
 
 @task(name="repair_corpus", cache_policy=LANCET_CACHE, persist_result=True)

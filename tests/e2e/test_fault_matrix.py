@@ -169,8 +169,8 @@ def test_kill_9_in_every_stage_then_resume_gives_the_uninterrupted_result(server
 
 def test_four_realigns_at_once_on_one_work_dir_all_complete_with_one_version(servers):
     """issue 28's goal: 4 concurrent `lancet realign` runs on one work dir and one (fresh) tracking store all complete;
-    identical outputs are published once (one copy of each artifact, one registered version), every MLflow run is
-    FINISHED and every Prefect flow run COMPLETED."""
+    identical outputs are built and published once (one training, one copy of each artifact, one registered version),
+    every MLflow run is FINISHED and every Prefect flow run COMPLETED."""
     env, tmp, _ = servers
     env = {**env, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -180,6 +180,8 @@ def test_four_realigns_at_once_on_one_work_dir_all_complete_with_one_version(ser
     outs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-4000:]
+    # each output is built once: one run trained (and checked its budget), the others waited and used its model
+    assert sum("post_train: budget check at step 0" in out for out in outs) == 1
     statuses, versions = _mlflow(tmp)
     assert statuses == Counter({"FINISHED": 4}) and versions == 1, (statuses, versions)
     content = _content(tmp / "w")
