@@ -77,7 +77,7 @@ test: $(STAMP)
 	$(VENV)/bin/pytest -q $(XDIST) --durations=25$(if $(FRESH),; rc=$$?; rm -rf $(FRESH); exit $$rc)
 
 test-fast: $(STAMP)
-	$(VENV)/bin/pytest -q -m "not slow and not e2e"
+	$(VENV)/bin/pytest -q $(XDIST) -m "not slow and not e2e"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
