@@ -24,6 +24,7 @@ Builds of one output are serialised (`one_build`): of several runs at once, one 
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -123,9 +124,13 @@ def ensure_output(task, **kwargs):
 def one_build(out_dir: str | Path) -> Iterator[bool]:
     """Hold `out_dir`'s build lock (`.<name>.build.lock` beside it) and yield whether an intact artifact is there
     now: concurrent runs that would build the same output (flows name output folders by their inputs' digests) build
-    it once; the others wait, then use it. A killed holder's lock goes with its process."""
+    it once; the others wait, then use it. A killed holder's lock goes with its process, and its temporary build
+    folder (`.tmp-<name>-*`, manifest.publishing_dir) is removed by the next build of that output."""
     out = Path(out_dir)
     with file_lock(out.parent / f".{out.name}.build.lock"):
+        # temporary folders of this output's earlier builds: no build of it runs but ours, so they are a killed run's
+        for leftover in out.parent.glob(f".tmp-{out.name}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
         yield not artifact_problems(out)
 
 

@@ -213,3 +213,22 @@ def test_lancet_index_prints_a_store_that_is_there(prefect_harness, store_inputs
 
     shutil.rmtree(second)
     assert index("w2") == second and os.path.isdir(second)
+
+
+def test_a_killed_builds_temporary_folder_is_removed_by_the_next_build_of_that_output(tmp_path):
+    """kill -9 inside publishing_dir leaves `.tmp-<name>-*` beside the output; the next build of the same output
+    (under its build lock, so no other build of it runs) removes it; another output's is left alone."""
+    out = tmp_path / "o"
+    killed = tmp_path / ".tmp-o-k1ll3d"
+    other = tmp_path / ".tmp-other-x"
+    for d in (killed, other):
+        d.mkdir()
+        (d / "half.bin").write_bytes(b"x")
+
+    def build(tmp: Path) -> None:
+        (tmp / "a.txt").write_text("a")
+
+    assert publish_output(out, build) == out and not artifact_problems(out)
+    assert not killed.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".o.build.lock", ".o.lock", ".tmp-other-x", "o"]
+
