@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -228,12 +229,24 @@ def comparison_table(before: Mapping[str, Any], after: Mapping[str, Any] | None)
     return rows
 
 
-def log_dataset(path: str | Path, name: str, digest: str, context: str) -> None:
+def log_dataset(path: str | Path, name: str, digest: str, context: str, attempts: int = 3) -> None:
+    """Log a dataset input of the active run. MLflow looks the (experiment, name, digest) row up, then inserts it:
+    two runs logging the same dataset at once can both miss it, and the second insert fails on the table's unique
+    key (seen with 4 concurrent realigns on one sqlite store). A retry finds the row the other run inserted."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.exceptions import MlflowException
 
     ds = MetaDataset(resolve_dataset_source(str(Path(path).resolve())), name=name, digest=digest.split(":")[-1][:32])
-    mlflow.log_input(ds, context=context)
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(ds, context=context)
+            return
+        except MlflowException as e:
+            if attempt == attempts - 1 or not any(m in str(e) for m in ("UNIQUE constraint", "IntegrityError",
+                                                                         "Duplicate entry", "duplicate key")):
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def log_metrics(metrics: Mapping[str, float], prefix: str = "") -> None:
