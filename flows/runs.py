@@ -23,7 +23,7 @@ from uuid import UUID
 from prefect import get_client
 from prefect.runtime import flow_run
 
-from tasks.tracking import process_identity
+from tasks.tracking import gone_pid, process_identity
 
 log = logging.getLogger(__name__)
 TAG = "lancet.process:"
@@ -38,10 +38,7 @@ def process_tag() -> str | None:
 def _gone(tag: str, host: str) -> int | None:
     """The pid named by a process tag of this host whose process is gone, else None."""
     owner, _, ident = tag[len(TAG):].partition("/")
-    if owner != host or ident.count(":") != 2:
-        return None
-    pid = int(ident.split(":")[1])
-    return None if process_identity(pid) == ident else pid
+    return gone_pid(ident) if owner == host else None
 
 
 def claim_flow_run() -> list[str]:

@@ -177,6 +177,16 @@ def process_identity(pid: int | None = None) -> str | None:
     return f"{boot}:{pid}:{stat.rsplit(')', 1)[1].split()[19]}"
 
 
+def gone_pid(ident: str) -> int | None:
+    """The pid of a recorded process identity ('<boot id>:<pid>:<start time>') whose process no longer exists on
+    this machine, else None (still running, or not an identity)."""
+    parts = ident.split(":")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    pid = int(parts[1])
+    return None if process_identity(pid) == ident else pid
+
+
 def reap_abandoned_runs(experiment: str) -> list[str]:
     """Mark KILLED every RUNNING run of `experiment` opened on this host by a process that is gone (its recorded
     `lancet.process` identity no longer exists: killed with -9, OOM, power loss), with tag `lancet.error` saying so.
@@ -195,8 +205,8 @@ def reap_abandoned_runs(experiment: str) -> list[str]:
         ident = tags.get("lancet.process")
         if tags.get("lancet.host") != host or not ident:
             continue
-        pid = int(ident.split(":")[1])
-        if process_identity(pid) == ident:
+        pid = gone_pid(ident)
+        if pid is None:
             continue  # still running
         client.set_tag(run.info.run_id, "lancet.error", f"the process that ran it (pid {pid} on {host}) ended without "
                        "closing the run (killed?); marked KILLED by the next lancet run on this tracking store")

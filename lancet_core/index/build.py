@@ -10,8 +10,8 @@ reduction of the factor sums across shards, then the configured curvatures, lanc
 shard with a digest of the token rows it was computed from; a finished shard also leaves its entry in
 `.shard-records/` (so a shard that finished while its coordinator was killed, before recording it, is not lost; the
 folder goes once the store is complete). A re-run recomputes only the shards neither lists, whose file is missing or
-altered, or whose rows changed — so a corpus that grew at the end recomputes only its new (and last partial) shards. A store built from another model, tokenizer or config is refused (ManifestMismatch, both versions
-shown). Builds of one store are serialised by a lock file, so overlapping runs never write the same store at once.
+altered, or whose rows changed — so a corpus that grew at the end recomputes only its new (and last partial) shards.
+A store built from another model, tokenizer or config is refused (ManifestMismatch, both versions shown). Builds of one store are serialised by a lock file, so overlapping runs never write the same store at once.
 
 Knows about token rows, HF models (through the hooks) and the store format; knows nothing about queries' provenance,
 influence scoring or orchestration.
@@ -288,20 +288,19 @@ def plan_build(
     bounds = [(s * cfg.rows_per_shard, min(n, (s + 1) * cfg.rows_per_shard)) for s in range(n_shards)]
     digests = [rows_digest(table.slice(lo, hi - lo)) for lo, hi in bounds]
     done = {}
-    listed = (existing or {}).get("shards", [])
-    listed_at = {e["index"] for e in listed}
-    # shards the manifest lists, then shards that finished after the last record (their coordinator was killed)
-    unlisted = [e for e in _recorded_shards(root, _plan_key(manifest)) if e.get("index") not in listed_at]
-    for e in [*listed, *unlisted]:
+    for e in (existing or {}).get("shards", []):
         if e["index"] < n_shards and _shard_ok(root, e, digests[e["index"]]):
             done[e["index"]] = e
-        elif e in listed:
+        else:
             log.info("shard %s is missing, altered or its rows changed; recomputing it", e["file"])
             (root / e["file"]).unlink(missing_ok=True)
-    if unlisted:
-        kept = sorted(e["file"] for e in unlisted if done.get(e["index"]) is e)
-        log.info("gradient store %s: %d finished shard(s) found unrecorded and kept: %s", root, len(kept),
-                 ", ".join(kept[:5]))
+    # shards that finished after the manifest's last record (their coordinator was killed before recording them)
+    adopted = [e for e in _recorded_shards(root, _plan_key(manifest))
+               if e["index"] not in done and e["index"] < n_shards and _shard_ok(root, e, digests[e["index"]])]
+    done.update((e["index"], e) for e in adopted)
+    if adopted:
+        log.info("gradient store %s: %d finished shard(s) found unrecorded and kept: %s", root, len(adopted),
+                 ", ".join(e["file"] for e in adopted[:5]))
     manifest.update(n_rows=n, rows_per_shard=cfg.rows_per_shard, n_shards=n_shards, complete=False)
     todo = tuple(ShardJob(s, lo, hi, digests[s]) for s, (lo, hi) in enumerate(bounds) if s not in done)
     # curvature built from exactly these shards stays valid; any recomputed shard invalidates it
